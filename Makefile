@@ -1,0 +1,56 @@
+# score_exp — the two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline data: read the byte-exact mirror beside the checkout when it exists and nothing else was set.
+ifeq ($(origin SCORE_DATA_MIRROR), undefined)
+ifneq ($(wildcard ../shared/data),)
+export SCORE_DATA_MIRROR := $(abspath ../shared/data)
+endif
+endif
+# Runs never prompt for a W&B login and never hang on the network.
+export WANDB_SILENT ?= true
+
+ARGS ?=
+
+.PHONY: help venv run test test-fast lint format clean clean-data
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  (ARGS='...' passes Hydra overrides to make run, e.g. ARGS='depth=stacked seed=1')"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)  ## create .venv and install the project (pip, torch pinned to 2.13.0)
+
+run: $(STAMP)  ## train the default experiment (MLP on ESOL, depth=score) on CPU
+	$(BIN)/score-train $(ARGS)
+
+test: $(STAMP)  ## run the whole test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)  ## tests without the slow (training) ones
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## ruff fix + format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove caches and run outputs (keeps .venv and data/)
+	rm -rf outputs multirun lightning_logs wandb .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+clean-data:  ## empty the data cache (data/)
+	find data -mindepth 1 -not -name README.md -exec rm -rf {} +

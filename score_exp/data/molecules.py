@@ -1,0 +1,295 @@
+"""Molecules from a CSV of SMILES and targets: reading, splits, RDKit descriptors.
+
+Plain NumPy/RDKit: no torch, no Lightning. The Lightning data modules in
+:mod:`score_exp.tasks.molecules` build on these functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from score_exp.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ESOL_SMILES_COLUMN = "smiles"
+ESOL_TARGET_COLUMN = "measured log solubility in mols per litre"
+
+
+def _quiet_rdkit() -> None:
+    from rdkit import RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+
+
+@dataclass
+class MoleculeTable:
+    """Valid molecules of a CSV: SMILES, targets, and the CSV row each came from.
+
+    ``rows[i]`` is the 0-based data-row index (header excluded) in the source file.
+    """
+
+    smiles: list[str]
+    y: np.ndarray
+    rows: np.ndarray
+    source: str
+    n_read: int
+    invalid: list[tuple[int, str, str]] = field(default_factory=list)  # (row, smiles, reason)
+
+    def __len__(self) -> int:
+        return len(self.smiles)
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "n_rows": self.n_read,
+            "n_valid": len(self),
+            "n_invalid": len(self.invalid),
+            "invalid_examples": [
+                {"row": r, "smiles": s, "reason": why} for r, s, why in self.invalid[:10]
+            ],
+        }
+
+
+def read_molecule_csv(path: str | Path, smiles_column: str, target_column: str) -> MoleculeTable:
+    """Read SMILES and a numeric target from a CSV; skip, count and report invalid rows.
+
+    SMILES are stripped of surrounding whitespace. A row is invalid when RDKit cannot parse
+    its SMILES or its target is missing / not a finite number; such rows are never imputed.
+
+    Raises:
+        DataError: the file is missing, is not a CSV with a header, lacks a requested column,
+            or holds no valid molecule.
+    """
+    from rdkit import Chem
+
+    _quiet_rdkit()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"molecule CSV not found: {path}")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in (smiles_column, target_column) if c not in header]
+            if missing:
+                raise DataError(
+                    f"{path}: column(s) {missing} not found; the header has {header}. "
+                    "Set data.smiles_column / data.target_column."
+                )
+            records = list(reader)
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV file ({e})") from None
+
+    smiles, ys, rows, invalid = [], [], [], []
+    for i, rec in enumerate(records):
+        smi = (rec.get(smiles_column) or "").strip()
+        raw_y = (rec.get(target_column) or "").strip()
+        try:
+            y = float(raw_y)
+        except ValueError:
+            invalid.append((i, smi, f"target {raw_y!r} is not a number"))
+            continue
+        if not math.isfinite(y):
+            invalid.append((i, smi, f"target {raw_y!r} is not finite"))
+            continue
+        if not smi or Chem.MolFromSmiles(smi) is None:
+            invalid.append((i, smi, "invalid SMILES"))
+            continue
+        smiles.append(smi)
+        ys.append(y)
+        rows.append(i)
+
+    table = MoleculeTable(
+        smiles=smiles,
+        y=np.asarray(ys, dtype=np.float64),
+        rows=np.asarray(rows, dtype=np.int64),
+        source=str(path),
+        n_read=len(records),
+        invalid=invalid,
+    )
+    if invalid:
+        shown = "; ".join(f"row {r}: {s!r} ({why})" for r, s, why in invalid[:5])
+        log.warning(
+            "%s: skipped %d of %d rows (%s%s)",
+            path.name,
+            len(invalid),
+            len(records),
+            shown,
+            "; ..." if len(invalid) > 5 else "",
+        )
+    if not smiles:
+        raise DataError(f"{path}: no valid molecule among {len(records)} rows")
+    return table
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def random_split(
+    n: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> dict[str, np.ndarray]:
+    """Seeded random train/val/test split of ``range(n)``."""
+    _check_fractions(fractions)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    return {
+        "train": np.sort(perm[:n_train]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
+    }
+
+
+def scaffold_split(
+    smiles: list[str], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> dict[str, np.ndarray]:
+    """Bemis-Murcko scaffold split (DeepChem's deterministic variant).
+
+    Molecules are grouped by scaffold; groups are sorted largest first (ties by first index)
+    and fill train, then val, then test, so no scaffold straddles two splits. The split does
+    not depend on the seed.
+    """
+    from rdkit import Chem
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    _check_fractions(fractions)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, smi in enumerate(smiles):
+        mol = Chem.MolFromSmiles(smi)
+        groups[MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False)].append(i)
+    ordered = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    n = len(smiles)
+    cut_train, cut_val = fractions[0] * n, (fractions[0] + fractions[1]) * n
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for g in ordered:
+        if len(out["train"]) + len(g) <= cut_train:
+            out["train"].extend(g)
+        elif len(out["train"]) + len(out["val"]) + len(g) <= cut_val:
+            out["val"].extend(g)
+        else:
+            out["test"].extend(g)
+    return {k: np.asarray(sorted(v), dtype=np.int64) for k, v in out.items()}
+
+
+def _check_fractions(fractions) -> None:
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise DataError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+
+
+def make_split(
+    kind: str, smiles: list[str], seed: int, fractions=(0.8, 0.1, 0.1)
+) -> dict[str, np.ndarray]:
+    """``kind`` is ``random`` (seeded) or ``scaffold`` (Bemis-Murcko)."""
+    if kind == "random":
+        return random_split(len(smiles), seed, tuple(fractions))
+    if kind == "scaffold":
+        return scaffold_split(smiles, tuple(fractions))
+    raise DataError(f"unknown split {kind!r}; valid splits: random, scaffold")
+
+
+# ----------------------------------------------------------------------------- descriptors
+
+
+def descriptor_names() -> list[str]:
+    """Names of the full RDKit 2-D descriptor set, in computation order."""
+    from rdkit.Chem import Descriptors
+
+    return [name for name, _ in Descriptors._descList]
+
+
+def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndarray:
+    """RDKit 2-D descriptors, shape ``(len(smiles), n_descriptors)``; failures become NaN.
+
+    With ``cache`` (a folder), the matrix is stored under a key of the SMILES list, the RDKit
+    version and the descriptor names, so a change of any of them recomputes it.
+    """
+    import rdkit
+    from rdkit import Chem
+    from rdkit.Chem import Descriptors
+
+    _quiet_rdkit()
+    names = descriptor_names()
+    key = hashlib.sha256(
+        "\n".join([rdkit.__version__, ",".join(names), *smiles]).encode()
+    ).hexdigest()[:16]
+    path = cache / f"rdkit-descriptors-{key}.npy" if cache is not None else None
+    if path is not None and path.exists():
+        return np.load(path)
+
+    log.info("computing %d RDKit descriptors for %d molecules (cached once)", len(names), len(smiles))
+    fns = [fn for _, fn in Descriptors._descList]
+    out = np.full((len(smiles), len(fns)), np.nan, dtype=np.float64)
+    for i, smi in enumerate(smiles):
+        mol = Chem.MolFromSmiles(smi)
+        for j, fn in enumerate(fns):
+            try:
+                out[i, j] = fn(mol)
+            except Exception:  # some descriptors fail on exotic molecules: NaN, imputed later
+                pass
+    with np.errstate(over="ignore", invalid="ignore"):
+        out[~np.isfinite(out)] = np.nan
+    if path is not None:
+        from score_exp.io import atomic_write_bytes
+
+        atomic_write_bytes(path, _npy_bytes(out))
+    return out
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+@dataclass
+class FeatureScaler:
+    """Train-split preprocessing of a descriptor matrix.
+
+    Columns that are constant or entirely non-finite on the training split are dropped; other
+    missing values are imputed with the training median; features are standardised with the
+    training mean/std and clipped to ``[-clip, clip]`` (a few RDKit descriptors, e.g. ``Ipc``,
+    have extreme tails).
+    """
+
+    keep: np.ndarray
+    median: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    clip: float = 10.0
+
+    @classmethod
+    def fit(cls, X_train: np.ndarray, clip: float = 10.0) -> FeatureScaler:
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(X_train)
+            has_any = finite.any(axis=0)
+            median = np.where(has_any, np.nanmedian(np.where(finite, X_train, np.nan), axis=0), 0.0)
+            filled = np.where(finite, X_train, median)
+            std = filled.std(axis=0)
+        keep = has_any & (std > 1e-12)
+        return cls(
+            keep=keep,
+            median=median[keep],
+            mean=filled[:, keep].mean(axis=0),
+            std=std[keep],
+            clip=clip,
+        )
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = X[:, self.keep]
+        X = np.where(np.isfinite(X), X, self.median)
+        return np.clip((X - self.mean) / self.std, -self.clip, self.clip).astype(np.float32)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.keep.sum())

@@ -1,0 +1,76 @@
+"""MLP regressor with recurrent depth: ``Linear`` encoder -> depth of MLP blocks -> ``Linear`` head."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from score_exp.core import DepthSpec, RecurrentDepth
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Identity()}
+
+
+def _lookup(table: dict, name: str, what: str):
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(table)}") from None
+
+
+class MLPBlock(nn.Module):
+    """``F(h) = dropout(act(Linear(norm(h))))``: a proposal for the next state, with no skip.
+
+    The skip (contractive or residual) is the depth's job, so the same block serves every
+    ``update``.
+    """
+
+    def __init__(self, hidden: int, act: str = "relu", norm: str = "layer", dropout: float = 0.0):
+        super().__init__()
+        self.norm = _lookup(NORMS, norm, "norm")(hidden)
+        self.linear = nn.Linear(hidden, hidden)
+        self.act = _lookup(ACTIVATIONS, act, "activation")()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.dropout(self.act(self.linear(self.norm(h))))
+
+
+class RecurrentMLP(nn.Module):
+    """``Linear(in_features, hidden)`` -> depth of :class:`MLPBlock` -> ``Linear(hidden, out)``.
+
+    Args:
+        in_features: input width (e.g. number of kept RDKit descriptors).
+        depth: the depth specification (shared or stacked, update, steps, dt, integrator).
+        hidden: state width.
+        out_features: output width (1 for a scalar regression target).
+        act, norm, dropout: block hyperparameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        depth: DepthSpec,
+        hidden: int = 256,
+        out_features: int = 1,
+        act: str = "relu",
+        norm: str = "layer",
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
+        self.encoder = nn.Linear(in_features, hidden)
+        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout), depth)
+        self.head = nn.Linear(hidden, out_features)
+
+    def reset_parameters(self) -> None:
+        self.encoder.reset_parameters()
+        self.depth.reset_parameters()
+        self.head.reset_parameters()
+
+    def forward(self, x: Tensor, **depth_overrides) -> Tensor:
+        h = self.encoder(x)  # (B, hidden)
+        h = self.depth(h, **depth_overrides)
+        return self.head(h)  # (B, out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, hidden={self.hidden}, out_features={self.out_features}"

@@ -1,0 +1,1 @@
+"""Lightning lives here: data modules, LightningModules, callbacks and the results record."""

@@ -1,0 +1,65 @@
+"""Callbacks every run gets: divergence detection and timing."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+
+
+class DivergenceDetector(L.Callback):
+    """Stops training cleanly at the first non-finite training loss and remembers where."""
+
+    def __init__(self) -> None:
+        self.diverged_at: dict | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        if not math.isfinite(value):
+            self.diverged_at = {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "loss": str(value),
+            }
+            trainer.should_stop = True
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+
+class RunTimer(L.Callback):
+    """Wall time of each training epoch and optimiser step (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.epoch_times: list[float] = []
+        self.step_times: list[float] = []
+        self._t_epoch = self._t_step = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t_epoch = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch_times.append(time.perf_counter() - self._t_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t_step = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_times.append(time.perf_counter() - self._t_step)
+
+    @staticmethod
+    def _mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    def summary(self) -> dict:
+        return {
+            "time_per_epoch_s": self._mean(self.epoch_times),
+            "time_per_step_s": self._mean(self.step_times),
+            "epochs_timed": len(self.epoch_times),
+        }

@@ -1,0 +1,49 @@
+"""Logger factories that need more than a plain ``_target_``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_logger(
+    project: str,
+    save_dir: str,
+    group: str | None = None,
+    job_type: str | None = None,
+    tags: list[str] | None = None,
+    mode: str = "auto",
+    name: str | None = None,
+    **kwargs,
+):
+    """A :class:`~lightning.pytorch.loggers.WandbLogger` that never prompts and never hangs.
+
+    ``mode="auto"`` logs online when an API key is configured (``WANDB_API_KEY`` or
+    ``~/.netrc``) and offline otherwise; offline runs are synced later with ``wandb sync``.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    if mode not in ("auto", "online", "offline", "disabled"):
+        raise ValueError(f"unknown wandb mode {mode!r}; valid: auto, online, offline, disabled")
+    if mode == "auto":
+        mode = "online" if _has_wandb_key() else "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+    return WandbLogger(
+        project=project,
+        save_dir=save_dir,
+        group=group,
+        job_type=job_type,
+        tags=[t for t in (tags or []) if t],
+        name=name or Path(save_dir).name,
+        offline=mode == "offline",
+        mode=mode,
+        **kwargs,
+    )

@@ -1,0 +1,160 @@
+"""Lightning data modules for molecule CSVs (ESOL by default)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from score_exp.data.molecules import (
+    ESOL_SMILES_COLUMN,
+    ESOL_TARGET_COLUMN,
+    FeatureScaler,
+    MoleculeTable,
+    compute_descriptors,
+    make_split,
+    read_molecule_csv,
+)
+from score_exp.data.registry import cache_dir, fetch
+from score_exp.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class MoleculeDataModule(L.LightningDataModule):
+    """Reads a molecule CSV, splits it and standardises the target on the training split.
+
+    Subclasses turn the molecules into model inputs in :meth:`build`.
+
+    Args:
+        path: a CSV of your own; ``None`` uses the registered file ``registry_key``.
+        registry_key: data-registry key used when ``path`` is None (``esol``).
+        smiles_column, target_column: CSV column names.
+        split: ``random`` (seeded) or ``scaffold`` (Bemis-Murcko).
+        split_fractions: train/val/test fractions.
+        split_seed: seed of the random split.
+        batch_size, num_workers: loader settings.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        registry_key: str = "esol",
+        smiles_column: str = ESOL_SMILES_COLUMN,
+        target_column: str = ESOL_TARGET_COLUMN,
+        split: str = "random",
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        split_seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.path = path
+        self.registry_key = registry_key
+        self.smiles_column, self.target_column = smiles_column, target_column
+        self.split, self.split_fractions, self.split_seed = split, tuple(split_fractions), split_seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.table: MoleculeTable | None = None
+        self.indices: dict[str, np.ndarray] = {}
+        self.target_mean, self.target_std = 0.0, 1.0
+        self.datasets: dict = {}
+
+    def resolve_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else fetch(self.registry_key)
+
+    def prepare_data(self) -> None:
+        self.resolve_path()  # fetch/verify once (rank 0 under DDP)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return  # idempotent: train.py sets up before building the model, Lightning again
+        table = read_molecule_csv(self.resolve_path(), self.smiles_column, self.target_column)
+        self.indices = make_split(self.split, table.smiles, self.split_seed, self.split_fractions)
+        for name in SPLITS:
+            if len(self.indices[name]) == 0:
+                raise DataError(f"the {name} split is empty ({len(table)} molecules)")
+        y_train = table.y[self.indices["train"]]
+        self.target_mean, self.target_std = float(y_train.mean()), float(y_train.std() or 1.0)
+        self.table = table
+        self.datasets = self.build(table, self.indices)
+
+    def build(self, table: MoleculeTable, indices: dict[str, np.ndarray]) -> dict:
+        """Return ``{"train": ds, "val": ds, "test": ds}`` of model inputs (subclass hook)."""
+        raise NotImplementedError
+
+    def scaled_targets(self, idx: np.ndarray) -> torch.Tensor:
+        y = (self.table.y[idx] - self.target_mean) / self.target_std
+        return torch.as_tensor(y, dtype=torch.float32)
+
+    def split_record(self) -> dict:
+        """Split indices for the run directory: positions in the valid-molecule table and CSV rows."""
+        return {
+            "split": self.split,
+            "seed": self.split_seed,
+            "fractions": list(self.split_fractions),
+            "data": self.table.summary(),
+            **{f"{k}_idx": v.tolist() for k, v in self.indices.items()},
+            **{f"{k}_csv_rows": self.table.rows[v].tolist() for k, v in self.indices.items()},
+        }
+
+    def module_kwargs(self) -> dict:
+        return {"target_mean": self.target_mean, "target_std": self.target_std}
+
+    def model_kwargs(self) -> dict:
+        return {}
+
+    def _loader(self, name: str) -> DataLoader:
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size,
+            shuffle=name == "train",
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class DescriptorDataModule(MoleculeDataModule):
+    """Molecules as RDKit 2-D descriptor vectors (computed once, cached on disk).
+
+    Descriptor columns are filtered, imputed and standardised on the training split only
+    (:class:`~score_exp.data.molecules.FeatureScaler`).
+    """
+
+    def __init__(self, *args, clip: float = 10.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clip = clip
+        self.scaler: FeatureScaler | None = None
+
+    def build(self, table, indices):
+        X = compute_descriptors(table.smiles, cache=cache_dir())
+        self.scaler = FeatureScaler.fit(X[indices["train"]], clip=self.clip)
+        log.info(
+            "descriptors: %d of %d columns kept after train-split filtering",
+            self.scaler.n_features,
+            X.shape[1],
+        )
+        return {
+            name: TensorDataset(
+                torch.from_numpy(self.scaler.transform(X[idx])), self.scaled_targets(idx)
+            )
+            for name, idx in indices.items()
+        }
+
+    def model_kwargs(self) -> dict:
+        return {"in_features": self.scaler.n_features}

@@ -1,0 +1,94 @@
+"""LightningModule for scalar regression (ESOL solubility), metrics in the target's own units."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+
+
+class RegressionModule(L.LightningModule):
+    """Trains ``model`` with MSE on the standardised target; logs RMSE, MAE, R^2 in original units.
+
+    Args:
+        model: maps a batch's inputs to ``(B, 1)`` predictions of the standardised target.
+        lr, weight_decay: AdamW settings.
+        scheduler: ``none``, ``cosine`` (to ``min_lr`` over the run) or ``plateau``
+            (halve on a stalled val RMSE).
+        min_lr: floor of the cosine schedule.
+        target_mean, target_std: training-split statistics used to undo the standardisation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
+        min_lr: float = 1e-5,
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
+    ):
+        super().__init__()
+        if scheduler not in ("none", "cosine", "plateau"):
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid: none, cosine, plateau")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        metrics = MetricCollection(
+            {"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError(), "r2": R2Score()}
+        )
+        self.metrics = nn.ModuleDict(
+            {stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")}
+        )
+
+    def forward(self, batch) -> tuple[Tensor, Tensor]:
+        """Predictions and targets (both standardised, shape (B,)) of a batch."""
+        if isinstance(batch, (list, tuple)):  # (inputs..., y) from a TensorDataset
+            *inputs, y = batch
+            pred = self.model(*inputs)
+        else:  # a PyG Batch carries its own target
+            pred, y = self.model(batch), batch.y
+        return pred.view(-1), y.view(-1)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        pred, y = self(batch)
+        loss = nn.functional.mse_loss(pred, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=y.numel())
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        pred, y = self(batch)
+        self.log(f"{stage}/loss", nn.functional.mse_loss(pred, y), batch_size=y.numel())
+        std, mean = self.hparams.target_std, self.hparams.target_mean
+        self.metrics[stage].update(pred * std + mean, y * std + mean)  # original units
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        self.log_dict(self.metrics[stage].compute())
+        self.metrics[stage].reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=hp.min_lr)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if hp.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, factor=0.5, patience=20, min_lr=hp.min_lr
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/rmse"}}
+        return opt

@@ -1,0 +1,229 @@
+"""``score-train``: train one configuration (or a Hydra multirun sweep of them).
+
+Flow: validate the config -> seed -> data module -> model (built on the core) ->
+LightningModule -> Trainer.fit -> validate/test at the best checkpoint -> ``results.json``
+(written once, atomically). Bad input is reported as one message before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from score_exp.core import DepthSpec
+from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.io import atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger("score_exp.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+RESULTS = "results.json"
+
+
+def depth_spec(cfg: DictConfig) -> DepthSpec:
+    """Build and validate the :class:`DepthSpec` of a composed config."""
+    fields = OmegaConf.to_container(cfg.depth, resolve=True)
+    try:
+        return DepthSpec(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid depth config: {e}") from None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"depth": {"dt": 0.5}}`` -> ``{"depth.dt": 0.5}`` (for loggers and tables)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one configuration into ``run_dir`` and return its results record."""
+    from score_exp.tasks.results import git_commit, package_versions
+
+    spec = depth_spec(cfg)  # before anything else: a bad depth never starts work
+    results_path = run_dir / RESULTS
+    if results_path.exists() and cfg.get("skip_finished", True):
+        previous = read_json(results_path)
+        if previous.get("status") == "ok":
+            log.info("skipping %s: already finished (status ok)", run_dir)
+            return previous
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    record: dict[str, Any] = {
+        "task": cfg.task.name,
+        "status": "running",
+        "seed": cfg.seed,
+        "depth": {k: getattr(spec, k) for k in ("share", "update", "steps", "dt", "integrator")},
+        "depth_preset": cfg.get("depth_preset"),
+        "experiment": cfg.get("experiment_name"),
+        "run_dir": str(run_dir),
+        "versions": package_versions(),
+        "git": git_commit(),
+        "overrides": _overrides(),
+    }
+    try:
+        return _fit_and_test(cfg, run_dir, spec, record)
+    except ScoreExpError:
+        raise  # bad input: reported by main, nothing that looks like a result is written
+    except Exception as e:
+        # Keep what was written and record that this run failed; re-raise for the traceback.
+        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        atomic_write_json(results_path, record)
+        raise
+
+
+def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict) -> dict:
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from score_exp.tasks.callbacks import DivergenceDetector, RunTimer
+
+    t0 = time.perf_counter()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.task.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if hasattr(datamodule, "split_record"):
+        atomic_write_json(run_dir / "splits.json", datamodule.split_record())
+    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
+    model = instantiate(cfg.task.model, _partial_=True)(depth=spec, **datamodule.model_kwargs())
+    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
+    record["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record["nfe"] = model.depth.nfe if hasattr(model, "depth") else spec.nfe
+    log.info("model: %s params, nfe %d, depth %s", f"{record['params']:,}", record["nfe"], spec)
+
+    divergence, timer = DivergenceDetector(), RunTimer()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += [divergence, timer]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    for lg in loggers:
+        lg.log_hyperparams(flatten(resolved))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if last.exists() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+
+    ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best_path = ckpt.best_model_path if ckpt is not None else ""
+    record.update(timer.summary())
+    record["wall_time_s"] = time.perf_counter() - t0
+    if divergence.diverged:
+        record["status"] = "diverged"
+        record["diverged_at"] = divergence.diverged_at
+        log.warning("run diverged at %s", divergence.diverged_at)
+    else:
+        record["status"] = "ok"
+    if best_path and ckpt.best_model_score is not None:
+        meta = torch.load(best_path, map_location="cpu", weights_only=False)
+        record["best_val"] = {
+            "metric": ckpt.monitor,
+            "value": float(ckpt.best_model_score),
+            "epoch": int(meta["epoch"]),
+            "step": int(meta["global_step"]),
+        }
+        record["best_checkpoint"] = str(Path(best_path).relative_to(run_dir))
+        if record["status"] == "ok":
+            record["val"] = _strip(trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False), "val/")
+            record["test"] = _strip(trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False), "test/")
+    elif record["status"] == "ok":
+        record["status"] = "failed"
+        record["error"] = "no best checkpoint: the monitored metric was never logged"
+    _finite_or_diverged(record)
+    for lg in loggers:
+        _log_summary(lg, record)
+    atomic_write_json(run_dir / RESULTS, record)
+    return record
+
+
+def _strip(metrics: list[dict], prefix: str) -> dict:
+    merged = {k: v for d in metrics for k, v in d.items()}
+    return {k[len(prefix) :]: float(v) for k, v in merged.items() if k.startswith(prefix)}
+
+
+def _finite_or_diverged(record: dict) -> None:
+    """A NaN metric at the end is a diverged run too, whatever the loss said."""
+    vals = [record.get("best_val", {}).get("value")] + list(record.get("test", {}).values())
+    if record["status"] == "ok" and any(v is not None and not math.isfinite(v) for v in vals):
+        record["status"] = "diverged"
+
+
+def _log_summary(logger, record: dict) -> None:
+    """Put the headline numbers into a W&B run's summary (other loggers: nothing to do)."""
+    experiment = getattr(logger, "experiment", None)
+    summary = getattr(experiment, "summary", None)
+    if summary is None:
+        return
+    summary.update(
+        {
+            "params": record.get("params"),
+            "nfe": record.get("nfe"),
+            "status": record["status"],
+            "time_per_step": record.get("time_per_step_s"),
+            "time_per_epoch": record.get("time_per_epoch_s"),
+            **{f"test/{k}": v for k, v in record.get("test", {}).items()},
+            **{f"best_val/{k}": v for k, v in record.get("best_val", {}).items()},
+        }
+    )
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point of ``score-train``; returns the test headline metric (for sweepers)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        record = train(cfg, run_dir)
+    except ScoreExpError as e:
+        log.error("%s", e)
+        if _multirun():
+            raise  # Hydra records this job as failed and the sweep goes on
+        print(f"score-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    headline = cfg.task.get("headline", "rmse")
+    value = record.get("test", {}).get(headline)
+    print(
+        f"\nscore-train: {record['status']} | {cfg.task.name} | test/{headline} = "
+        f"{value if value is None else f'{value:.4f}'} | params {record.get('params', 0):,} | "
+        f"nfe {record.get('nfe')}\n  results: {run_dir / RESULTS}"
+    )
+    if record["status"] == "diverged" and cfg.get("fail_on_diverge", False):
+        sys.exit(3)
+    return value
+
+
+if __name__ == "__main__":
+    main()

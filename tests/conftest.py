@@ -1,0 +1,73 @@
+"""Shared fixtures: the real CLI in a subprocess, and composition of the real configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+SHARED_MIRROR = REPO.parent / "shared" / "data"
+
+# Data tests never skip: with no mirror and no cache they fail with the registry's message.
+if "SCORE_DATA_MIRROR" not in os.environ and SHARED_MIRROR.is_dir():
+    os.environ["SCORE_DATA_MIRROR"] = str(SHARED_MIRROR)
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+# Overrides that keep CLI tests quiet and small.
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str,
+    module: str = "score_exp.train",
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args...`` as a user would (a fresh process, the real configs)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train_cli(run_dir: Path, *overrides: str, **kw) -> subprocess.CompletedProcess:
+    """``score-train`` into ``run_dir`` (quiet); returns the finished process."""
+    return run_cli(f"hydra.run.dir={run_dir}", *QUIET, *overrides, **kw)
+
+
+def load_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture
+def compose():
+    """``compose(*overrides)`` -> the composed train config (hydra resolvers available)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    def _compose(*overrides: str, return_hydra_config: bool = False):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose(
+                "train", overrides=list(overrides), return_hydra_config=return_hydra_config
+            )
+
+    return _compose
