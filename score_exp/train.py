@@ -144,8 +144,14 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         }
         record["best_checkpoint"] = str(Path(best_path).relative_to(run_dir))
         if record["status"] == "ok":
-            record["val"] = _strip(trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False), "val/")
-            record["test"] = _strip(trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False), "test/")
+            record["val"] = _strip(
+                trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False),
+                "val/",
+            )
+            record["test"] = _strip(
+                trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False),
+                "test/",
+            )
     elif record["status"] == "ok":
         record["status"] = "failed"
         record["error"] = "no best checkpoint: the monitored metric was never logged"

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import logging
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +271,8 @@ class FeatureScaler:
 
     @classmethod
     def fit(cls, X_train: np.ndarray, clip: float = 10.0) -> FeatureScaler:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: dropped below
             finite = np.isfinite(X_train)
             has_any = finite.any(axis=0)
             median = np.where(has_any, np.nanmedian(np.where(finite, X_train, np.nan), axis=0), 0.0)

@@ -58,7 +58,11 @@ class MoleculeDataModule(L.LightningDataModule):
         self.path = path
         self.registry_key = registry_key
         self.smiles_column, self.target_column = smiles_column, target_column
-        self.split, self.split_fractions, self.split_seed = split, tuple(split_fractions), split_seed
+        self.split, self.split_fractions, self.split_seed = (
+            split,
+            tuple(split_fractions),
+            split_seed,
+        )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.table: MoleculeTable | None = None
         self.indices: dict[str, np.ndarray] = {}
