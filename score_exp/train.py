@@ -95,6 +95,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
 
     from score_exp.tasks.callbacks import DivergenceDetector, RunTimer
 
+    # Lightning adds its own stderr handler on import; Hydra's handlers (stderr + run log) suffice.
+    logging.getLogger("lightning").handlers.clear()
     t0 = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 def _has_wandb_key() -> bool:
@@ -47,3 +52,29 @@ def wandb_logger(
         mode=mode,
         **kwargs,
     )
+
+
+class AppendingCSVLogger(CSVLogger):
+    """A CSVLogger that appends to an existing ``metrics.csv`` instead of deleting it.
+
+    Lightning's writer removes ``metrics.csv`` when its folder is not empty, which would erase
+    the curve of an interrupted run when it resumes into the same folder. Rows logged again
+    after a resume (between the last checkpoint and the interruption) repeat their ``step``;
+    readers keep the last row per step.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Keep the file and its header; later saves append (and widen the header if needed).
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
