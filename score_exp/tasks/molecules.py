@@ -162,3 +162,63 @@ class DescriptorDataModule(MoleculeDataModule):
 
     def model_kwargs(self) -> dict:
         return {"in_features": self.scaler.n_features}
+
+
+class GraphDataModule(MoleculeDataModule):
+    """Molecules as PyG graphs (AttentiveFP featurisation, computed once and cached on disk).
+
+    Args:
+        descriptors: also attach the standardised RDKit descriptor vector of each molecule
+            (``desc``, fitted on the training split) for models that concatenate it.
+        clip: clipping of standardised descriptors.
+    """
+
+    def __init__(self, *args, descriptors: bool = False, clip: float = 10.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.descriptors, self.clip = descriptors, clip
+        self.scaler: FeatureScaler | None = None
+
+    def build(self, table, indices):
+        from torch_geometric.data import Data
+
+        from score_exp.data.graphs import featurize
+
+        graphs = featurize(table.smiles, cache=cache_dir())
+        desc = None
+        if self.descriptors:
+            X = compute_descriptors(table.smiles, cache=cache_dir())
+            self.scaler = FeatureScaler.fit(X[indices["train"]], clip=self.clip)
+            desc = torch.from_numpy(self.scaler.transform(X))  # (n_molecules, n_kept)
+        out = {}
+        for name, idx in indices.items():
+            y = self.scaled_targets(idx)
+            out[name] = [
+                Data(
+                    **graphs[i],
+                    y=y[k].view(1),
+                    **({"desc": desc[i].view(1, -1)} if desc is not None else {}),
+                )
+                for k, i in enumerate(idx)
+            ]
+        return out
+
+    def model_kwargs(self) -> dict:
+        from score_exp.data.graphs import ATOM_FEATURES, BOND_FEATURES
+
+        return {
+            "atom_features": ATOM_FEATURES,
+            "edge_features": BOND_FEATURES,
+            "descriptor_features": self.scaler.n_features if self.scaler is not None else 0,
+        }
+
+    def _loader(self, name: str):
+        from torch_geometric.loader import DataLoader as GraphLoader
+
+        return GraphLoader(
+            self.datasets[name],
+            batch_size=self.batch_size,
+            shuffle=name == "train",
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
