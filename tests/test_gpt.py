@@ -115,6 +115,20 @@ def test_gpt2_tokens_of_shakespeare_match_nanogpt(tmp_path):
     assert (files.meta["n_train"], files.meta["n_val"]) == (301_966, 36_059)
 
 
+def test_gpt2_task_builds_a_50257_token_model(compose):
+    cfg = compose("task=shakespeare_gpt2", "depth=stacked")
+    dm = instantiate(cfg.task.data)
+    dm.setup("fit")
+    assert dm.model_kwargs() == {"vocab_size": 50257, "block_size": 256}
+    text = fetch("shakespeare").read_text()
+    head = dm.tokenizer.decode(dm.data["val"][:50])
+    assert len(head) > 50 and text[int(0.9 * len(text)) :].startswith(head)
+    model = build_model(cfg, vocab_size=50257)
+    L, C = cfg.task.steps, cfg.task.model.n_embd
+    # nanoGPT's count for n_layer=6, n_embd=384 and GPT-2's vocabulary (no padding).
+    assert model.get_num_params() == 12 * L * C**2 + (2 * L + 1) * C + 50257 * C == 29_920_512
+
+
 def test_random_windows_are_seeded_and_val_windows_fixed():
     data = np.arange(1000, dtype=np.uint16)
     first = [b for b, _ in zip(RandomWindows(data, 8, 4, seed=0), range(3), strict=False)]
@@ -122,6 +136,8 @@ def test_random_windows_are_seeded_and_val_windows_fixed():
     other = next(iter(RandomWindows(data, 8, 4, seed=1)))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0][0], other[0])
+    resumed = next(iter(RandomWindows(data, 8, 4, seed=0, start=2)))  # a resumed run
+    assert torch.equal(resumed[0], first[2][0])
     x, y = first[0]
     assert x.shape == y.shape == (4, 8) and torch.equal(x[:, 1:], y[:, :-1])  # y = x shifted
     val = FixedWindows(data, 8, 4, n_batches=5, seed=1337)
@@ -263,6 +279,27 @@ def test_loss_decreases_over_a_short_run(trained_run):
     assert val[0] > val[1] > val[2] and val[2] < LN65 - 0.6
     assert train[-1] < train[0]
     assert all(float(r["train/tokens_per_s"]) > 0 for r in rows if r.get("train/tokens_per_s"))
+
+
+def test_same_seed_same_numbers_and_resume_continues_the_run(trained_run, tmp_path):
+    def val_at(run_dir, step: int) -> float:
+        with open(run_dir / "metrics.csv") as f:
+            rows = [
+                r for r in csv.DictReader(f) if r.get("val/loss") and r["step"] == str(step - 1)
+            ]
+        return float(rows[0]["val/loss"])
+
+    # The first 20 steps of a shorter run (same seed; warmup lasts 100 steps, so the learning
+    # rates are the same) give the very numbers of the 60-step run.
+    short = tmp_path / "run"
+    proc = train_cli(short, *TINY, "task.max_steps=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert val_at(short, 20) == val_at(trained_run, 20)
+    # Resuming it to 40 steps continues the same training stream from step 20.
+    proc = train_cli(short, *TINY, "task.max_steps=40", "skip_finished=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert val_at(short, 40) == pytest.approx(val_at(trained_run, 40), rel=1e-5)
 
 
 def test_score_sample_prints_samples_of_the_requested_length(trained_run):

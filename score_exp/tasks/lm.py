@@ -41,14 +41,19 @@ class RandomWindows(IterableDataset):
     Batch ``i`` draws its offsets from a generator keyed by ``(seed, i)``, so the stream is the same
     on every run with that seed; with several loader workers, worker ``w`` yields batches
     ``w, w + n_workers, ...``, which keeps the stream identical whatever the number of workers.
+    ``start`` skips the first batches, so a resumed run continues the stream where it stopped.
     """
 
-    def __init__(self, data: np.ndarray, block_size: int, batch_size: int, seed: int):
-        self.data, self.block_size, self.batch_size, self.seed = data, block_size, batch_size, seed
+    def __init__(
+        self, data: np.ndarray, block_size: int, batch_size: int, seed: int, start: int = 0
+    ):
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.seed, self.start = seed, start
 
     def __iter__(self):
         info = get_worker_info()
-        i, stride = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, stride = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start + worker
         high = len(self.data) - self.block_size  # exclusive: the last target must exist
         while True:
             rng = np.random.default_rng([self.seed, i])
@@ -184,7 +189,9 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         bs, T = self.batch_size, self.block_size
-        return self._loader(RandomWindows(self.data["train"], T, bs, self.seed))
+        # Lightning builds the loader after restoring a checkpoint: resume the stream there.
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return self._loader(RandomWindows(self.data["train"], T, bs, self.seed, start))
 
     def val_dataloader(self) -> DataLoader:
         bs, T = self.batch_size, self.block_size
