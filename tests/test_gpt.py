@@ -302,6 +302,12 @@ def test_same_seed_same_numbers_and_resume_continues_the_run(trained_run, tmp_pa
     assert val_at(short, 40) == pytest.approx(val_at(trained_run, 40), rel=1e-5)
 
 
+def test_a_budget_shorter_than_the_eval_interval_is_an_error(tmp_path):
+    proc = train_cli(tmp_path / "run", *TINY, "task.max_steps=10", "task.val_check_interval=20")
+    assert proc.returncode == 2
+    assert "would never be computed" in proc.stderr.splitlines()[-1]
+
+
 def test_score_sample_prints_samples_of_the_requested_length(trained_run):
     sep = "---------------"
     proc = run_cli(

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import TokenFiles, Tokenizer, prepare_tokens
-from score_exp.errors import DataError
+from score_exp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,15 @@ class LanguageModelModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def on_fit_start(self) -> None:
+        t = self.trainer
+        every = t.val_check_interval
+        if isinstance(every, int) and 0 < t.max_steps < every:
+            raise ConfigError(
+                f"max_steps={t.max_steps} < val_check_interval={every}: the validation loss "
+                "(the monitored metric) would never be computed; lower task.val_check_interval"
+            )
 
     # Throughput over each logging interval, without the validation pauses in between.
     def on_train_start(self) -> None:
