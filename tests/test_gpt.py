@@ -138,6 +138,11 @@ def test_random_windows_are_seeded_and_val_windows_fixed():
     assert not torch.equal(first[0][0], other[0])
     resumed = next(iter(RandomWindows(data, 8, 4, seed=0, start=2)))  # a resumed run
     assert torch.equal(resumed[0], first[2][0])
+    ranks = [iter(RandomWindows(data, 8, 4, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    assert torch.equal(next(ranks[1])[0], first[1][0])  # 2 ranks share out the same stream
+    assert torch.equal(next(ranks[0])[0], first[0][0]) and torch.equal(
+        next(ranks[0])[0], first[2][0]
+    )
     x, y = first[0]
     assert x.shape == y.shape == (4, 8) and torch.equal(x[:, 1:], y[:, :-1])  # y = x shifted
     val = FixedWindows(data, 8, 4, n_batches=5, seed=1337)

@@ -38,27 +38,40 @@ def window_batch(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple
 class RandomWindows(IterableDataset):
     """An endless stream of batches of windows at uniformly random offsets (nanoGPT's get_batch).
 
-    Batch ``i`` draws its offsets from a generator keyed by ``(seed, i)``, so the stream is the same
-    on every run with that seed; with several loader workers, worker ``w`` yields batches
-    ``w, w + n_workers, ...``, which keeps the stream identical whatever the number of workers.
-    ``start`` skips the first batches, so a resumed run continues the stream where it stopped.
+    Batch ``i`` of the stream draws its offsets from a generator keyed by ``(seed, i)``, so the
+    stream is the same on every run with that seed. Under data parallelism, rank ``r`` of ``n``
+    takes batches ``k * n + r`` (nanoGPT seeds each rank differently for the same reason); with
+    several loader workers, worker ``w`` takes every ``n_workers``-th of those from ``w`` on, so
+    the stream does not depend on the number of workers. ``start`` is the number of optimiser
+    steps already taken: a resumed run continues the stream where it stopped.
     """
 
     def __init__(
-        self, data: np.ndarray, block_size: int, batch_size: int, seed: int, start: int = 0
+        self,
+        data: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.seed, self.start = seed, start
+        self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
 
     def __iter__(self):
         info = get_worker_info()
-        worker, stride = (info.id, info.num_workers) if info is not None else (0, 1)
-        i = self.start + worker
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         high = len(self.data) - self.block_size  # exclusive: the last target must exist
+        k = self.start + worker  # this rank's k-th batch
         while True:
-            rng = np.random.default_rng([self.seed, i])
+            rng = np.random.default_rng([self.seed, k * self.world_size + self.rank])
             yield window_batch(self.data, rng.integers(0, high, self.batch_size), self.block_size)
-            i += stride
+            k += n_workers
 
 
 class FixedWindows(Dataset):
@@ -189,9 +202,11 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         bs, T = self.batch_size, self.block_size
-        # Lightning builds the loader after restoring a checkpoint: resume the stream there.
-        start = self.trainer.global_step if self.trainer is not None else 0
-        return self._loader(RandomWindows(self.data["train"], T, bs, self.seed, start))
+        t = self.trainer  # Lightning builds the loader after restoring a checkpoint
+        start, rank, world = (
+            (t.global_step, t.global_rank, t.world_size) if t is not None else (0, 0, 1)
+        )
+        return self._loader(RandomWindows(self.data["train"], T, bs, self.seed, start, rank, world))
 
     def val_dataloader(self) -> DataLoader:
         bs, T = self.batch_size, self.block_size
@@ -223,7 +238,8 @@ def _plain(obj):
 class LanguageModelModule(L.LightningModule):
     """Next-token cross-entropy of ``model(idx, targets) -> (logits, loss)`` (nanoGPT's GPT).
 
-    Logs ``train/loss``, ``train/lr``, ``train/tokens_per_s`` and, on the fixed validation batches,
+    Logs ``train/loss``, ``train/lr``, ``train/tokens_per_s`` (training tokens per second of wall
+    time over each logging interval, all devices together) and, on the fixed validation batches,
     ``val/loss`` (nats per token) and, for a character vocabulary, ``val/bpc`` (bits per character,
     ``loss / ln 2``); ``test/*`` likewise.
 
@@ -298,7 +314,8 @@ class LanguageModelModule(L.LightningModule):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # time finished work, not queued kernels
             elapsed = time.perf_counter() - self._t0
-            self.log("train/tokens_per_s", self._tokens / elapsed, on_step=True, on_epoch=False)
+            tokens = self._tokens * self.trainer.world_size  # all devices together
+            self.log("train/tokens_per_s", tokens / elapsed, on_step=True, on_epoch=False)
             self._restart_clock()
 
     def _eval_step(self, batch, stage: str) -> None:
