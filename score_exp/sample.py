@@ -1,0 +1,155 @@
+"""``score-sample``: print text sampled from a trained language-model run (nanoGPT's sample.py).
+
+The run folder's ``config.yaml`` (written by ``score-train``) rebuilds the data module, hence the
+tokeniser, and the model; the weights come from the run's best checkpoint. Samples go to stdout
+and logs to stderr, so ``score-sample run_dir=... > samples.txt`` keeps only the text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from score_exp.errors import ConfigError, DataError, ScoreExpError
+from score_exp.io import read_json
+from score_exp.train import CONFIG_DIR, RESULTS, depth_spec
+
+log = logging.getLogger("score_exp.sample")
+
+
+def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
+    """``checkpoint`` (relative to ``run_dir``), else results.json's best, else ``last.ckpt``.
+
+    Raises:
+        ConfigError: the folder or the checkpoint does not exist.
+    """
+    if not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a score-train run folder (no config.yaml)")
+    if checkpoint:
+        path = run_dir / checkpoint
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {path} does not exist")
+        return path
+    candidates = []
+    if (run_dir / RESULTS).is_file():
+        best = read_json(run_dir / RESULTS).get("best_checkpoint")
+        if best:
+            candidates.append(run_dir / best)
+    candidates.append(run_dir / "checkpoints" / "last.ckpt")
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"{run_dir} holds no checkpoint (looked for {looked}); train it first")
+
+
+def load_run(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
+    """Rebuild a run's model (in eval mode, on ``device``) and tokeniser from its folder."""
+    import torch
+    from hydra.utils import instantiate
+
+    ckpt_path = find_checkpoint(run_dir, checkpoint)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    spec = depth_spec(cfg)
+    datamodule = instantiate(cfg.task.data)
+    datamodule.prepare_data()
+    datamodule.setup("predict")
+    if not hasattr(datamodule, "tokenizer"):
+        raise ConfigError(f"task {cfg.task.name!r} is not a language-model task; nothing to sample")
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved_vocab = ckpt.get("hyper_parameters", {}).get("vocab")
+    if saved_vocab is not None and saved_vocab != datamodule.vocab:
+        raise DataError(
+            f"the vocabulary rebuilt from {run_dir / 'config.yaml'} differs from the one the "
+            f"checkpoint {ckpt_path} was trained with (has the text changed?)"
+        )
+    overrides = {"compile": False} if "compile" in cfg.task.model else {}  # not worth it here
+    model = instantiate(cfg.task.model, _partial_=True)(
+        depth=spec, **datamodule.model_kwargs(), **overrides
+    )
+    # The LightningModule holds the model as ``self.model``: its weights are ``model.*``.
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    log.info("loaded %s (step %s) with depth %s", ckpt_path, ckpt.get("global_step"), spec)
+    return model.eval().to(device), datamodule.tokenizer
+
+
+def generate_samples(
+    model,
+    tokenizer,
+    prompt: str,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 1337,
+) -> list[str]:
+    """``num_samples`` texts, each ``prompt`` followed by ``max_new_tokens`` sampled tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ConfigError("the prompt encodes to no token; give at least one character")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    out = []
+    with torch.no_grad(), amp:
+        for _ in range(num_samples):
+            y = model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
+            out.append(tokenizer.decode(y[0].tolist()))
+    return out
+
+
+def _check(cfg: DictConfig) -> None:
+    import torch
+
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
+        raise ConfigError("need num_samples >= 1 and max_new_tokens >= 0")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise ConfigError(f"top_k must be >= 1 or null, got {cfg.top_k}")
+    if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``score-sample``."""
+    try:
+        _check(cfg)
+        model, tokenizer = load_run(Path(cfg.run_dir).expanduser(), cfg.checkpoint, cfg.device)
+        samples = generate_samples(
+            model,
+            tokenizer,
+            str(cfg.prompt),
+            cfg.num_samples,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.seed,
+        )
+    except ScoreExpError as e:
+        log.error("%s", e)
+        print(f"score-sample: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for text in samples:
+        print(text)
+        print(cfg.separator)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Language modelling the nanoGPT way: random windows, AdamW, warmup + cosine, fixed-batch eval.
+
+Training is iteration-based (``max_steps``); the training stream is an endless, seeded sequence of
+random windows. The validation loss is nanoGPT's ``estimate_loss``: the mean loss over a FIXED set
+of ``eval_iters`` batches, so every evaluation (and every run, whatever its seed) scores the same
+windows. Tiny Shakespeare has no test split: ``test`` is the validation split again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchmetrics import MeanMetric
+
+from score_exp.data.registry import fetch
+from score_exp.data.shakespeare import TokenFiles, Tokenizer, prepare_tokens
+from score_exp.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def window_batch(data: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[Tensor, Tensor]:
+    """Inputs and next-token targets, each ``(B, block_size)`` int64, for windows at ``starts``."""
+    idx = starts[:, None] + np.arange(block_size + 1)  # (B, T + 1)
+    chunk = torch.from_numpy(data[idx].astype(np.int64))  # (B, T + 1)
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+class RandomWindows(IterableDataset):
+    """An endless stream of batches of windows at uniformly random offsets (nanoGPT's get_batch).
+
+    Batch ``i`` of the stream draws its offsets from a generator keyed by ``(seed, i)``, so the
+    stream is the same on every run with that seed. Under data parallelism, rank ``r`` of ``n``
+    takes batches ``k * n + r`` (nanoGPT seeds each rank differently for the same reason); with
+    several loader workers, worker ``w`` takes every ``n_workers``-th of those from ``w`` on, so
+    the stream does not depend on the number of workers. ``start`` is the number of optimiser
+    steps already taken: a resumed run continues the stream where it stopped.
+    """
+
+    def __init__(
+        self,
+        data: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        high = len(self.data) - self.block_size  # exclusive: the last target must exist
+        k = self.start + worker  # this rank's k-th batch
+        while True:
+            rng = np.random.default_rng([self.seed, k * self.world_size + self.rank])
+            yield window_batch(self.data, rng.integers(0, high, self.batch_size), self.block_size)
+            k += n_workers
+
+
+class FixedWindows(Dataset):
+    """``n_batches`` batches of random windows whose offsets are drawn once from ``seed``."""
+
+    def __init__(
+        self, data: np.ndarray, block_size: int, batch_size: int, n_batches: int, seed: int
+    ):
+        self.data, self.block_size = data, block_size
+        rng = np.random.default_rng(seed)
+        self.starts = rng.integers(0, len(data) - block_size, (n_batches, batch_size))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return window_batch(self.data, self.starts[i], self.block_size)
+
+
+class ShakespeareDataModule(L.LightningDataModule):
+    """Tiny Shakespeare (or any UTF-8 text) as token memmaps, batched as nanoGPT does.
+
+    Args:
+        path: a text file of your own; ``None`` uses the registered file ``registry_key``.
+        registry_key: data-registry key used when ``path`` is None (``shakespeare``).
+        tokenizer: ``char`` (nanoGPT's shakespeare_char) or ``gpt2`` (tiktoken GPT-2 BPE).
+        block_size: context length of a training window.
+        batch_size: windows per batch.
+        eval_iters: batches in the fixed validation set (nanoGPT's ``eval_iters``).
+        train_fraction: leading fraction of the characters used for training (nanoGPT: 0.9).
+        seed: seed of the training stream.
+        eval_seed: seed of the validation windows; fixed by default so that runs with
+            different seeds are scored on the same windows.
+        num_workers: loader worker processes.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        registry_key: str = "shakespeare",
+        tokenizer: str = "char",
+        block_size: int = 256,
+        batch_size: int = 64,
+        eval_iters: int = 200,
+        train_fraction: float = 0.9,
+        seed: int = 0,
+        eval_seed: int = 1337,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        for name, value in (
+            ("block_size", block_size),
+            ("batch_size", batch_size),
+            ("eval_iters", eval_iters),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"data.{name} must be an integer >= 1, got {value!r}")
+        self.path, self.registry_key, self.tokenizer_name = path, registry_key, tokenizer
+        self.block_size, self.batch_size, self.eval_iters = block_size, batch_size, eval_iters
+        self.train_fraction, self.seed, self.eval_seed = train_fraction, seed, eval_seed
+        self.num_workers = num_workers
+        self.files: TokenFiles | None = None
+        self.data: dict[str, np.ndarray] = {}
+
+    def resolve_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else fetch(self.registry_key)
+
+    def prepare_data(self) -> None:
+        prepare_tokens(self.resolve_path(), self.tokenizer_name, train_fraction=self.train_fraction)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.files is not None:
+            return  # idempotent: train.py sets up before building the model, Lightning again
+        files = prepare_tokens(
+            self.resolve_path(), self.tokenizer_name, train_fraction=self.train_fraction
+        )
+        data = {split: files.load(split) for split in ("train", "val")}
+        for split, tokens in data.items():
+            if len(tokens) <= self.block_size + 1:
+                raise DataError(
+                    f"the {split} split has {len(tokens)} tokens, too few for windows of "
+                    f"block_size={self.block_size} (+1 target); use a longer text or a smaller "
+                    "block_size"
+                )
+        self.files, self.data = files, data
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.files.tokenizer()
+
+    @property
+    def vocab(self) -> dict:
+        """The vocabulary metadata (``meta.json``) without its provenance fields."""
+        keep = ("tokenizer", "vocab_size", "itos", "eot")
+        return {k: v for k, v in self.files.meta.items() if k in keep}
+
+    def split_record(self) -> dict:
+        meta = self.files.meta
+        return {
+            "split": f"first {self.train_fraction:g} of the text = train, the rest = val (= test)",
+            "source": meta["source"],
+            "source_sha256": meta["source_sha256"],
+            "tokenizer": meta["tokenizer"],
+            "vocab_size": meta["vocab_size"],
+            "n_chars": meta["n_chars"],
+            "n_train_tokens": meta["n_train"],
+            "n_val_tokens": meta["n_val"],
+            "token_files": str(self.files.root),
+            "train_seed": self.seed,
+            "eval_seed": self.eval_seed,
+            "eval_iters": self.eval_iters,
+        }
+
+    def model_kwargs(self) -> dict:
+        return {"vocab_size": self.files.meta["vocab_size"], "block_size": self.block_size}
+
+    def module_kwargs(self) -> dict:
+        return {"vocab": self.vocab}
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,  # the datasets yield whole batches
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        bs, T = self.batch_size, self.block_size
+        t = self.trainer  # Lightning builds the loader after restoring a checkpoint
+        start, rank, world = (
+            (t.global_step, t.global_rank, t.world_size) if t is not None else (0, 0, 1)
+        )
+        return self._loader(RandomWindows(self.data["train"], T, bs, self.seed, start, rank, world))
+
+    def val_dataloader(self) -> DataLoader:
+        bs, T = self.batch_size, self.block_size
+        return self._loader(FixedWindows(self.data["val"], T, bs, self.eval_iters, self.eval_seed))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()  # nanoGPT has no test split
+
+
+def nanogpt_lr(it: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:
+    """nanoGPT's ``get_lr``: linear warmup, cosine decay to ``min_lr`` at ``lr_decay_iters``."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def _plain(obj):
+    """Mappings and sequences (e.g. OmegaConf containers) as plain dicts and lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, str):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+class LanguageModelModule(L.LightningModule):
+    """Next-token cross-entropy of ``model(idx, targets) -> (logits, loss)`` (nanoGPT's GPT).
+
+    Logs ``train/loss``, ``train/lr``, ``train/tokens_per_s`` (training tokens per second of wall
+    time over each logging interval, all devices together) and, on the fixed validation batches,
+    ``val/loss`` (nats per token) and, for a character vocabulary, ``val/bpc`` (bits per character,
+    ``loss / ln 2``); ``test/*`` likewise.
+
+    Args:
+        model: the language model.
+        lr, min_lr, warmup_iters, lr_decay_iters: nanoGPT's schedule (see :func:`nanogpt_lr`).
+        weight_decay: AdamW decay, applied to tensors with >= 2 dimensions only (matmul weights
+            and embeddings), never to LayerNorm gains or biases.
+        betas: AdamW betas (nanoGPT: 0.9, 0.99 for Shakespeare).
+        vocab: the data's vocabulary metadata, kept in the checkpoint for ``score-sample``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_iters: int = 100,
+        lr_decay_iters: int = 5000,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        vocab: dict | None = None,
+    ):
+        super().__init__()
+        if not 0 <= min_lr <= lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={min_lr}, lr={lr}")
+        if warmup_iters < 0 or lr_decay_iters < 0:
+            raise ValueError(
+                f"need warmup_iters, lr_decay_iters >= 0, got {warmup_iters}, {lr_decay_iters}"
+            )
+        # Plain types in the checkpoint (Hydra hands over its own containers): weights_only loads.
+        betas = tuple(float(b) for b in betas)
+        vocab = _plain(vocab)
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.per_char = (vocab or {}).get("tokenizer") == "char"
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        self._tokens, self._t0 = 0, 0.0
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch  # (B, T), (B, T)
+        _, loss = self(x, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_fit_start(self) -> None:
+        t = self.trainer
+        every = t.val_check_interval
+        if isinstance(every, int) and 0 < t.max_steps < every:
+            raise ConfigError(
+                f"max_steps={t.max_steps} < val_check_interval={every}: the validation loss "
+                "(the monitored metric) would never be computed; lower task.val_check_interval"
+            )
+
+    # Throughput over each logging interval, without the validation pauses in between.
+    def on_train_start(self) -> None:
+        self._restart_clock()
+
+    def on_validation_end(self) -> None:
+        self._restart_clock()
+
+    def _restart_clock(self) -> None:
+        self._tokens, self._t0 = 0, time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._tokens += batch[0].numel()
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # time finished work, not queued kernels
+            elapsed = time.perf_counter() - self._t0
+            tokens = self._tokens * self.trainer.world_size  # all devices together
+            self.log("train/tokens_per_s", tokens / elapsed, on_step=True, on_epoch=False)
+            self._restart_clock()
+
+    def _eval_step(self, batch, stage: str) -> None:
+        x, y = batch
+        _, loss = self(x, y)
+        self.eval_loss[stage].update(loss)  # equal-sized batches: the mean of means is the mean
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        loss = self.eval_loss[stage].compute()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        if self.per_char:
+            self.log(f"{stage}/bpc", loss / math.log(2))
+        self.eval_loss[stage].reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(
+            groups, lr=hp.lr, betas=tuple(hp.betas), fused=self.device.type == "cuda"
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda it: nanogpt_lr(it, hp.lr, hp.min_lr, hp.warmup_iters, hp.lr_decay_iters) / hp.lr,
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
