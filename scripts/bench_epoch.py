@@ -76,7 +76,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"task={args.task} threads={torch.get_num_threads()} repeats={args.repeats} {' '.join(args.override)}")
+    print(
+        f"task={args.task} threads={torch.get_num_threads()} repeats={args.repeats} {' '.join(args.override)}"
+    )
     print(f"{'depth':<16}{'params':>12}{'nfe':>5}{'median s':>11}{'min-max s':>16}{'mol/s':>9}")
     for preset in args.depth:
         r = bench(args.task, preset, args.override, args.warmup, args.repeats)
