@@ -80,9 +80,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         return _fit_and_test(cfg, run_dir, spec, record)
     except ScoreExpError:
         raise  # bad input: reported by main, nothing that looks like a result is written
-    except Exception as e:
-        # Keep what was written and record that this run failed; re-raise for the traceback.
-        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+    except BaseException as e:
+        # Keep what was written and record how the run ended; re-raise. An interrupted run
+        # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
+        stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
+        record.update(status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}")
         atomic_write_json(results_path, record)
         raise
 
@@ -93,7 +95,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from score_exp.tasks.callbacks import DivergenceDetector, RunTimer
+    from score_exp.tasks.callbacks import DivergenceDetector, RNGStateCheckpoint, RunTimer
 
     # Lightning adds its own stderr handler on import; Hydra's handlers (stderr + run log) suffice.
     logging.getLogger("lightning").handlers.clear()
@@ -114,7 +116,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
 
     divergence, timer = DivergenceDetector(), RunTimer()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += [divergence, timer]
+    callbacks += [divergence, timer, RNGStateCheckpoint()]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     for lg in loggers:
         lg.log_hyperparams(flatten(resolved))

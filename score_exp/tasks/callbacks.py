@@ -63,3 +63,43 @@ class RunTimer(L.Callback):
             "time_per_step_s": self._mean(self.step_times),
             "epochs_timed": len(self.epoch_times),
         }
+
+
+class RNGStateCheckpoint(L.Callback):
+    """Saves the Python, NumPy and torch RNG states in every checkpoint and restores them.
+
+    Lightning restores model, optimiser, loop and callback states on resume but not the global
+    RNGs, so a resumed run would shuffle its next epoch and draw its dropout masks differently
+    from an uninterrupted one. Checkpoints are written after validation, when nothing else
+    draws random numbers before the next training batch, so restoring these states makes a
+    resumed CPU run reproduce the uninterrupted run's numbers.
+    """
+
+    # Only tensors and plain Python values: checkpoints are loaded with ``weights_only=True``.
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        import numpy as np
+
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
