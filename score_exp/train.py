@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         # Keep what was written and record how the run ended; re-raise. An interrupted run
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
-        record.update(status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}")
+        record.update(
+            status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
+        )
         atomic_write_json(results_path, record)
+        if type(e).__name__ == "SIGTERMException":
+            # Lightning's SIGTERM exit carries code 0; a killed job must not look successful
+            # to SLURM or a shell loop, so exit as a process killed by SIGTERM would (143).
+            log.warning("interrupted by SIGTERM; re-run the same command to resume")
+            raise SystemExit(128 + signal.SIGTERM) from e
         raise
 
 

@@ -59,8 +59,9 @@ class AppendingCSVLogger(CSVLogger):
 
     Lightning's writer removes ``metrics.csv`` when its folder is not empty, which would erase
     the curve of an interrupted run when it resumes into the same folder. Rows logged again
-    after a resume (between the last checkpoint and the interruption) repeat their ``step``;
-    readers keep the last row per step.
+    after a resume (between the last checkpoint and the interruption) repeat their ``step``, as
+    does the final evaluation at the best checkpoint; readers keep the first row per step
+    (``score_exp.report.runs.read_curve``).
     """
 
     @property

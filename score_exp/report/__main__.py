@@ -1,0 +1,7 @@
+"""``python -m score_exp.report`` = ``score-report``."""
+
+import sys
+
+from score_exp.report.cli import main
+
+sys.exit(main())

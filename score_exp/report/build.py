@@ -1,0 +1,179 @@
+"""Building a report: runs -> tables + plots -> report.md, tables.tex, runs.csv (+ W&B)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from score_exp.io import atomic_write_text
+from score_exp.report import plots
+from score_exp.report.runs import Run, find_runs, varied_keys
+from score_exp.report.tables import (
+    Table,
+    by_task,
+    dt_steps_table,
+    integrator_table,
+    variant_table,
+    variants,
+)
+
+log = logging.getLogger("score_exp.report")
+
+
+@dataclass
+class Report:
+    """What a report holds; ``tables`` and ``figures`` are also written to ``out``."""
+
+    out: Path
+    runs: list[Run]
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    not_ok: list[tuple[str, str, str]] = field(default_factory=list)  # (path, status, detail)
+
+
+def missing_runs(paths: list[Path]) -> list[Path]:
+    """Hydra job folders (``.hydra/`` present) that hold no ``results.json``: crashed or never ran."""
+    out = []
+    for root in paths:
+        for hydra_dir in sorted(Path(root).rglob(".hydra")):
+            folder = hydra_dir.parent
+            if not (folder / "results.json").exists():
+                out.append(folder)
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "task"
+
+
+def build_report(paths: list[Path], out: Path, target: float | None = None) -> Report:
+    """Read the runs under ``paths`` and write the report into ``out``.
+
+    Args:
+        paths: sweep or run folders (searched recursively for ``results.json``).
+        out: output folder (created).
+        target: val-metric target for the convergence column; default the mean best val
+            metric of the ``stacked`` variant of each task.
+    """
+    paths = [Path(p) for p in paths]
+    runs = find_runs(paths)
+    missing = missing_runs(paths)
+    if not runs and not missing:
+        from score_exp.errors import DataError
+
+        raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out, runs)
+    for r in runs:
+        if not r.ok:
+            detail = r.results.get("error") or _diverged_detail(r)
+            report.not_ok.append((str(r.path), r.status, detail))
+    report.not_ok += [
+        (str(m), "missing", "no results.json (still running, crashed before writing, or never ran)")
+        for m in missing
+    ]
+
+    sections: list[str] = []
+    for task, task_runs in sorted(by_task(runs).items()):
+        slug = _slug(task)
+        vs = variants(task_runs)
+        tables = [variant_table(task, vs, target)]
+        tables += [
+            t for t in (integrator_table(task, task_runs), dt_steps_table(task, task_runs)) if t
+        ]
+        figs = plots.val_curves(task, vs, out, slug)
+        figs += plots.metric_vs_dt(task, task_runs, out, slug)
+        figs += plots.metric_vs_params(task, vs, out, slug)
+        figs += plots.metric_vs_wall_time(task, vs, out, slug)
+        report.tables += tables
+        report.figures += figs
+        text = [f"## {task}", ""] + [t.markdown() for t in tables]
+        text += [f"![{p.stem}]({p.name})\n" for p in figs if p.suffix == ".png"]
+        sections.append("\n".join(text))
+
+    md = [
+        "# score_exp report",
+        "",
+        f"Runs: {len(runs)} found under {', '.join(f'`{p}`' for p in paths)}; "
+        f"{sum(r.ok for r in runs)} ok, {len(report.not_ok)} not ok (listed below, not averaged).",
+        "",
+        *sections,
+        "## Runs not averaged in",
+        "",
+    ]
+    if report.not_ok:
+        md += ["| run | status | detail |", "|---|---|---|"]
+        md += [f"| `{p}` | {s} | {d} |" for p, s, d in report.not_ok]
+    else:
+        md.append("None: every run finished ok.")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "tables.tex", "% score-report tables (needs \\usepackage{booktabs})\n\n" + "\n".join(t.latex() for t in report.tables))  # fmt: skip
+    atomic_write_text(out / "runs.csv", runs_csv(runs))
+    return report
+
+
+def _diverged_detail(r: Run) -> str:
+    at = r.results.get("diverged_at")
+    if not at:
+        return ""
+    return f"non-finite training loss ({at.get('loss')}) at epoch {at.get('epoch')}, step {at.get('step')}"
+
+
+def runs_csv(runs: list[Run]) -> str:
+    """One row per run: status, seed, every varied config key flattened, metrics and cost."""
+    keys = varied_keys(runs) if len(runs) > 1 else []
+    metric_keys = sorted({f"test/{k}" for r in runs for k in r.results.get("test", {})})
+    header = ["run_dir", "task", "status", "seed", *keys, "best_val", *metric_keys, "params", "nfe",
+              "wall_time_s", "time_per_epoch_s", "time_per_step_s"]  # fmt: skip
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in runs:
+        row = [str(r.path), r.task, r.status, r.get("seed"), *[r.get(k) for k in keys],
+               r.results.get("best_val", {}).get("value"),
+               *[r.results.get("test", {}).get(k.split("/", 1)[1]) for k in metric_keys],
+               r.get("params"), r.get("nfe"), r.get("wall_time_s"), r.get("time_per_epoch_s"),
+               r.get("time_per_step_s")]  # fmt: skip
+        w.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def log_to_wandb(report: Report, project: str = "score_exp", mode: str = "auto") -> str:
+    """Log the report's tables and figures as one W&B run (offline when no API key is set).
+
+    The run joins the W&B group of the runs it summarises (their ``experiment_name``), with
+    ``job_type="report"``. Returns the run's local folder.
+    """
+    import wandb
+
+    from score_exp.tasks.loggers import _has_wandb_key
+
+    if mode == "auto":
+        mode = "online" if _has_wandb_key() else "offline"
+    groups = sorted(
+        {str(r.get("experiment_name")) for r in report.runs if r.get("experiment_name")}
+    )
+    run = wandb.init(
+        project=project,
+        group=groups[0] if len(groups) == 1 else None,
+        job_type="report",
+        name=f"report-{'+'.join(groups) or 'runs'}",
+        dir=str(report.out),
+        mode=mode,
+        tags=["report", *groups],
+    )
+    try:
+        for t in report.tables:
+            run.log({f"table/{_slug(t.title)}": wandb.Table(columns=t.header, data=t.rows)})
+        for p in report.figures:
+            if p.suffix == ".png":
+                run.log({f"plot/{p.stem}": wandb.Image(str(p))})
+        run.summary["runs"] = len(report.runs)
+        run.summary["runs_not_ok"] = len(report.not_ok)
+        return run.dir
+    finally:
+        run.finish()

@@ -1,0 +1,126 @@
+"""Report figures (matplotlib, written as PNG and SVG): curves, metric vs dt, params, wall time."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from score_exp.report.runs import Run
+from score_exp.report.tables import Variant, iteration_based
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: reports are built on headless machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    fig.tight_layout()
+    for p in paths:
+        tmp = p.with_name(p.name + ".tmp")
+        fig.savefig(tmp, dpi=130, format=p.suffix[1:])
+        tmp.replace(p)  # atomic: a crashed report never leaves half an image
+    _plt().close(fig)
+    return paths
+
+
+def val_curves(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]:
+    """Mean val curve per variant with a min-max band over seeds."""
+    plt = _plt()
+    by_step = iteration_based([r for v in vs for r in v.runs])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drew = False
+    metric = ""
+    for v in vs:
+        curves: dict[int, list[float]] = {}
+        for r in v.ok_runs:
+            metric = r.results.get("best_val", {}).get("metric", metric)
+            for row in r.curve:
+                x = row["step"] if by_step or row["epoch"] is None else row["epoch"] + 1
+                curves.setdefault(x, []).append(row["value"])
+        if not curves:
+            continue
+        # Early-stopped seeds end at different epochs: plot only where at least half of the
+        # runs still contribute, so the tail is not one seed's noise.
+        need = max(1, (len(v.ok_runs) + 1) // 2)
+        xs = [x for x in sorted(curves) if len(curves[x]) >= need]
+        if not xs:
+            continue
+        mean = [statistics.fmean(curves[x]) for x in xs]
+        (line,) = ax.plot(xs, mean, label=f"{v.label} (n={len(v.ok_runs)})")
+        ax.fill_between(xs, [min(curves[x]) for x in xs], [max(curves[x]) for x in xs],
+                        color=line.get_color(), alpha=0.2, linewidth=0)  # fmt: skip
+        drew = True
+    if not drew:
+        plt.close(fig)
+        return []
+    ax.set_xlabel("step" if by_step else "epoch")
+    ax.set_ylabel(metric or "val metric")
+    ax.set_title(f"{task}: val curves (mean, min-max band over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, f"{slug}_val_curves")
+
+
+def _scatter(task: str, vs: list[Variant], out: Path, slug: str, key: str, xlabel: str,
+             name: str, logx: bool = False) -> list[Path]:  # fmt: skip
+    plt = _plt()
+    pts = []
+    for v in vs:
+        x, ys = v.mean_of(key), v.values()
+        if x is None or not ys:
+            continue
+        err = statistics.stdev(ys) if len(ys) > 1 else 0.0
+        pts.append((v.label, x, statistics.fmean(ys), err))
+    if not pts:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, x, y, err in pts:
+        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test {vs[0].runs[0].headline}")
+    ax.set_title(f"{task}: test metric vs {xlabel} (mean ± std)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, f"{slug}_{name}")
+
+
+def metric_vs_params(task, vs, out, slug) -> list[Path]:
+    return _scatter(task, vs, out, slug, "params", "parameters", "vs_params", logx=True)
+
+
+def metric_vs_wall_time(task, vs, out, slug) -> list[Path]:
+    return _scatter(task, vs, out, slug, "wall_time_s", "wall time per run (s)", "vs_wall_time")
+
+
+def metric_vs_dt(task: str, runs: list[Run], out: Path, slug: str) -> list[Path]:
+    """Test metric against dt, one line per number of steps (shared depth; dt=null -> 1/steps)."""
+    plt = _plt()
+    ok = [r for r in runs if r.ok and r.get("depth.share") and r.test_metric() is not None]
+    cells: dict[int, dict[float, list[float]]] = {}
+    for r in ok:
+        steps = r.get("depth.steps")
+        dt = r.get("depth.dt")
+        dt = 1.0 / steps if dt is None else float(dt)
+        cells.setdefault(steps, {}).setdefault(dt, []).append(r.test_metric())
+    if not cells or len({dt for c in cells.values() for dt in c}) < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for steps in sorted(cells):
+        dts = sorted(cells[steps])
+        ys = [statistics.fmean(cells[steps][d]) for d in dts]
+        es = [statistics.stdev(cells[steps][d]) if len(cells[steps][d]) > 1 else 0.0 for d in dts]
+        ax.errorbar(dts, ys, yerr=es, marker="o", capsize=3, label=f"steps={steps}")
+    ax.set_xlabel("dt (dt=null plotted at 1/steps)")
+    ax.set_ylabel(f"test {ok[0].headline}")
+    ax.set_title(f"{task}: test metric vs dt (shared depth)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, f"{slug}_vs_dt")

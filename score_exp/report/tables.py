@@ -1,0 +1,305 @@
+"""Aggregating runs into the paper's tables: variants, integrators and the dt x steps grid.
+
+Every number here is computed from run folders; a run whose status is not ``ok`` is listed by
+the report and never averaged in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from score_exp.report.runs import Run, varied_keys
+
+# Keys that vary between variants but never name one (seeds and what follows from the preset).
+SEED_KEYS = ("seed",)
+
+
+@dataclass
+class Variant:
+    """The runs of one task that share every varied config key except the seed."""
+
+    task: str
+    key: tuple  # ((config key, value), ...) over the task's varied keys
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok]
+
+    def values(self) -> list[float]:
+        return [v for r in self.ok_runs if (v := r.test_metric()) is not None]
+
+    def mean_of(self, key: str) -> float | None:
+        xs = [float(v) for r in self.ok_runs if isinstance(v := r.get(key), (int, float))]
+        return statistics.fmean(xs) if xs else None
+
+    def get(self, key: str):
+        return dict(self.key).get(key, self.runs[0].get(key) if self.runs else None)
+
+
+@dataclass
+class Stat:
+    mean: float | None
+    std: float | None
+    n: int
+
+    def fmt(self, digits: int = 4) -> str:
+        if self.mean is None:
+            return "n/a"
+        if self.std is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def stat(xs: list[float]) -> Stat:
+    """Mean and sample standard deviation (``None`` for fewer than two values)."""
+    if not xs:
+        return Stat(None, None, 0)
+    return Stat(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
+
+
+def by_task(runs: list[Run]) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.task, []).append(r)
+    return out
+
+
+def _value_key(v) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def variants(runs: list[Run]) -> list[Variant]:
+    """Group one task's runs by every varied config key but the seed; label them readably.
+
+    The label starts with the depth preset when presets vary; config keys a preset already fixes
+    (``depth.share`` under ``stacked``...) are left out of the label, other varied keys are shown
+    as ``key=value``.
+    """
+    keys = [k for k in varied_keys(runs) if k not in SEED_KEYS]
+    groups: dict[str, Variant] = {}
+    for r in runs:
+        key = tuple((k, r.get(k)) for k in keys)
+        groups.setdefault(_value_key(key), Variant(r.task, key, "", [])).runs.append(r)
+    shown = [k for k in keys if k != "depth_preset" and not _fixed_by_preset(k, runs)]
+    for v in groups.values():
+        d = dict(v.key)
+        parts = [str(d["depth_preset"])] if "depth_preset" in d else []
+        parts += [f"{_short(k)}={_fmt_value(d[k])}" for k in shown]
+        v.label = " ".join(parts) or (str(v.runs[0].get("depth_preset")) or "all")
+    return sorted(groups.values(), key=lambda v: _sort_key(v.key))
+
+
+def _fixed_by_preset(key: str, runs: list[Run]) -> bool:
+    presets: dict[str, set[str]] = {}
+    for r in runs:
+        presets.setdefault(str(r.get("depth_preset")), set()).add(_value_key(r.get(key)))
+    return len(presets) > 1 and all(len(vals) == 1 for vals in presets.values())
+
+
+def _short(key: str) -> str:
+    return key.removeprefix("task.").removeprefix("model.")
+
+
+def _fmt_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _sort_key(key: tuple) -> tuple:
+    # Numbers sort numerically, None first, everything else as text.
+    return tuple((0, 0.0, "") if v is None else (1, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (2, 0.0, str(v)) for _, v in key)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- convergence
+
+
+def iteration_based(runs: list[Run]) -> bool:
+    """True for tasks trained by steps (the LM), False for epoch-based ones (ESOL)."""
+    return any((r.get("trainer.max_steps") or -1) > 0 and (r.get("trainer.max_epochs") or -1) < 0 for r in runs)  # fmt: skip
+
+
+def reached_at(run: Run, target: float, higher_is_better: bool, by_step: bool) -> int | None:
+    """First training step (or epoch count) at which the val curve reaches ``target``."""
+    for row in run.curve:
+        ok = row["value"] >= target if higher_is_better else row["value"] <= target
+        if ok:
+            if by_step or row["epoch"] is None:
+                return row["step"]
+            return row["epoch"] + 1  # epochs completed when this validation ran
+    return None
+
+
+def default_target(vs: list[Variant]) -> tuple[float | None, str]:
+    """The stacked baseline's mean best val metric (the paper's "reach the baseline" target)."""
+    base = [v for v in vs if v.get("depth_preset") == "stacked"]
+    if len(base) != 1:
+        return None, "no single `stacked` variant: pass --target"
+    xs = [r.results["best_val"]["value"] for r in base[0].ok_runs if "best_val" in r.results]
+    if not xs:
+        return None, "the stacked variant has no finished run"
+    return statistics.fmean(
+        xs
+    ), f"mean best {base[0].ok_runs[0].results['best_val']['metric']} of `stacked`"
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    """A titled table: a header row and rows of strings (rendered as Markdown and LaTeX)."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    # Machine-readable cells for tests and W&B: one dict per row.
+    records: list[dict] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("|" + "|".join("---" for _ in self.header) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.note:
+            lines += ["", self.note]
+        return "\n".join(lines) + "\n"
+
+    def latex(self) -> str:
+        def esc(s: str) -> str:
+            for a, b in (
+                ("\\", r"\textbackslash{}"),
+                ("_", r"\_"),
+                ("%", r"\%"),
+                ("&", r"\&"),
+                ("#", r"\#"),
+            ):
+                s = s.replace(a, b)
+            return s.replace("±", r"$\pm$")
+
+        cols = "l" + "r" * (len(self.header) - 1)
+        out = [
+            "% " + self.title,
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{esc(self.title)}}}",
+            rf"\begin{{tabular}}{{{cols}}}",
+            r"\toprule",
+            " & ".join(esc(h) for h in self.header) + r" \\",
+            r"\midrule",
+        ]
+        out += [" & ".join(esc(c) for c in row) + r" \\" for row in self.rows]
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+        return "\n".join(out)
+
+
+def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def variant_table(task: str, vs: list[Variant], target: float | None = None) -> Table:
+    """One row per depth variant: test metric over seeds, params, NFE, time, convergence."""
+    runs = [r for v in vs for r in v.runs]
+    headline = runs[0].headline
+    hib = runs[0].higher_is_better
+    by_step = iteration_based(runs)
+    unit = "step" if by_step else "epoch"
+    note_target = "target given with --target"
+    if target is None:
+        target, note_target = default_target(vs)
+    header = ["variant", "n ok/total", f"test {headline}", "params", "NFE", f"time/{unit} (s)",
+              f"{unit}s to target"]  # fmt: skip
+    rows, records = [], []
+    for v in vs:
+        s = stat(v.values())
+        t_key = "time_per_step_s" if by_step else "time_per_epoch_s"
+        if target is None or not v.ok_runs:
+            conv, reached = "n/a", []
+        else:
+            reached = [
+                x for r in v.ok_runs if (x := reached_at(r, target, hib, by_step)) is not None
+            ]
+            conv = "not reached" if not reached else f"{statistics.fmean(reached):,.0f}"
+            if v.ok_runs and 0 < len(reached) < len(v.ok_runs):
+                conv += f" ({len(reached)}/{len(v.ok_runs)} reached)"
+        params, nfe, t = v.mean_of("params"), v.mean_of("nfe"), v.mean_of(t_key)
+        rows.append([v.label, f"{len(v.ok_runs)}/{len(v.runs)}", s.fmt(), _num(params), _num(nfe),
+                     _num(t, "{:.3g}"), conv])  # fmt: skip
+        records.append({"variant": v.label, "n_ok": len(v.ok_runs), "n": len(v.runs), "mean": s.mean,
+                        "std": s.std, "params": params, "nfe": nfe, "time": t,
+                        "to_target": statistics.fmean(reached) if reached else None,
+                        "reached": len(reached)})  # fmt: skip
+    tgt = "none" if target is None else f"{target:.4f}"
+    note = (
+        f"Mean ± sample std over seeds of the ok runs. Convergence: first {unit} whose val "
+        f"metric reaches the target {tgt} ({note_target}), mean over the runs that reach it."
+    )
+    return Table(f"{task}: depth variants", header, rows, note, records)
+
+
+def integrator_table(task: str, runs: list[Run]) -> Table | None:
+    """Metric, NFE and wall time per training step for each integrator (ratios vs Euler)."""
+    ok = [r for r in runs if r.ok]
+    names = sorted({r.get("depth.integrator") for r in ok}, key=lambda n: (n != "euler", str(n)))
+    if len(names) < 2:
+        return None
+    rows, records = [], []
+    base_t = _mean([r.get("time_per_step_s") for r in ok if r.get("depth.integrator") == "euler"])
+    for name in names:
+        rs = [r for r in ok if r.get("depth.integrator") == name]
+        s = stat([m for r in rs if (m := r.test_metric()) is not None])
+        t = _mean([r.get("time_per_step_s") for r in rs])
+        nfe = _mean([r.get("nfe") for r in rs])
+        ratio = t / base_t if t and base_t else None
+        rows.append(
+            [name, str(len(rs)), s.fmt(), _num(nfe), _num(t, "{:.4f}"), _num(ratio, "{:.2f}x")]
+        )
+        records.append({"integrator": name, "n": len(rs), "mean": s.mean, "std": s.std, "nfe": nfe,
+                        "time_per_step": t, "time_ratio": ratio})  # fmt: skip
+    headline = ok[0].headline
+    header = ["integrator", "n", f"test {headline}", "NFE", "time/step (s)", "time vs euler"]
+    note = "Over every ok run of the task with that integrator (other varied keys pooled)."
+    return Table(f"{task}: integrators", header, rows, note, records)
+
+
+def dt_steps_table(task: str, runs: list[Run]) -> Table | None:
+    """The dt x steps grid of the test metric over shared-depth runs (``dt=null``: 1/steps)."""
+    ok = [r for r in runs if r.ok and r.get("depth.share")]
+    if not ok:
+        return None
+    dts = sorted(
+        {_value_key(r.get("depth.dt")) for r in ok},
+        key=lambda s: (s != "null", float(s) if s != "null" else 0),
+    )
+    steps = sorted({r.get("depth.steps") for r in ok if r.get("depth.steps") is not None})
+    if len(dts) < 2 and len(steps) < 2:
+        return None
+    rows, records = [], []
+    for dt in dts:
+        row = ["1/steps" if dt == "null" else dt]
+        for n in steps:
+            cell = [
+                r for r in ok if _value_key(r.get("depth.dt")) == dt and r.get("depth.steps") == n
+            ]
+            s = stat([m for r in cell if (m := r.test_metric()) is not None])
+            row.append(f"{s.fmt(3)} (n={s.n})" if s.n else "—")
+            records.append(
+                {"dt": json.loads(dt), "steps": n, "mean": s.mean, "std": s.std, "n": s.n}
+            )
+        rows.append(row)
+    header = ["dt \\ steps", *[str(n) for n in steps]]
+    note = f"Test {ok[0].headline}, mean ± std (n runs); every other varied key pooled."
+    return Table(f"{task}: dt x steps (shared depth)", header, rows, note, records)
+
+
+def _mean(xs) -> float | None:
+    xs = [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    return statistics.fmean(xs) if xs else None
