@@ -16,7 +16,7 @@ export WANDB_SILENT ?= true
 
 ARGS ?=
 
-.PHONY: help venv run test test-fast lint format clean clean-data
+.PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,31 @@ lint: $(STAMP)  ## ruff check + format check
 format: $(STAMP)  ## ruff fix + format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The paper's sweeps (configs/experiment/paper_*.yaml) and their report. Finished runs are
+# skipped and interrupted ones resume, so re-running after a crash only does what is left.
+REPRO_CPU := paper_esol_mlp_cpu paper_esol_gnn_cpu paper_shakespeare_cpu paper_integrators_cpu paper_dt_cpu
+REPRO_GPU := paper_esol_mlp paper_esol_gnn paper_shakespeare paper_integrators paper_dt
+JOBS ?= 2
+
+reproduce-cpu: $(STAMP)  ## reduced paper sweeps + report on a CPU (JOBS parallel runs, 1 thread each)
+	@failed=""; start=$$(date +%s); for e in $(REPRO_CPU); do \
+	  echo "== $$e"; \
+	  OMP_NUM_THREADS=1 $(BIN)/score-train -m experiment=$$e hydra/launcher=joblib \
+	    hydra.launcher.n_jobs=$(JOBS) trainer.enable_progress_bar=false \
+	    hydra.sweep.dir=multirun/reproduce_cpu/$$e $(ARGS) || failed="$$failed $$e"; \
+	done; \
+	$(BIN)/score-report multirun/reproduce_cpu || exit $$?; \
+	echo "reproduce-cpu: $$(( ($$(date +%s) - start) / 60 )) min"; \
+	if [ -n "$$failed" ]; then echo "sweeps with failed runs:$$failed (see the report)"; exit 1; fi
+
+reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hydra/launcher=slurm ...')
+	@failed=""; for e in $(REPRO_GPU); do \
+	  echo "== $$e"; \
+	  $(BIN)/score-train -m experiment=$$e hydra.sweep.dir=multirun/reproduce/$$e $(ARGS) || failed="$$failed $$e"; \
+	done; \
+	$(BIN)/score-report multirun/reproduce || exit $$?; \
+	if [ -n "$$failed" ]; then echo "sweeps with failed runs:$$failed (see the report)"; exit 1; fi
 
 clean:  ## remove caches and run outputs (keeps .venv and data/)
 	rm -rf outputs multirun lightning_logs wandb .pytest_cache .ruff_cache

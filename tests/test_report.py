@@ -104,7 +104,7 @@ def test_integrator_table_ratios_and_dt_steps_grid(tmp_path):
     cells = {(r["dt"], r["steps"]): r for r in grid.records}
     assert cells[(None, 8)]["mean"] == pytest.approx(0.8) and cells[(0.25, 2)]["n"] == 1
     assert grid.rows[0][0] == "1/steps"
-    assert (tmp_path / "out" / "toy_vs_dt.png").exists()
+    assert (tmp_path / "out" / "toy_sweep_toy_vs_dt.png").exists()
 
 
 def test_read_curve_drops_resumed_repeats_and_the_final_evaluation(tmp_path):

@@ -254,3 +254,54 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert (run_dir / "metrics.csv").exists()  # CSV stays on for score-report
+
+
+# ----------------------------------------------------------------------------- paper sweeps
+
+PAPER = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("paper_*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", PAPER)
+def test_paper_sweep_files_compose_at_both_ends_of_their_grid(compose, experiment):
+    """Every sweep file names its claim and composes into valid runs at its first and last point."""
+    text = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_") and ("claim" in text or "CPU-sized" in text)
+    cfg = compose(f"experiment={experiment}", return_hydra_config=True)
+    assert cfg.experiment_name == experiment
+    params = dict(cfg.hydra.sweeper.params)
+    assert params["seed"].split(",")[0] == "0"
+    for pick in (0, -1):
+        point = [f"{k}={str(v).split(',')[pick]}" for k, v in params.items()]
+        run = compose(f"experiment={experiment}", *point)
+        depth_spec(run)  # a valid DepthSpec (raises ConfigError otherwise)
+        assert run.experiment_name == experiment
+
+
+def test_cpu_sweeps_are_reductions_of_the_full_ones(compose):
+    for name in [p for p in PAPER if p.endswith("_cpu")]:
+        full = compose(f"experiment={name.removesuffix('_cpu')}", return_hydra_config=True)
+        cpu = compose(f"experiment={name}", return_hydra_config=True)
+        n_full, n_cpu = (len(list(_grid(c.hydra.sweeper.params))) for c in (full, cpu))
+        assert n_cpu < n_full, name
+        assert cpu.trainer.accelerator == "cpu", name
+
+
+def _grid(params):
+    import itertools
+
+    return itertools.product(*(str(v).split(",") for v in params.values()))
+
+
+def test_slurm_launcher_takes_cluster_settings_from_the_cli(compose):
+    cfg = compose(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=proj",
+        "hydra.launcher.gpus_per_node=4",
+        return_hydra_config=True,
+    )
+    launcher = cfg.hydra.launcher
+    assert (
+        launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
+    assert (launcher.partition, launcher.account, launcher.gpus_per_node) == ("gpu", "proj", 4)

@@ -63,9 +63,16 @@ def stat(xs: list[float]) -> Stat:
 
 
 def by_task(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by experiment and task: ``"task"`` or ``"experiment / task"``.
+
+    Different experiments (a depth sweep and a dt sweep of the same task, say) answer different
+    questions, so their runs are never pooled into one table.
+    """
     out: dict[str, list[Run]] = {}
     for r in runs:
-        out.setdefault(r.task, []).append(r)
+        exp = r.get("experiment_name") or r.results.get("experiment")
+        name = r.task if not exp or exp == r.task else f"{exp} / {r.task}"
+        out.setdefault(name, []).append(r)
     return out
 
 
