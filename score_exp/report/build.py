@@ -150,10 +150,9 @@ def log_to_wandb(report: Report, project: str = "score_exp", mode: str = "auto")
     """
     import wandb
 
-    from score_exp.tasks.loggers import _has_wandb_key
+    from score_exp.wandb_utils import resolve_mode
 
-    if mode == "auto":
-        mode = "online" if _has_wandb_key() else "offline"
+    mode = resolve_mode(mode)
     groups = sorted(
         {str(r.get("experiment_name")) for r in report.runs if r.get("experiment_name")}
     )

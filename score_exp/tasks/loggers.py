@@ -10,12 +10,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-
-def _has_wandb_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+from score_exp.wandb_utils import resolve_mode
 
 
 def wandb_logger(
@@ -35,10 +30,7 @@ def wandb_logger(
     """
     from lightning.pytorch.loggers import WandbLogger
 
-    if mode not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"unknown wandb mode {mode!r}; valid: auto, online, offline, disabled")
-    if mode == "auto":
-        mode = "online" if _has_wandb_key() else "offline"
+    mode = resolve_mode(mode)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")
     return WandbLogger(
