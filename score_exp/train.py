@@ -39,6 +39,28 @@ def depth_spec(cfg: DictConfig) -> DepthSpec:
         raise ConfigError(f"invalid depth config: {e}") from None
 
 
+def build_task(cfg: DictConfig, spec: DepthSpec):
+    """Data module (set up for fit), model and LightningModule of a composed config.
+
+    The one place a run's model is built: ``score-train`` and ``score-bench`` both call it, so
+    a benchmark times exactly the model a run trains.
+    """
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.task.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
+    model = instantiate(cfg.task.model, _partial_=True)(depth=spec, **datamodule.model_kwargs())
+    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
+    return datamodule, model, module
+
+
+def trainable_params(model) -> int:
+    """Parameters that the optimiser updates (the count in ``results.json``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """``{"depth": {"dt": 0.5}}`` -> ``{"depth.dt": 0.5}`` (for loggers and tables)."""
     out: dict[str, Any] = {}
@@ -110,15 +132,10 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     t0 = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.task.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule, model, module = build_task(cfg, spec)
     if hasattr(datamodule, "split_record"):
         atomic_write_json(run_dir / "splits.json", datamodule.split_record())
-    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
-    model = instantiate(cfg.task.model, _partial_=True)(depth=spec, **datamodule.model_kwargs())
-    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
-    record["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record["params"] = trainable_params(model)
     record["nfe"] = model.depth.nfe if hasattr(model, "depth") else spec.nfe
     log.info("model: %s params, nfe %d, depth %s", f"{record['params']:,}", record["nfe"], spec)
 
