@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import TokenFiles, Tokenizer, prepare_tokens
 from score_exp.errors import ConfigError, DataError
+from score_exp.tasks.distributed import eval_sampler, per_device_batch, world_of
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ class ShakespeareDataModule(L.LightningDataModule):
         registry_key: data-registry key used when ``path`` is None (``shakespeare``).
         tokenizer: ``char`` (nanoGPT's shakespeare_char) or ``gpt2`` (tiktoken GPT-2 BPE).
         block_size: context length of a training window.
-        batch_size: windows per batch.
+        batch_size: windows per GLOBAL training batch; each of N data-parallel processes draws
+            ``batch_size / N`` (a ConfigError when it does not divide). Validation batches keep
+            the global size, so the validation windows never depend on the number of devices.
         eval_iters: batches in the fixed validation set (nanoGPT's ``eval_iters``).
         train_fraction: leading fraction of the characters used for training (nanoGPT: 0.9).
         seed: seed of the training stream.
@@ -191,26 +194,27 @@ class ShakespeareDataModule(L.LightningDataModule):
     def module_kwargs(self) -> dict:
         return {"vocab": self.vocab}
 
-    def _loader(self, dataset) -> DataLoader:
+    def _loader(self, dataset, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=None,  # the datasets yield whole batches
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        bs, T = self.batch_size, self.block_size
         t = self.trainer  # Lightning builds the loader after restoring a checkpoint
-        start, rank, world = (
-            (t.global_step, t.global_rank, t.world_size) if t is not None else (0, 0, 1)
-        )
+        rank, world = world_of(t)
+        start = t.global_step if t is not None else 0
+        bs, T = per_device_batch(self.batch_size, world), self.block_size
         return self._loader(RandomWindows(self.data["train"], T, bs, self.seed, start, rank, world))
 
     def val_dataloader(self) -> DataLoader:
         bs, T = self.batch_size, self.block_size
-        return self._loader(FixedWindows(self.data["val"], T, bs, self.eval_iters, self.eval_seed))
+        windows = FixedWindows(self.data["val"], T, bs, self.eval_iters, self.eval_seed)
+        return self._loader(windows, eval_sampler(windows, self.trainer))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()  # nanoGPT has no test split
@@ -324,10 +328,11 @@ class LanguageModelModule(L.LightningModule):
         self.eval_loss[stage].update(loss)  # equal-sized batches: the mean of means is the mean
 
     def _eval_epoch_end(self, stage: str) -> None:
-        loss = self.eval_loss[stage].compute()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        loss = self.eval_loss[stage].compute()  # gathered over data-parallel ranks
+        # sync_dist averages identical values: a no-op on the number, no unsynced-metric warning.
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         if self.per_char:
-            self.log(f"{stage}/bpc", loss / math.log(2))
+            self.log(f"{stage}/bpc", loss / math.log(2), sync_dist=True)
         self.eval_loss[stage].reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
