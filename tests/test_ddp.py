@@ -72,3 +72,22 @@ def test_ddp_run_matches_one_process(tmp_path):
     assert len(list((ddp / "wandb").glob("offline-run-*"))) == 1
     assert len(list(ddp.rglob("metrics.csv"))) == 1
     assert (ddp / "config.yaml").exists() and (ddp / "splits.json").exists()
+
+
+# ----------------------------------------------------------------------------- loader options
+
+
+def test_loader_options_are_checked_and_pinning_follows_cuda():
+    import torch
+
+    from score_exp.errors import DataError
+    from score_exp.tasks.distributed import pin_memory
+    from score_exp.tasks.lm import ShakespeareDataModule
+    from score_exp.tasks.molecules import DescriptorDataModule
+
+    assert pin_memory(None) == torch.cuda.is_available()
+    assert pin_memory(True) is True and pin_memory(False) is False
+    for cls in (DescriptorDataModule, ShakespeareDataModule):
+        with pytest.raises(DataError, match="num_workers must be an integer >= 0"):
+            cls(num_workers=-1)
+        assert cls(num_workers=2, pin_memory=False).num_workers == 2

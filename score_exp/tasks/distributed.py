@@ -27,6 +27,16 @@ def per_device_batch(global_batch: int, world_size: int) -> int:
     return global_batch // world_size
 
 
+def pin_memory(setting: bool | None) -> bool:
+    """Page-locked loader batches: faster, asynchronous host-to-GPU copies; useless without CUDA.
+
+    ``None`` (the configs' default) pins exactly when a CUDA device is available.
+    """
+    import torch
+
+    return torch.cuda.is_available() if setting is None else bool(setting)
+
+
 def world_of(trainer) -> tuple[int, int]:
     """``(rank, world_size)`` of the Trainer a data module is attached to, or ``(0, 1)``."""
     if trainer is None:

@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import TokenFiles, Tokenizer, prepare_tokens
 from score_exp.errors import ConfigError, DataError
-from score_exp.tasks.distributed import eval_sampler, per_device_batch, world_of
+from score_exp.tasks.distributed import eval_sampler, per_device_batch, pin_memory, world_of
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ class ShakespeareDataModule(L.LightningDataModule):
         seed: seed of the training stream.
         eval_seed: seed of the validation windows; fixed by default so that runs with
             different seeds are scored on the same windows.
-        num_workers: loader worker processes.
+        num_workers: loader worker processes (the training stream does not depend on it).
+        pin_memory: page-locked batches for faster host-to-GPU copies; ``None`` = when CUDA
+            is available.
     """
 
     def __init__(
@@ -123,8 +125,11 @@ class ShakespeareDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_seed: int = 1337,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         for name, value in (
             ("block_size", block_size),
             ("batch_size", batch_size),
@@ -135,7 +140,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.path, self.registry_key, self.tokenizer_name = path, registry_key, tokenizer
         self.block_size, self.batch_size, self.eval_iters = block_size, batch_size, eval_iters
         self.train_fraction, self.seed, self.eval_seed = train_fraction, seed, eval_seed
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.files: TokenFiles | None = None
         self.data: dict[str, np.ndarray] = {}
 
@@ -201,7 +206,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin_memory(self.pin_memory),
         )
 
     def train_dataloader(self) -> DataLoader:

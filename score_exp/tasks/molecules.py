@@ -21,7 +21,7 @@ from score_exp.data.molecules import (
 )
 from score_exp.data.registry import cache_dir, fetch
 from score_exp.errors import DataError
-from score_exp.tasks.distributed import GlobalBatchSampler, eval_sampler, world_of
+from score_exp.tasks.distributed import GlobalBatchSampler, eval_sampler, pin_memory, world_of
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,10 @@ class MoleculeDataModule(L.LightningDataModule):
         split_seed: seed of the random split.
         batch_size: the GLOBAL training batch; each of N data-parallel processes takes
             ``batch_size / N`` (a ConfigError when it does not divide).
-        num_workers: loader worker processes.
+        num_workers: loader worker processes (0: batches are built in the training process;
+            kept alive across epochs when > 0).
+        pin_memory: page-locked batches for faster host-to-GPU copies; ``None`` = when CUDA
+            is available.
         seed: seed of the training order (epoch ``e`` is a permutation keyed by ``(seed, e)``,
             the same for any number of processes: :class:`GlobalBatchSampler`).
     """
@@ -59,9 +62,12 @@ class MoleculeDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
-        self.seed = seed
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        self.seed, self.pin_memory = seed, pin_memory
         self.path = path
         self.registry_key = registry_key
         self.smiles_column, self.target_column = smiles_column, target_column
@@ -125,7 +131,7 @@ class MoleculeDataModule(L.LightningDataModule):
         common = {
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
-            "pin_memory": torch.cuda.is_available(),
+            "pin_memory": pin_memory(self.pin_memory),
         }
         if name == "train":
             rank, world = world_of(self.trainer)
