@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError, ScoreExpError
 from score_exp.io import atomic_write_json, atomic_write_text, read_json
+from score_exp.tasks.distributed import per_device_batch
 
 log = logging.getLogger("score_exp.train")
 
@@ -37,6 +38,28 @@ def depth_spec(cfg: DictConfig) -> DepthSpec:
         return DepthSpec(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid depth config: {e}") from None
+
+
+def build_task(cfg: DictConfig, spec: DepthSpec):
+    """Data module (set up for fit), model and LightningModule of a composed config.
+
+    The one place a run's model is built: ``score-train`` and ``score-bench`` both call it, so
+    a benchmark times exactly the model a run trains.
+    """
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.task.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
+    model = instantiate(cfg.task.model, _partial_=True)(depth=spec, **datamodule.model_kwargs())
+    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
+    return datamodule, model, module
+
+
+def trainable_params(model) -> int:
+    """Parameters that the optimiser updates (the count in ``results.json``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -63,8 +86,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("skipping %s: already finished (status ok)", run_dir)
             return previous
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     record: dict[str, Any] = {
         "task": cfg.task.name,
         "status": "running",
@@ -88,7 +109,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         record.update(
             status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
         )
-        atomic_write_json(results_path, record)
+        if is_rank_zero():
+            atomic_write_json(results_path, record)
         if type(e).__name__ == "SIGTERMException":
             # Lightning's SIGTERM exit carries code 0; a killed job must not look successful
             # to SLURM or a shell loop, so exit as a process killed by SIGTERM would (143).
@@ -110,25 +132,27 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     t0 = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.task.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    if hasattr(datamodule, "split_record"):
-        atomic_write_json(run_dir / "splits.json", datamodule.split_record())
-    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
-    model = instantiate(cfg.task.model, _partial_=True)(depth=spec, **datamodule.model_kwargs())
-    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
-    record["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    record["nfe"] = model.depth.nfe if hasattr(model, "depth") else spec.nfe
-    log.info("model: %s params, nfe %d, depth %s", f"{record['params']:,}", record["nfe"], spec)
-
     divergence, timer = DivergenceDetector(), RunTimer()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [divergence, timer, RNGStateCheckpoint()]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    for lg in loggers:
-        lg.log_hyperparams(flatten(resolved))
+    # The Trainer first: it knows this process's rank and the world size (devices x nodes)
+    # before any process is launched, so files are written by rank 0 only and a global batch
+    # that does not divide over the processes is reported before any work starts.
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    per_device_batch(cfg.task.data.batch_size, trainer.world_size)
+    rank_zero = trainer.is_global_zero
+    if rank_zero:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    datamodule, model, module = build_task(cfg, spec)
+    if rank_zero and hasattr(datamodule, "split_record"):
+        atomic_write_json(run_dir / "splits.json", datamodule.split_record())
+    record["params"] = trainable_params(model)
+    record["nfe"] = model.depth.nfe if hasattr(model, "depth") else spec.nfe
+    log.info("model: %s params, nfe %d, depth %s", f"{record['params']:,}", record["nfe"], spec)
+
+    for lg in loggers:
+        lg.log_hyperparams(flatten(resolved))  # rank 0 only (Lightning's loggers check)
 
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = str(last) if last.exists() else None
@@ -168,10 +192,24 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         record["status"] = "failed"
         record["error"] = "no best checkpoint: the monitored metric was never logged"
     _finite_or_diverged(record)
-    for lg in loggers:
-        _log_summary(lg, record)
-    atomic_write_json(run_dir / RESULTS, record)
+    # trainer.test has returned on every rank, with metrics synchronised over all of them, so
+    # rank 0's record is the run's record.
+    if rank_zero:
+        for lg in loggers:
+            _log_summary(lg, record)
+        atomic_write_json(run_dir / RESULTS, record)
     return record
+
+
+def is_rank_zero() -> bool:
+    """True in the process that writes files: global rank 0 (or the only process).
+
+    Lightning sets the rank when a Trainer is created; before that it is read from the
+    launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _strip(metrics: list[dict], prefix: str) -> dict:
@@ -231,6 +269,8 @@ def main(cfg: DictConfig) -> float | None:
             raise  # Hydra records this job as failed and the sweep goes on
         print(f"score-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not is_rank_zero():
+        return None  # the other data-parallel processes: rank 0 reports the run
     headline = cfg.task.get("headline", "rmse")
     value = record.get("test", {}).get(headline)
     print(

@@ -20,7 +20,12 @@ class DivergenceDetector(L.Callback):
         if loss is None:
             return
         value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-        if not math.isfinite(value):
+        bad = not math.isfinite(value)
+        if trainer.world_size > 1:
+            # Every rank must stop at the same step, or the others wait forever in the next
+            # gradient all-reduce: stop when any rank saw a non-finite loss.
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             self.diverged_at = {
                 "epoch": trainer.current_epoch,
                 "step": trainer.global_step,

@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import TokenFiles, Tokenizer, prepare_tokens
 from score_exp.errors import ConfigError, DataError
+from score_exp.tasks.distributed import eval_sampler, per_device_batch, pin_memory, world_of
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,17 @@ class ShakespeareDataModule(L.LightningDataModule):
         registry_key: data-registry key used when ``path`` is None (``shakespeare``).
         tokenizer: ``char`` (nanoGPT's shakespeare_char) or ``gpt2`` (tiktoken GPT-2 BPE).
         block_size: context length of a training window.
-        batch_size: windows per batch.
+        batch_size: windows per GLOBAL training batch; each of N data-parallel processes draws
+            ``batch_size / N`` (a ConfigError when it does not divide). Validation batches keep
+            the global size, so the validation windows never depend on the number of devices.
         eval_iters: batches in the fixed validation set (nanoGPT's ``eval_iters``).
         train_fraction: leading fraction of the characters used for training (nanoGPT: 0.9).
         seed: seed of the training stream.
         eval_seed: seed of the validation windows; fixed by default so that runs with
             different seeds are scored on the same windows.
-        num_workers: loader worker processes.
+        num_workers: loader worker processes (the training stream does not depend on it).
+        pin_memory: page-locked batches for faster host-to-GPU copies; ``None`` = when CUDA
+            is available.
     """
 
     def __init__(
@@ -120,8 +125,11 @@ class ShakespeareDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_seed: int = 1337,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         for name, value in (
             ("block_size", block_size),
             ("batch_size", batch_size),
@@ -132,7 +140,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.path, self.registry_key, self.tokenizer_name = path, registry_key, tokenizer
         self.block_size, self.batch_size, self.eval_iters = block_size, batch_size, eval_iters
         self.train_fraction, self.seed, self.eval_seed = train_fraction, seed, eval_seed
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.files: TokenFiles | None = None
         self.data: dict[str, np.ndarray] = {}
 
@@ -191,26 +199,27 @@ class ShakespeareDataModule(L.LightningDataModule):
     def module_kwargs(self) -> dict:
         return {"vocab": self.vocab}
 
-    def _loader(self, dataset) -> DataLoader:
+    def _loader(self, dataset, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=None,  # the datasets yield whole batches
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin_memory(self.pin_memory),
         )
 
     def train_dataloader(self) -> DataLoader:
-        bs, T = self.batch_size, self.block_size
         t = self.trainer  # Lightning builds the loader after restoring a checkpoint
-        start, rank, world = (
-            (t.global_step, t.global_rank, t.world_size) if t is not None else (0, 0, 1)
-        )
+        rank, world = world_of(t)
+        start = t.global_step if t is not None else 0
+        bs, T = per_device_batch(self.batch_size, world), self.block_size
         return self._loader(RandomWindows(self.data["train"], T, bs, self.seed, start, rank, world))
 
     def val_dataloader(self) -> DataLoader:
         bs, T = self.batch_size, self.block_size
-        return self._loader(FixedWindows(self.data["val"], T, bs, self.eval_iters, self.eval_seed))
+        windows = FixedWindows(self.data["val"], T, bs, self.eval_iters, self.eval_seed)
+        return self._loader(windows, eval_sampler(windows, self.trainer))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()  # nanoGPT has no test split
@@ -324,10 +333,11 @@ class LanguageModelModule(L.LightningModule):
         self.eval_loss[stage].update(loss)  # equal-sized batches: the mean of means is the mean
 
     def _eval_epoch_end(self, stage: str) -> None:
-        loss = self.eval_loss[stage].compute()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        loss = self.eval_loss[stage].compute()  # gathered over data-parallel ranks
+        # sync_dist averages identical values: a no-op on the number, no unsynced-metric warning.
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         if self.per_char:
-            self.log(f"{stage}/bpc", loss / math.log(2))
+            self.log(f"{stage}/bpc", loss / math.log(2), sync_dist=True)
         self.eval_loss[stage].reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:

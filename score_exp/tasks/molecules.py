@@ -21,6 +21,7 @@ from score_exp.data.molecules import (
 )
 from score_exp.data.registry import cache_dir, fetch
 from score_exp.errors import DataError
+from score_exp.tasks.distributed import GlobalBatchSampler, eval_sampler, pin_memory, world_of
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,14 @@ class MoleculeDataModule(L.LightningDataModule):
         split: ``random`` (seeded) or ``scaffold`` (Bemis-Murcko).
         split_fractions: train/val/test fractions.
         split_seed: seed of the random split.
-        batch_size, num_workers: loader settings.
+        batch_size: the GLOBAL training batch; each of N data-parallel processes takes
+            ``batch_size / N`` (a ConfigError when it does not divide).
+        num_workers: loader worker processes (0: batches are built in the training process;
+            kept alive across epochs when > 0).
+        pin_memory: page-locked batches for faster host-to-GPU copies; ``None`` = when CUDA
+            is available.
+        seed: seed of the training order (epoch ``e`` is a permutation keyed by ``(seed, e)``,
+            the same for any number of processes: :class:`GlobalBatchSampler`).
     """
 
     def __init__(
@@ -53,8 +61,13 @@ class MoleculeDataModule(L.LightningDataModule):
         split_seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        self.seed, self.pin_memory = seed, pin_memory
         self.path = path
         self.registry_key = registry_key
         self.smiles_column, self.target_column = smiles_column, target_column
@@ -113,15 +126,25 @@ class MoleculeDataModule(L.LightningDataModule):
     def model_kwargs(self) -> dict:
         return {}
 
+    def loader_kwargs(self, name: str) -> dict:
+        """Batch size, order and workers of a split's loader, for this process."""
+        common = {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": pin_memory(self.pin_memory),
+        }
+        if name == "train":
+            rank, world = world_of(self.trainer)
+            batches = GlobalBatchSampler(
+                len(self.datasets[name]), self.batch_size, self.seed, rank, world
+            )
+            return {"batch_sampler": batches, **common}
+        # Evaluation batches do not change the metrics: the global size, each example once.
+        sampler = eval_sampler(self.datasets[name], self.trainer)
+        return {"batch_size": self.batch_size, "sampler": sampler, **common}
+
     def _loader(self, name: str) -> DataLoader:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            shuffle=name == "train",
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return DataLoader(self.datasets[name], **self.loader_kwargs(name))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -214,11 +237,4 @@ class GraphDataModule(MoleculeDataModule):
     def _loader(self, name: str):
         from torch_geometric.loader import DataLoader as GraphLoader
 
-        return GraphLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            shuffle=name == "train",
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return GraphLoader(self.datasets[name], **self.loader_kwargs(name))

@@ -54,17 +54,24 @@ class RegressionModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         pred, y = self(batch)
         loss = nn.functional.mse_loss(pred, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=y.numel())
+        # sync_dist: epoch-level values are averaged over data-parallel ranks (one reduction
+        # per epoch, not per step); torchmetrics below synchronise themselves.
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, batch_size=y.numel(), sync_dist=True
+        )
         return loss
 
     def _eval_step(self, batch, stage: str) -> None:
         pred, y = self(batch)
-        self.log(f"{stage}/loss", nn.functional.mse_loss(pred, y), batch_size=y.numel())
+        loss = nn.functional.mse_loss(pred, y)
+        self.log(f"{stage}/loss", loss, batch_size=y.numel(), sync_dist=True)
         std, mean = self.hparams.target_std, self.hparams.target_mean
         self.metrics[stage].update(pred * std + mean, y * std + mean)  # original units
 
     def _eval_epoch_end(self, stage: str) -> None:
-        self.log_dict(self.metrics[stage].compute())
+        # compute() already gathers every rank's state; sync_dist averages identical values
+        # (a no-op on the numbers) and keeps Lightning from warning about unsynced metrics.
+        self.log_dict(self.metrics[stage].compute(), sync_dist=True)
         self.metrics[stage].reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -1,0 +1,585 @@
+"""``score-bench``: what one training step of each depth variant costs, measured side by side.
+
+    score-bench --task shakespeare_char_cpu --depth stacked score --integrator euler heun rk4
+    score-bench --task esol_mlp --depth score --lightning --json bench.json
+    score-bench --task shakespeare_char_cpu --depth score --checkpoint-memory
+
+For every (depth preset, integrator) the model is built exactly as ``score-train`` builds it
+(:func:`score_exp.train.build_task` on the real configs plus ``--override``), then one fixed
+training batch is stepped (forward, loss, backward, gradient clipping, optimiser and per-step
+scheduler step) ``--warmup`` times untimed and ``--repeats`` x ``--steps-per-repeat`` times timed.
+Reported: median and min/max step time over the repeats, throughput (tokens/s for language models,
+molecules/s for ESOL), peak memory, parameters and NFE, then ratios between variants that differ
+in one setting only (heun/euler within a preset, score/stacked within an integrator).
+
+Each variant runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident
+set (VmHWM, reset through ``/proc/self/clear_refs`` once the model is built), on CUDA
+``torch.cuda.max_memory_allocated``. ``train MB`` is that peak minus the memory held just before
+the first step (model, data, interpreter): gradients, optimiser state and activations.
+
+``--lightning`` also steps the same model and batch through the task's LightningModule and a
+minimal Trainer (no logger, checkpointing, progress bar or validation) and reports its
+throughput over the bare loop's. ``--checkpoint-memory`` instead measures the peak memory of
+the first preset (a shared one) at ``--checkpoint-steps`` steps with and without
+``depth.checkpoint``. Timings on a busy machine are not results: run on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from score_exp.errors import ConfigError, ScoreExpError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MARK = "SCORE_BENCH_RESULT "  # prefixes the worker's one JSON line on stdout
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def compose(task: str, overrides: list[str]):
+    """The ``score-train`` config for ``task`` plus Hydra ``overrides`` (no Hydra run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"task={task}", *overrides])
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _no_step_scheduler(cfg) -> list[str]:
+    # ReduceLROnPlateau steps on the validation metric, which a benchmark never computes (a
+    # Trainer without validation would stop on the missing metric); it costs nothing per step.
+    sched = cfg.task.module.get("scheduler")
+    return ["task.module.scheduler=none"] if sched == "plateau" else []
+
+
+def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Validate the request and return the variants to measure and notes on skipped ones.
+
+    Raises:
+        ConfigError: unknown task, preset or integrator, bad override, bad counts, or no
+            valid combination at all; raised before anything is measured.
+    """
+    from score_exp.core import INTEGRATORS
+    from score_exp.train import depth_spec
+
+    for name, valid, given in (
+        ("task", _choices("task"), [args.task]),
+        ("depth preset", _choices("depth"), args.depth),
+        ("integrator", sorted(INTEGRATORS), args.integrator),
+    ):
+        unknown = [g for g in given if g not in valid]
+        if unknown:
+            raise ConfigError(f"unknown {name} {unknown[0]!r}; valid: {', '.join(valid)}")
+    for name in ("repeats", "warmup", "steps_per_repeat"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+    if args.checkpoint_memory:
+        grid = [
+            (args.depth[0], args.integrator[0], [f"depth.steps={s}", f"depth.checkpoint={c}"])
+            for s in args.checkpoint_steps
+            for c in ("false", "true")
+        ]
+    else:
+        grid = [(p, i, []) for p in args.depth for i in args.integrator]
+    variants, notes = [], []
+    for preset, integrator, extra in grid:
+        overrides = [f"depth={preset}", f"depth.integrator={integrator}", *args.override, *extra]
+        try:
+            cfg = compose(args.task, overrides)
+        except Exception as e:  # Hydra's own errors: bad override syntax, unknown key
+            raise ConfigError(f"cannot compose {' '.join(overrides)}: {e}") from None
+        try:
+            spec = depth_spec(cfg)
+        except ConfigError as e:
+            notes.append(f"skipped {preset}+{integrator}: {e}")
+            continue
+        if args.checkpoint_memory and not spec.share:
+            raise ConfigError(
+                f"--checkpoint-memory measures a shared model; depth={preset} has share=false"
+            )
+        label = f"{preset}+{integrator}" + (
+            f" steps={spec.steps} ckpt={str(spec.checkpoint).lower()}"
+            if args.checkpoint_memory
+            else ""
+        )
+        variants.append(
+            {
+                "label": label,
+                "preset": preset,
+                "integrator": integrator,
+                "steps": spec.steps,
+                "checkpoint": spec.checkpoint,
+                "overrides": overrides + _no_step_scheduler(cfg),
+            }
+        )
+    if not variants:
+        raise ConfigError("no valid (depth, integrator) combination: " + "; ".join(notes))
+    return variants, notes
+
+
+# ----------------------------------------------------------------------------- measuring (worker)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Memory:
+    """Peak memory of the code run between :meth:`start` and :meth:`stop`, in MB."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+            self.kind = "cuda_max_allocated"
+        else:
+            self.kind = "cpu_peak_rss" if _reset_peak_rss() else "cpu_peak_rss_since_start"
+            rss = _status_kb("VmRSS")
+            self.base = rss / 1024 if rss is not None else None
+
+    def stop(self) -> dict:
+        import torch
+
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            hwm = _status_kb("VmHWM")
+            peak = hwm / 1024 if hwm is not None else None
+        train = None
+        if peak is not None and self.base is not None and self.kind != "cpu_peak_rss_since_start":
+            train = max(0.0, peak - self.base)
+        return {"memory_kind": self.kind, "peak_mem_mb": peak, "train_mem_mb": train}
+
+
+def _optimizer(module):
+    """The module's optimiser and its per-step scheduler (None for per-epoch or none)."""
+    import torch
+
+    try:
+        conf = module.configure_optimizers()
+    except RuntimeError:  # needs an attached Trainer (cosine: estimated_stepping_batches)
+        hp = module.hparams
+        conf = torch.optim.AdamW(module.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    if isinstance(conf, dict):
+        sched = conf.get("lr_scheduler")
+        step_sched = sched["scheduler"] if sched and sched.get("interval") == "step" else None
+        return conf["optimizer"], step_sched
+    return conf, None
+
+
+def _to(batch, device):
+    if hasattr(batch, "to"):
+        return batch.to(device)
+    return type(batch)(t.to(device) for t in batch)
+
+
+def measure(
+    task: str,
+    overrides: list[str],
+    warmup: int,
+    repeats: int,
+    steps_per_repeat: int,
+    lightning: bool,
+    device: str,
+) -> dict:
+    """Build one variant as ``score-train`` does and time its training step (see module doc)."""
+    from contextlib import nullcontext
+
+    import lightning as L
+    import torch
+
+    from score_exp.tasks.lm import LanguageModelModule
+    from score_exp.train import build_task, depth_spec, trainable_params
+
+    cfg = compose(task, overrides)
+    spec = depth_spec(cfg)
+    L.seed_everything(cfg.seed, verbose=False)
+    dev = torch.device(device)
+    datamodule, model, module = build_task(cfg, spec)
+    batch = _to(next(iter(datamodule.train_dataloader())), dev)
+    module.to(dev).train()
+    is_lm = isinstance(module, LanguageModelModule)
+    if is_lm:
+        items, unit = batch[0].numel(), "tokens"
+
+        def loss_of(b):
+            return model(b[0], b[1])[1]
+    else:
+        items = int(batch.num_graphs) if hasattr(batch, "num_graphs") else batch[-1].numel()
+        unit = "molecules"
+
+        def loss_of(b):
+            pred, y = module(b)
+            return torch.nn.functional.mse_loss(pred, y)
+
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    amp = (
+        torch.autocast(dev.type, dtype=torch.bfloat16)
+        if precision.startswith("bf16") and dev.type == "cuda"
+        else nullcontext()
+    )
+    clip = cfg.task.gradient_clip_val
+    opt, sched = _optimizer(module)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    # The same work as Lightning's automatic optimisation: loss, backward, clip, step, zero.
+    def step() -> None:
+        with amp:
+            loss = loss_of(batch)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    memory = _Memory(dev)
+    memory.start()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps_per_repeat):
+            step()
+        sync()
+        times.append((time.perf_counter() - t0) / steps_per_repeat)
+    out: dict[str, Any] = {
+        "params": trainable_params(model),
+        "nfe": spec.nfe,
+        "unit": unit,
+        "items_per_step": items,
+        **_summary(times, items),
+        **memory.stop(),
+    }
+    if lightning:
+        lt = _lightning_times(cfg, module, batch, dev, warmup, repeats, steps_per_repeat)
+        out["lightning"] = _summary(lt, items)
+        out["lightning"]["throughput_ratio"] = out["lightning"]["throughput"] / out["throughput"]
+    return out
+
+
+def _summary(times: list[float], items: int) -> dict:
+    med = statistics.median(times)
+    return {
+        "step_s": times,
+        "step_s_median": med,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "throughput": items / med,
+    }
+
+
+def _lightning_times(cfg, module, batch, dev, warmup, repeats, steps_per_repeat) -> list[float]:
+    """Per-step times of the same module and batch under ``Trainer.fit`` (after warm-up)."""
+    import tempfile
+
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Repeat(IterableDataset):
+        def __iter__(self):
+            while True:  # endless: the run ends at max_steps, never at an epoch boundary
+                yield batch
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx) -> None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            self.t.append(time.perf_counter())
+
+    clock = Clock()
+    total = warmup + repeats * steps_per_repeat
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator=dev.type,
+            devices=1,
+            precision=cfg.trainer.get("precision", "32-true"),
+            max_steps=total,
+            max_epochs=-1,
+            gradient_clip_val=cfg.task.gradient_clip_val,
+            log_every_n_steps=cfg.task.log_every_n_steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+            callbacks=[clock],
+        )
+        # Batches are already on the device: a pass-through collate, no copies.
+        loader = DataLoader(Repeat(), batch_size=None, collate_fn=lambda b: b)
+        trainer.fit(module, train_dataloaders=loader)
+    t = clock.t
+    # Batch-end to batch-end: everything Lightning does per step, including between steps.
+    return [
+        (t[warmup - 1 + (r + 1) * steps_per_repeat] - t[warmup - 1 + r * steps_per_repeat])
+        / steps_per_repeat
+        for r in range(repeats)
+    ]
+
+
+def _worker(payload: str) -> None:
+    import logging
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)  # no banners on the JSON channel
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    job = json.loads(payload)
+    threads = job.pop("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    print(MARK + json.dumps(measure(**job)), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _run_variant(v: dict, args: argparse.Namespace, device: str) -> dict:
+    job = {
+        "task": args.task,
+        "overrides": v["overrides"],
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps_per_repeat,
+        "lightning": args.lightning and not args.checkpoint_memory,
+        "device": device,
+        "threads": args.threads,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "score_exp.bench", "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"variant {v['label']} failed:\n{proc.stderr[-3000:]}")
+    return {**v, **json.loads(line[len(MARK) :])}
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Each variant over the variant that differs from it in one setting, at its first value.
+
+    With presets (stacked, score) and integrators (euler, heun, rk4): heun/euler and rk4/euler
+    within each preset, score/stacked within each integrator; the NFE ratio sits beside each.
+    """
+    by_key = {(r["preset"], r["integrator"], r["steps"], r["checkpoint"]): r for r in results}
+    first = {"preset": results[0]["preset"], "integrator": results[0]["integrator"]}
+    out = []
+    for r in results:
+        for dim in ("integrator", "preset"):
+            if r[dim] == first[dim]:
+                continue
+            key = (
+                first["preset"] if dim == "preset" else r["preset"],
+                first["integrator"] if dim == "integrator" else r["integrator"],
+                r["steps"],
+                r["checkpoint"],
+            )
+            ref = by_key.get(key)
+            if ref is None:
+                continue
+            out.append(
+                {
+                    "name": f"{r[dim]}/{ref[dim]}",
+                    "at": f"{dim}s compared at "
+                    + (f"depth={r['preset']}" if dim == "integrator" else r["integrator"]),
+                    "of": r["label"],
+                    "over": ref["label"],
+                    "step_time": r["step_s_median"] / ref["step_s_median"],
+                    "throughput": r["throughput"] / ref["throughput"],
+                    "nfe": r["nfe"] / ref["nfe"],
+                    "params": r["params"] / ref["params"],
+                }
+            )
+    return out
+
+
+def checkpoint_growth(results: list[dict]) -> dict:
+    """Peak training memory growth from the fewest to the most steps, with and without."""
+    out = {}
+    for ckpt in (False, True):
+        rows = sorted((r for r in results if r["checkpoint"] == ckpt), key=lambda r: r["steps"])
+        if len(rows) < 2:
+            continue
+        lo, hi = rows[0], rows[-1]
+        entry = {"from_steps": lo["steps"], "to_steps": hi["steps"]}
+        for field in ("train_mem_mb", "peak_mem_mb"):
+            if lo[field] and hi[field] is not None:
+                entry[f"{field}_growth_pct"] = 100.0 * (hi[field] / lo[field] - 1.0)
+        out[f"checkpoint={str(ckpt).lower()}"] = entry
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report(payload: dict) -> str:
+    unit = payload["variants"][0]["unit"]
+    lines = [
+        f"# score-bench {payload['task']} on {payload['device']} ({payload['threads']} threads, "
+        f"torch {payload['torch']}): median of {payload['repeats']} repeats x "
+        f"{payload['steps_per_repeat']} steps after {payload['warmup']} warm-up steps",
+        f"{'variant':<34}{'params':>12}{'nfe':>5}{'step ms':>10}{'min-max ms':>18}"
+        f"{unit + '/s':>14}{'peak MB':>10}{'train MB':>10}",
+    ]
+    for r in payload["variants"]:
+        lines.append(
+            f"{r['label']:<34}{r['params']:>12,}{r['nfe']:>5}{1e3 * r['step_s_median']:>10.2f}"
+            f"{1e3 * r['step_s_min']:>9.2f}-{1e3 * r['step_s_max']:<8.2f}{r['throughput']:>14,.0f}"
+            f"{_fmt(r['peak_mem_mb'], '.0f'):>10}{_fmt(r['train_mem_mb'], '.1f'):>10}"
+        )
+    if payload["ratios"]:
+        lines += ["", f"{'ratio':<18}{'of':<34}{'step time':>10}{'nfe':>6}{'params':>8}"]
+        for q in payload["ratios"]:
+            lines.append(
+                f"{q['name']:<18}{q['of']:<34}{q['step_time']:>10.3f}{q['nfe']:>6.2f}"
+                f"{q['params']:>8.3f}"
+            )
+    if any("lightning" in r for r in payload["variants"]):
+        lines += ["", f"{'Lightning vs bare':<34}{'bare/s':>14}{'Lightning/s':>14}{'ratio':>8}"]
+        for r in payload["variants"]:
+            lt = r["lightning"]
+            lines.append(
+                f"{r['label']:<34}{r['throughput']:>14,.0f}{lt['throughput']:>14,.0f}"
+                f"{lt['throughput_ratio']:>8.3f}"
+            )
+    for name, g in payload.get("checkpoint_memory", {}).items():
+        lines.append(
+            f"{name}: train memory {g['from_steps']} -> {g['to_steps']} steps: "
+            f"{_fmt(g.get('train_mem_mb_growth_pct'), '+.1f')}% "
+            f"(peak incl. process: {_fmt(g.get('peak_mem_mb_growth_pct'), '+.1f')}%)"
+        )
+    lines += [f"note: {n}" for n in payload["notes"]]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="score-bench",
+        description="Training-step cost of depth variants (see `score_exp/bench.py`).",
+    )
+    p.add_argument("--task", default="shakespeare_char_cpu")
+    p.add_argument("--depth", nargs="+", default=["stacked", "score"], help="depth presets")
+    p.add_argument("--integrator", nargs="+", default=["euler"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--steps-per-repeat", type=int, default=10)
+    p.add_argument(
+        "--override", nargs="+", action="extend", default=[], help="Hydra overrides (k=v)"
+    )
+    p.add_argument("--lightning", action="store_true", help="also time through Trainer.fit")
+    p.add_argument(
+        "--checkpoint-memory",
+        action="store_true",
+        help="peak memory of the first (shared) preset vs steps, depth.checkpoint false/true",
+    )
+    p.add_argument("--checkpoint-steps", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads per variant")
+    p.add_argument("--json", type=Path, default=None, help="write every number here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``score-bench``."""
+    args = parser().parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+            raise ConfigError(f"device {device!r} is not available; use cpu or cuda")
+        if args.checkpoint_memory and len(args.checkpoint_steps) < 2:
+            raise ConfigError("--checkpoint-steps needs at least two step counts")
+        variants, notes = plan(args)
+    except ScoreExpError as e:
+        print(f"score-bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    results = []
+    for v in variants:
+        print(f"measuring {v['label']} ...", file=sys.stderr, flush=True)
+        try:
+            results.append(_run_variant(v, args, device))
+        except RuntimeError as e:
+            print(f"score-bench: error: {e}", file=sys.stderr)
+            sys.exit(1)
+    payload = {
+        "task": args.task,
+        "device": device,
+        "threads": args.threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "steps_per_repeat": args.steps_per_repeat,
+        "overrides": args.override,
+        "variants": results,
+        "ratios": [] if args.checkpoint_memory else ratios(results),
+        "notes": notes,
+    }
+    if args.checkpoint_memory:
+        payload["checkpoint_memory"] = checkpoint_growth(results)
+    print(report(payload))
+    if args.json:
+        from score_exp.io import atomic_write_json
+
+        atomic_write_json(args.json, payload)
+        print(f"json: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

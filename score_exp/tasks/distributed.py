@@ -1,0 +1,105 @@
+"""Data parallelism helpers: the per-device share of a global batch, evaluation samplers."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from score_exp.errors import ConfigError
+
+
+def per_device_batch(global_batch: int, world_size: int) -> int:
+    """Each device's batch when ``global_batch`` is split over ``world_size`` processes.
+
+    ``task.data.batch_size`` is the GLOBAL batch (all devices together), so a run means the
+    same optimisation whether it uses 1 process or 8.
+
+    Raises:
+        ConfigError: the global batch does not divide evenly over the devices.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if global_batch % world_size:
+        raise ConfigError(
+            f"task.data.batch_size={global_batch} is the global batch and must divide evenly over "
+            f"{world_size} processes (devices x nodes); use a multiple of {world_size}"
+        )
+    return global_batch // world_size
+
+
+def pin_memory(setting: bool | None) -> bool:
+    """Page-locked loader batches: faster, asynchronous host-to-GPU copies; useless without CUDA.
+
+    ``None`` (the configs' default) pins exactly when a CUDA device is available.
+    """
+    import torch
+
+    return torch.cuda.is_available() if setting is None else bool(setting)
+
+
+def world_of(trainer) -> tuple[int, int]:
+    """``(rank, world_size)`` of the Trainer a data module is attached to, or ``(0, 1)``."""
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size
+
+
+def eval_sampler(dataset, trainer):
+    """Under data parallelism, a sampler that gives every evaluation example to one rank ONCE.
+
+    Lightning's default DistributedSampler pads the last batch with repeated examples so every
+    rank runs equally many batches; the repeats would bias the synchronised test metrics. Ranks
+    may run one batch fewer here, which is safe in evaluation (no gradient all-reduce). None on
+    one process (the loader's own sequential order).
+    """
+    rank, world = world_of(trainer)
+    if world == 1:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+
+
+class GlobalBatchSampler(Sampler):
+    """Shuffled global batches, each split evenly over the data-parallel ranks.
+
+    Epoch ``e`` permutes the ``n`` examples with a generator keyed by ``(seed, e)``, cuts the
+    permutation into global batches of ``global_batch`` and gives rank ``r`` the ``r``-th of
+    ``world`` equal slices of each. At every step the ranks' batches together form the same
+    global batch whatever the number of processes, so DDP takes the optimisation steps of one
+    process (up to float summation order and dropout masks). A short last global batch is cut to
+    a multiple of ``world`` (at most ``world - 1`` examples left out per epoch) so that every
+    rank steps together.
+
+    Args:
+        n: examples in the dataset.
+        global_batch: examples per optimisation step, all ranks together.
+        seed: seed of the shuffling (the run's seed).
+        rank, world: this process's rank and the number of processes.
+        shuffle: permute each epoch (False: dataset order).
+    """
+
+    def __init__(
+        self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, shuffle=True
+    ):
+        self.per_rank = per_device_batch(global_batch, world)
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rank, self.world, self.shuffle, self.epoch = rank, world, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at every epoch start: a new permutation per epoch."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        for start in range(0, self.n, self.global_batch):
+            chunk = order[start : start + self.global_batch]
+            k = len(chunk) // self.world
+            if k == 0:
+                return
+            yield chunk[self.rank * k : (self.rank + 1) * k].tolist()
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.global_batch)
+        return full + (rest >= self.world)

@@ -1,0 +1,103 @@
+"""``score-bench`` on a tiny real config: its JSON, its parameter counts, its bad-input errors.
+
+Only the shape and consistency of the figures are tested; their values are benchmark results.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import load_results, run_cli, train_cli
+
+TINY = ["--task", "esol_mlp", "--override", "task.model.hidden=16"]
+FAST = ["--repeats", "2", "--warmup", "1", "--steps-per-repeat", "2"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out_json = tmp_path_factory.mktemp("bench") / "bench.json"
+    out = run_cli(
+        *TINY, *FAST, "--depth", "score", "--integrator", "euler", "rk4", "--lightning",
+        "--json", str(out_json), module="score_exp.bench", timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out_json.read_text()), out.stdout
+
+
+def test_json_holds_positive_times_for_every_variant(bench):
+    data, stdout = bench
+    assert [v["label"] for v in data["variants"]] == ["score+euler", "score+rk4"]
+    for v in data["variants"]:
+        assert len(v["step_s"]) == 2 and all(t > 0 for t in v["step_s"])
+        assert v["step_s_min"] <= v["step_s_median"] <= v["step_s_max"]
+        assert v["unit"] == "molecules" and v["items_per_step"] == 64
+        assert v["throughput"] == pytest.approx(64 / v["step_s_median"])
+        assert v["peak_mem_mb"] > 0 and v["train_mem_mb"] >= 0
+        lt = v["lightning"]
+        assert all(t > 0 for t in lt["step_s"])
+        assert lt["throughput_ratio"] == pytest.approx(lt["throughput"] / v["throughput"])
+    assert "Lightning vs bare" in stdout and "rk4/euler" in stdout
+
+
+def test_nfe_ratio_of_rk4_over_euler_is_four(bench):
+    data, _ = bench
+    (ratio,) = [r for r in data["ratios"] if r["name"] == "rk4/euler"]
+    assert ratio["nfe"] == 4 and ratio["params"] == 1
+    assert data["variants"][0]["nfe"] == 4 and data["variants"][1]["nfe"] == 16
+
+
+def test_params_equal_those_score_train_reports(bench, tmp_path):
+    data, _ = bench
+    run_dir = tmp_path / "run"
+    out = train_cli(run_dir, "trainer.max_epochs=1", "task.model.hidden=16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert data["variants"][0]["params"] == load_results(run_dir)["params"]
+
+
+def test_checkpoint_memory_measures_each_point_with_and_without(tmp_path):
+    out_json = tmp_path / "mem.json"
+    out = run_cli(
+        *TINY, *FAST, "--depth", "score", "--checkpoint-memory", "--checkpoint-steps", "2", "4",
+        "--json", str(out_json), module="score_exp.bench", timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    points = {(v["steps"], v["checkpoint"]) for v in data["variants"]}
+    assert points == {(2, False), (2, True), (4, False), (4, True)}
+    assert set(data["checkpoint_memory"]) == {"checkpoint=false", "checkpoint=true"}
+    assert "train memory 2 -> 4 steps" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--depth", "bogus"], "unknown depth preset 'bogus'; valid: "),
+        (["--integrator", "dopri5"], "unknown integrator 'dopri5'; valid: euler, heun"),
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--depth", "stacked", "--checkpoint-memory"], "measures a shared model"),
+    ],
+)
+def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
+    out = run_cli(*TINY, *args, "--json", str(tmp_path / "b.json"), module="score_exp.bench")
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("score-bench: error: ") and message in line, line
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_invalid_combinations_are_skipped_with_a_note():
+    # stacked_plain is plain composition, not an ODE: only euler applies.
+    from argparse import Namespace
+
+    from score_exp.bench import plan
+
+    args = Namespace(
+        task="esol_mlp", depth=["stacked_plain", "score"], integrator=["euler", "heun"],
+        override=[], repeats=1, warmup=1, steps_per_repeat=1, checkpoint_memory=False,
+        checkpoint_steps=[4, 8],
+    )  # fmt: skip
+    variants, notes = plan(args)
+    assert [v["label"] for v in variants] == ["stacked_plain+euler", "score+euler", "score+heun"]
+    assert len(notes) == 1 and "stacked_plain+heun" in notes[0]
