@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import cli_env, load_results, train_cli
 from torch import nn
 
 from score_exp.core import DepthSpec, RecurrentDepth
@@ -335,3 +336,133 @@ def test_forward_computes_no_diagnostics_unless_asked(monkeypatch):
     depth(torch.randn(2, 5))
     with pytest.raises(AssertionError, match="norm computed"):
         depth.trace(torch.randn(2, 5))
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+class _ToyModule:
+    """A LightningModule around ``model.depth``, built lazily (Lightning imports are slow)."""
+
+    @staticmethod
+    def make(spec: DepthSpec):
+        import lightning as L
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.depth = RecurrentDepth(_tanh_block, spec)
+                self.head = nn.Linear(5, 1)
+
+            def forward(self, x):
+                return self.head(self.depth(x))
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.model = Model()
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return nn.functional.mse_loss(self.model(x), y)
+
+            def validation_step(self, batch, batch_idx):
+                x, y = batch
+                self.log("val/loss", nn.functional.mse_loss(self.model(x), y))
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Module()
+
+
+def _fit(spec: DepthSpec, callbacks, epochs: int = 3):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 5), torch.randn(32, 1))
+    module = _ToyModule.make(spec)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=16))
+    return trainer, module
+
+
+def test_depth_growth_refines_and_the_optimiser_trains_the_new_blocks():
+    from score_exp.tasks.callbacks import DepthGrowth, find_depth
+
+    spec = DepthSpec(
+        share=False, steps=4, dt=1.0, update="residual", growth=[[0, 1], [1, 2], [2, 4]]
+    )
+    seen = []
+
+    class Spy(DepthGrowth):
+        def on_train_epoch_start(self, trainer, pl_module):
+            super().on_train_epoch_start(trainer, pl_module)
+            depth = find_depth(pl_module)
+            seen.append((depth.steps, [b[0].weight.detach().clone() for b in depth.blocks]))
+
+    trainer, module = _fit(spec, [Spy()])
+    depth = module.model.depth
+    assert [n for n, _ in seen] == [1, 2, 4] and len(depth.blocks) == 4
+    in_optimiser = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in module.parameters()} == in_optimiser
+    # Every block created at the last refine moved during the last epoch.
+    for block, start in zip(depth.blocks, seen[-1][1], strict=True):
+        assert not torch.equal(block[0].weight, start)
+
+
+def test_depth_diagnostics_logs_per_step_values():
+    from score_exp.tasks.callbacks import DepthDiagnostics
+
+    spec = DepthSpec(steps=3, dt=0.5, learn_dt="global", adaptive_eps=1e-6)
+    trainer, _ = _fit(spec, [DepthDiagnostics()], epochs=1)
+    logged = trainer.callback_metrics
+    for t in range(3):
+        assert f"diag/rel_change_step{t}" in logged and f"depth/dt_step{t}" in logged
+    assert "diag/contraction_step0" not in logged and "diag/contraction_step2" in logged
+    assert 0 < float(logged["depth/dt_step0"]) < 1 and float(logged["depth/steps_used"]) >= 1
+
+
+# ----------------------------------------------------------------------------- the real CLI
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["depth.connect=ancre"],
+        ["depth.learn_dt=global"],
+        ["depth.growth=[[0,1],[1,2]]"],
+        ["depth=stacked", "depth.growth=[[0,1],[1,2]]"],
+    ],
+    ids=["ancre", "learn_dt", "growth_shared", "growth_stacked"],
+)
+def test_cli_trains_with_beyond_fields_and_logs_diagnostics(tmp_path, overrides):
+    import csv
+
+    tiny = ["trainer.max_epochs=2", "task.model.hidden=32", "depth.steps=2"]
+    out = train_cli(tmp_path / "run", *tiny, *overrides, env=cli_env(OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = load_results(tmp_path / "run")
+    assert r["status"] == "ok" and r["nfe"] == 2
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert {"diag/rel_change_step0", "diag/rel_change_step1", "diag/contraction_step1"} <= set(
+        header
+    )
+    if "depth.connect=ancre" in overrides:
+        assert r["depth"]["connect"] == "ancre" and len(r["connection_weights"]) == 2
+    if "depth.learn_dt=global" in overrides:
+        assert {"depth/dt_step0", "depth/dt_step1"} <= set(header) and len(r["learned_dt"]) == 2
+    if any(o.startswith("depth.growth") for o in overrides):
+        assert r["depth"]["growth"] == [[0, 1], [1, 2]] and r["final_steps"] == 2
