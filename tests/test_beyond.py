@@ -466,3 +466,54 @@ def test_cli_trains_with_beyond_fields_and_logs_diagnostics(tmp_path, overrides)
         assert {"depth/dt_step0", "depth/dt_step1"} <= set(header) and len(r["learned_dt"]) == 2
     if any(o.startswith("depth.growth") for o in overrides):
         assert r["depth"]["growth"] == [[0, 1], [1, 2]] and r["final_steps"] == 2
+
+
+# ----------------------------------------------------------------------------- score-eval
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    tiny = ["trainer.max_epochs=2", "task.model.hidden=32", "depth.steps=2"]
+    out = train_cli(run_dir, *tiny, env=cli_env(OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def test_score_eval_rediscretises_a_trained_run(trained_run):
+    import csv
+
+    from conftest import run_cli
+
+    out = run_cli(
+        f"run_dir={trained_run}",
+        "depth.steps=1,2",
+        "depth.integrator=euler,rk4",
+        module="score_exp.eval",
+        env=cli_env(OMP_NUM_THREADS="1"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(trained_run / "eval.csv", newline="") as f:
+        rows = {(int(r["steps"]), r["integrator"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(1, "euler"), (1, "rk4"), (2, "euler"), (2, "rk4")}
+    assert {k: int(r["nfe"]) for k, r in rows.items()} == {
+        (1, "euler"): 1,
+        (1, "rk4"): 4,
+        (2, "euler"): 2,
+        (2, "rk4"): 8,
+    }
+    # keep_horizon: T = 2 * 0.5 = 1, so dt = 1 / steps.
+    assert float(rows[(1, "rk4")]["dt"]) == 1.0 and float(rows[(2, "euler")]["dt"]) == 0.5
+    # The trained discretisation reproduces the run's own test metric.
+    trained = load_results(trained_run)["test"]["rmse"]
+    assert float(rows[(2, "euler")]["test/rmse"]) == pytest.approx(trained, rel=1e-6)
+    assert float(rows[(1, "euler")]["test/rmse"]) != pytest.approx(trained, rel=1e-3)
+    assert "test/rmse" in out.stdout and "integrator" in out.stdout
+
+
+def test_score_eval_reports_bad_input_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    out = run_cli(f"run_dir={tmp_path / 'nope'}", module="score_exp.eval")
+    assert out.returncode == 2
+    assert "score-eval: error:" in out.stderr and "does not exist" in out.stderr
