@@ -345,7 +345,7 @@ class _ToyModule:
     """A LightningModule around ``model.depth``, built lazily (Lightning imports are slow)."""
 
     @staticmethod
-    def make(spec: DepthSpec):
+    def make(spec: DepthSpec, decay: bool = False):
         import lightning as L
 
         class Model(nn.Module):
@@ -371,19 +371,23 @@ class _ToyModule:
                 self.log("val/loss", nn.functional.mse_loss(self.model(x), y))
 
             def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.1)
+                opt = torch.optim.SGD(self.parameters(), lr=0.1)
+                if not decay:
+                    return opt
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         return Module()
 
 
-def _fit(spec: DepthSpec, callbacks, epochs: int = 3):
+def _fit(spec: DepthSpec, callbacks, epochs: int = 3, decay: bool = False):
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, 5), torch.randn(32, 1))
-    module = _ToyModule.make(spec)
+    module = _ToyModule.make(spec, decay)
     trainer = L.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -420,6 +424,19 @@ def test_depth_growth_refines_and_the_optimiser_trains_the_new_blocks():
     # Every block created at the last refine moved during the last epoch.
     for block, start in zip(depth.blocks, seen[-1][1], strict=True):
         assert not torch.equal(block[0].weight, start)
+
+
+def test_depth_growth_in_optimiser_steps_replays_the_lr_schedule():
+    from score_exp.tasks.callbacks import DepthGrowth
+
+    spec = DepthSpec(share=False, steps=2, dt=1.0, update="residual", growth=[[0, 1], [6, 2]])
+    trainer, module = _fit(spec, [DepthGrowth(unit="step")], epochs=2, decay=True)
+    assert trainer.global_step == 8 and len(module.model.depth.blocks) == 2
+    # Re-created at step 6, the schedule continued from there instead of restarting.
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.1 / (1 + 8))
+    with pytest.raises(ValueError, match="valid units: auto, epoch, step"):
+        DepthGrowth(unit="iteration")
 
 
 def test_depth_diagnostics_logs_per_step_values():

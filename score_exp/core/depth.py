@@ -65,9 +65,10 @@ class DepthSpec:
             then lie strictly inside (0, 1).
         adaptive_eps: at inference only, a sample (a row of ``h``'s first dim) stops iterating
             once ``||h_{t+1} - h_t|| / ||h_t|| < adaptive_eps``; ``steps`` is the upper bound.
-        growth: incremental-in-depth schedule ``[[at, steps], ...]`` (``at`` in epochs for the
-            ``DepthGrowth`` callback), starting at ``at = 0`` and ending at ``steps``. Shared
-            depths change their step count; stacked ones double their blocks at each stage.
+        growth: incremental-in-depth schedule ``[[at, steps], ...]`` starting at ``at = 0`` and
+            ending at ``steps`` (``at`` counts epochs, or optimiser steps for iteration-based
+            trainers, in the ``DepthGrowth`` callback). Shared depths change their step
+            count; stacked ones double their blocks at each stage.
         keep_horizon: when ``growth`` changes the step count, keep ``T = steps * dt`` (dt
             becomes ``T / n``) rather than ``dt``.
     """

@@ -120,19 +120,45 @@ class RNGStateCheckpoint(L.Callback):
 
 
 class DepthGrowth(L.Callback):
-    """Applies ``spec.growth`` (``[[epoch, steps], ...]``) at the start of each training epoch.
+    """Applies ``spec.growth`` (``[[at, steps], ...]``) during training.
 
     A shared depth changes its step count (:meth:`RecurrentDepth.set_steps`); a stacked depth
     doubles its blocks (:meth:`RecurrentDepth.refine`) and the optimisers are re-created so
-    that they see the new parameters (their moments restart; single-device strategies only).
-    On resume the depth's stage comes back with the checkpoint, so nothing is applied twice.
+    that they see the new parameters (their moments restart; their schedulers are replayed to
+    the current step; single-device strategies only). On resume the depth's stage comes back
+    with the checkpoint, so nothing is applied twice.
+
+    Args:
+        unit: what ``at`` counts: ``epoch`` (checked at each epoch start), ``step``
+            (optimiser steps, checked at each batch start) or ``auto`` (``step`` when the
+            trainer has no epoch budget, ``max_epochs=-1``, as iteration-based tasks).
     """
 
+    UNITS = ("auto", "epoch", "step")
+
+    def __init__(self, unit: str = "auto") -> None:
+        if unit not in self.UNITS:
+            raise ValueError(f"unknown unit {unit!r}; valid units: {', '.join(self.UNITS)}")
+        self.unit = unit
+
+    def _unit(self, trainer) -> str:
+        if self.unit != "auto":
+            return self.unit
+        return "step" if trainer.max_epochs in (None, -1) else "epoch"
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._unit(trainer) == "epoch":
+            self._apply(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._unit(trainer) == "step":
+            self._apply(trainer, pl_module, trainer.global_step)
+
+    def _apply(self, trainer, pl_module, at: int) -> None:
         depth = find_depth(pl_module)
         if depth is None or depth.spec.growth is None:
             return
-        target = depth.spec.steps_at(trainer.current_epoch)
+        target = depth.spec.steps_at(at)
         if target == depth.steps:
             return
         before = depth.steps
@@ -142,13 +168,25 @@ class DepthGrowth(L.Callback):
             while depth.steps < target:
                 depth.refine()
             trainer.strategy.setup_optimizers(trainer)
+            _replay_schedulers(trainer)
         log.info(
-            "depth growth at epoch %d: %d -> %d steps (dt %.4g)",
-            trainer.current_epoch,
+            "depth growth at %s %d: %d -> %d steps (dt %.4g)",
+            self._unit(trainer),
+            at,
             before,
             depth.steps,
             depth.step_size,
         )
+
+
+def _replay_schedulers(trainer) -> None:
+    """Bring freshly created LR schedulers to the trainer's current step or epoch."""
+    for config in trainer.lr_scheduler_configs:
+        if config.reduce_on_plateau:
+            continue  # driven by a metric, not by a count
+        n = trainer.global_step if config.interval == "step" else trainer.current_epoch
+        for _ in range(n // max(1, config.frequency)):
+            config.scheduler.step()
 
 
 class DepthDiagnostics(L.Callback):
