@@ -526,6 +526,7 @@ def test_score_eval_rediscretises_a_trained_run(trained_run):
     assert float(rows[(2, "euler")]["test/rmse"]) == pytest.approx(trained, rel=1e-6)
     assert float(rows[(1, "euler")]["test/rmse"]) != pytest.approx(trained, rel=1e-3)
     assert "test/rmse" in out.stdout and "integrator" in out.stdout
+    assert (trained_run / "multirun.yaml").is_file()  # the sweep's record stays in the run
 
 
 def test_score_eval_reports_bad_input_in_one_line(tmp_path):
