@@ -74,6 +74,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+BEYOND_DEFAULTS = {"connect": "chain", "learn_dt": "none", "adaptive_eps": None, "growth": None}
+
+
+def _depth_record(spec: DepthSpec) -> dict[str, Any]:
+    """The depth fields of ``results.json``; issue-7 fields only where they are switched on."""
+    record = {k: getattr(spec, k) for k in ("share", "update", "steps", "dt", "integrator")}
+    record.update(
+        {k: getattr(spec, k) for k, v in BEYOND_DEFAULTS.items() if getattr(spec, k) != v}
+    )
+    return record
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one configuration into ``run_dir`` and return its results record."""
     from score_exp.tasks.results import git_commit, package_versions
@@ -90,7 +102,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "task": cfg.task.name,
         "status": "running",
         "seed": cfg.seed,
-        "depth": {k: getattr(spec, k) for k in ("share", "update", "steps", "dt", "integrator")},
+        "depth": _depth_record(spec),
         "depth_preset": cfg.get("depth_preset"),
         "experiment": cfg.get("experiment_name"),
         "run_dir": str(run_dir),
@@ -125,7 +137,14 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from score_exp.tasks.callbacks import DivergenceDetector, RNGStateCheckpoint, RunTimer
+    from score_exp.tasks.callbacks import (
+        DepthDiagnostics,
+        DepthGrowth,
+        DivergenceDetector,
+        RNGStateCheckpoint,
+        RunTimer,
+        find_depth,
+    )
 
     # Lightning adds its own stderr handler on import; Hydra's handlers (stderr + run log) suffice.
     logging.getLogger("lightning").handlers.clear()
@@ -135,6 +154,11 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     divergence, timer = DivergenceDetector(), RunTimer()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [divergence, timer, RNGStateCheckpoint()]
+    # One no-grad pass of the depth on one validation batch per epoch (cheap; a model without a
+    # RecurrentDepth is left alone).
+    callbacks.append(DepthDiagnostics())
+    if spec.growth is not None:
+        callbacks.append(DepthGrowth())
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     # The Trainer first: it knows this process's rank and the world size (devices x nodes)
     # before any process is launched, so files are written by rank 0 only and a global batch
@@ -160,6 +184,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
 
+    record["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)  # growth
     ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = ckpt.best_model_path if ckpt is not None else ""
     record.update(timer.summary())
@@ -191,6 +216,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     elif record["status"] == "ok":
         record["status"] = "failed"
         record["error"] = "no best checkpoint: the monitored metric was never logged"
+    _record_learned_depth(record, find_depth(model))
     _finite_or_diverged(record)
     # trainer.test has returned on every rank, with metrics synchronised over all of them, so
     # rank 0's record is the run's record.
@@ -210,6 +236,22 @@ def is_rank_zero() -> bool:
     from lightning.pytorch.utilities import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _record_learned_depth(record: dict, depth) -> None:
+    """The depth as it ended: its step count and nfe (growth), learned dt and connections."""
+    if depth is None:
+        return
+    record["nfe"] = depth.nfe
+    spec = depth.spec
+    if spec.growth is not None:
+        record["final_steps"] = depth.steps
+    if spec.learn_dt != "none":
+        record["learned_dt"] = [round(v, 6) for v in depth.current_dt().tolist()]
+    if spec.connect == "ancre":
+        record["connection_weights"] = [
+            [round(v, 6) for v in row] for row in depth.connection_weights().tolist()
+        ]
 
 
 def _strip(metrics: list[dict], prefix: str) -> dict:

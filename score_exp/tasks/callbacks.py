@@ -1,12 +1,26 @@
-"""Callbacks every run gets: divergence detection and timing."""
+"""Callbacks every run gets (divergence detection, timing, depth diagnostics) and depth growth."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import lightning as L
 import torch
+from torch import nn
+
+from score_exp.core import RecurrentDepth
+
+log = logging.getLogger("score_exp.train")
+
+
+def find_depth(module: nn.Module) -> RecurrentDepth | None:
+    """The model's depth: ``module.model.depth``, else the first :class:`RecurrentDepth` inside."""
+    depth = getattr(getattr(module, "model", None), "depth", None)
+    if isinstance(depth, RecurrentDepth):
+        return depth
+    return next((m for m in module.modules() if isinstance(m, RecurrentDepth)), None)
 
 
 class DivergenceDetector(L.Callback):
@@ -108,3 +122,133 @@ class RNGStateCheckpoint(L.Callback):
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DepthGrowth(L.Callback):
+    """Applies ``spec.growth`` (``[[at, steps], ...]``) during training.
+
+    A shared depth changes its step count (:meth:`RecurrentDepth.set_steps`); a stacked depth
+    doubles its blocks (:meth:`RecurrentDepth.refine`) and the optimisers are re-created so
+    that they see the new parameters (their moments restart; their schedulers are replayed to
+    the current step; single-device strategies only). On resume the depth's stage comes back
+    with the checkpoint, so nothing is applied twice.
+
+    Args:
+        unit: what ``at`` counts: ``epoch`` (checked at each epoch start), ``step``
+            (optimiser steps, checked at each batch start) or ``auto`` (``step`` when the
+            trainer has no epoch budget, ``max_epochs=-1``, as iteration-based tasks).
+    """
+
+    UNITS = ("auto", "epoch", "step")
+
+    def __init__(self, unit: str = "auto") -> None:
+        if unit not in self.UNITS:
+            raise ValueError(f"unknown unit {unit!r}; valid units: {', '.join(self.UNITS)}")
+        self.unit = unit
+
+    def _unit(self, trainer) -> str:
+        if self.unit != "auto":
+            return self.unit
+        return "step" if trainer.max_epochs in (None, -1) else "epoch"
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._unit(trainer) == "epoch":
+            self._apply(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._unit(trainer) == "step":
+            self._apply(trainer, pl_module, trainer.global_step)
+
+    def _apply(self, trainer, pl_module, at: int) -> None:
+        depth = find_depth(pl_module)
+        if depth is None or depth.spec.growth is None:
+            return
+        target = depth.spec.steps_at(at)
+        if target == depth.steps:
+            return
+        before = depth.steps
+        if depth.spec.share:
+            depth.set_steps(target)
+        else:
+            while depth.steps < target:
+                depth.refine()
+            trainer.strategy.setup_optimizers(trainer)
+            _replay_schedulers(trainer)
+        log.info(
+            "depth growth at %s %d: %d -> %d steps (dt %.4g)",
+            self._unit(trainer),
+            at,
+            before,
+            depth.steps,
+            depth.step_size,
+        )
+
+
+def _replay_schedulers(trainer) -> None:
+    """Bring freshly created LR schedulers to the trainer's current step or epoch."""
+    for config in trainer.lr_scheduler_configs:
+        if config.reduce_on_plateau:
+            continue  # driven by a metric, not by a count
+        n = trainer.global_step if config.interval == "step" else trainer.current_epoch
+        for _ in range(n // max(1, config.frequency)):
+            config.scheduler.step()
+
+
+class DepthDiagnostics(L.Callback):
+    """Logs per-step diagnostics of the depth on the first validation batch of each epoch.
+
+    ``diag/rel_change_step{t}`` (``||h_{t+1} - h_t|| / ||h_t||``), ``diag/contraction_step{t}``
+    (``||h_{t+1} - h_t|| / ||h_t - h_{t-1}||``, from ``t = 1``), ``depth/steps`` (the active
+    step count), ``depth/dt_step{t}`` with a learned dt and ``depth/steps_used`` (mean over
+    samples) with adaptive depth. The depth's input is captured by a forward hook, so the cost
+    is one extra no-grad pass of the depth alone on one batch per validation.
+    """
+
+    def __init__(self) -> None:
+        self._handle = None
+        self._captured: tuple | None = None
+        self._metrics: dict[str, float] = {}
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        depth = find_depth(pl_module)
+        if depth is None or batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
+            return
+
+        def capture(module, args, kwargs):
+            if self._captured is None:
+                self._captured = (args[0], dict(kwargs))
+            return None
+
+        self._captured = None
+        self._handle = depth.register_forward_pre_hook(capture, with_kwargs=True)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self._handle is None:
+            return
+        self._handle.remove()
+        self._handle = None
+        depth = find_depth(pl_module)
+        metrics: dict[str, float] = {"depth/steps": float(depth.steps)}
+        if depth.last_steps_used is not None:
+            metrics["depth/steps_used"] = float(depth.last_steps_used.float().mean())
+        if self._captured is not None:
+            h, ctx = self._captured
+            self._captured = None
+            for key in ("steps", "dt", "integrator"):
+                ctx.pop(key, None)
+            trace = depth.trace(h, **ctx)
+            for t, v in enumerate(trace["rel_change"].tolist()):
+                metrics[f"diag/rel_change_step{t}"] = v
+            for t, v in enumerate(trace["contraction"].tolist()[1:], start=1):
+                metrics[f"diag/contraction_step{t}"] = v
+        if depth.spec.learn_dt != "none":
+            for t, v in enumerate(depth.current_dt().tolist()):
+                metrics[f"depth/dt_step{t}"] = v
+        self._metrics = metrics
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._metrics and not trainer.sanity_checking:
+            pl_module.log_dict(self._metrics, on_step=False, on_epoch=True, batch_size=1)
+        self._metrics = {}

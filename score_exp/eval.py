@@ -1,0 +1,204 @@
+"""``score-eval``: re-discretise a trained run's depth and evaluate it (ContinuousNet-style).
+
+The run folder's ``config.yaml`` rebuilds the data module, the model and its LightningModule;
+the weights come from the best checkpoint. The depth then runs with the requested ``steps``,
+``integrator``, ``dt`` or ``adaptive_eps`` (a forward pre-hook passes the overrides to
+:class:`~score_exp.core.RecurrentDepth`, so every task works unchanged) and the split is
+evaluated. Each evaluation appends one row to ``<run_dir>/eval.csv`` (rewritten atomically).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.io import atomic_write_text
+from score_exp.sample import find_checkpoint
+from score_exp.train import CONFIG_DIR, depth_spec
+
+log = logging.getLogger("score_exp.eval")
+
+EVAL_CSV = "eval.csv"
+# Columns printed by the table (eval.csv keeps every metric of the split).
+SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "steps_used", "nfe", "seconds")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.run_dir`` with ``cfg.depth``'s overrides; append and return the row."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from score_exp.core import get_integrator
+    from score_exp.tasks.callbacks import find_depth
+
+    if cfg.split not in ("test", "val"):
+        raise ConfigError(f"split must be test or val, got {cfg.split!r}")
+    run_dir = Path(cfg.run_dir).expanduser()
+    ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    spec = depth_spec(run_cfg)
+    over = cfg.depth
+    try:
+        integrator = get_integrator(over.integrator or spec.integrator)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if over.adaptive_eps is not None:
+        if not over.adaptive_eps > 0:
+            raise ConfigError(f"adaptive_eps must be > 0, got {over.adaptive_eps}")
+        spec.adaptive_eps = float(over.adaptive_eps)
+
+    L.seed_everything(run_cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(run_cfg.task.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    extra = {"compile": False} if "compile" in run_cfg.task.model else {}
+    model = instantiate(run_cfg.task.model, _partial_=True)(
+        depth=spec, **datamodule.model_kwargs(), **extra
+    )
+    module = instantiate(run_cfg.task.module, model=model, **datamodule.module_kwargs())
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(ckpt["state_dict"])  # a grown depth resizes itself to the checkpoint
+    depth = find_depth(module)
+    if depth is None:
+        raise ConfigError(f"run {run_dir} has no RecurrentDepth to re-discretise")
+
+    steps = depth.steps if over.steps is None else int(over.steps)
+    if steps != depth.steps and not spec.share:
+        raise ConfigError(
+            f"a stacked depth runs its {depth.steps} blocks; steps={steps} needs share=true"
+        )
+    if steps != depth.steps and spec.connect == "ancre":
+        raise ConfigError(f"connect=ancre learns one mixture per step: it runs {depth.steps} steps")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    dt = over.dt
+    if dt is None and over.keep_horizon and spec.learn_dt == "none" and spec.update != "none":
+        dt = depth.steps * depth.step_size / steps  # the trained horizon T = steps * dt
+    overrides = {"integrator": integrator.name}
+    if steps != depth.steps:
+        overrides["steps"] = steps
+    if dt is not None:
+        if not dt > 0:
+            raise ConfigError(f"dt must be > 0, got {dt}")
+        overrides["dt"] = float(dt)
+    dts = depth._step_sizes(steps, "steps" in overrides, overrides.get("dt"))
+    used: list[Any] = []
+
+    def inject(mod, args, kwargs):
+        return args, {**kwargs, **overrides}
+
+    def count(mod, args, output):
+        if mod.last_steps_used is not None:
+            used.append(mod.last_steps_used.float())
+
+    handles = [
+        depth.register_forward_pre_hook(inject, with_kwargs=True),
+        depth.register_forward_hook(count),
+    ]
+    trainer = L.Trainer(
+        accelerator=cfg.device if cfg.device != "cuda" else "gpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    run = trainer.test if cfg.split == "test" else trainer.validate
+    t0 = time.perf_counter()
+    try:
+        metrics = run(module, datamodule=datamodule, verbose=False)
+    finally:
+        for h in handles:
+            h.remove()
+    seconds = time.perf_counter() - t0
+    merged = {k: float(v) for d in metrics for k, v in d.items() if k.startswith(cfg.split + "/")}
+    row: dict[str, Any] = {
+        "steps": steps,
+        "integrator": integrator.name,
+        "dt": round(float(sum(float(d) for d in dts) / len(dts)), 8),
+        "keep_horizon": bool(over.keep_horizon),
+        "adaptive_eps": spec.adaptive_eps if spec.adaptive_eps is not None else "",
+        "steps_used": round(float(torch.cat(used).mean()), 4) if used else steps,
+        "nfe": steps * (1 if spec.update == "none" else integrator.evals_per_step),
+        "seconds": round(seconds, 4),
+        "checkpoint": str(ckpt_path.relative_to(run_dir)),
+        **merged,
+    }
+    append_row(run_dir / EVAL_CSV, row)
+    return row
+
+
+def append_row(path: Path, row: dict[str, Any]) -> list[dict[str, str]]:
+    """Append ``row`` to the CSV at ``path`` (columns: the union, in first-seen order)."""
+    rows: list[dict[str, Any]] = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    rows.append(row)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    return rows
+
+
+def format_table(path: Path, metric: str) -> str:
+    """The eval.csv at ``path`` as an aligned text table of the shown columns and ``metric``."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = [c for c in (*SHOWN, metric) if rows and c in rows[0]]
+    widths = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols}
+    lines = ["  ".join(c.rjust(widths[c]) for c in cols)]
+    lines += ["  ".join(r.get(c, "").rjust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def _implicit_multirun(argv: list[str]) -> list[str]:
+    """``key=a,b`` sweeps: add ``--multirun`` when the user did not (Hydra would refuse)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    sweep = re.compile(r"^[\w.+~]+=[^\[\]{}'\"]*,")
+    if any(sweep.match(a) for a in argv):
+        return [argv[0], "--multirun", *argv[1:]]
+    return argv
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def _main(cfg: DictConfig) -> float | None:
+    try:
+        row = evaluate(cfg)
+    except ScoreExpError as e:
+        log.error("%s", e)
+        print(f"score-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run_cfg = OmegaConf.load(Path(cfg.run_dir).expanduser() / "config.yaml")
+    metric = f"{cfg.split}/{run_cfg.task.get('headline', 'rmse')}"
+    print(format_table(Path(cfg.run_dir).expanduser() / EVAL_CSV, metric), flush=True)
+    value = row.get(metric)
+    return value if value is None or math.isfinite(value) else None
+
+
+def main() -> None:
+    """Console entry point of ``score-eval``."""
+    sys.argv = _implicit_multirun(sys.argv)
+    _main()
+
+
+if __name__ == "__main__":
+    main()
