@@ -142,3 +142,22 @@ def test_report_logs_to_an_offline_wandb_run(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "runs" / "report" / "wandb").glob("offline-run-*"))
+
+
+def test_ancre_heat_map_and_diagnostics_plots(tmp_path):
+    run = write_run(tmp_path, "ancre", curve=[1.0, 0.5], steps=2)
+    res = json.loads((run / "results.json").read_text())
+    res["connection_weights"] = [[1.0, 0.0, 0.0], [0.2, 0.8, 0.0]]
+    (run / "results.json").write_text(json.dumps(res))
+    (run / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/rmse,diag/contraction_step1,diag/rel_change_step0,diag/rel_change_step1\n"
+        "0,9,,1.0,0.9,0.3,0.2\n0,9,0.5,,,,\n1,19,,0.5,0.7,0.25,0.1\n1,19,0.4,,,,\n"
+    )
+    from score_exp.report.runs import last_values
+
+    assert last_values(run / "metrics.csv", "diag/") == {
+        "diag/contraction_step1": 0.7, "diag/rel_change_step0": 0.25, "diag/rel_change_step1": 0.1
+    }  # fmt: skip
+    rep = build_report([tmp_path], tmp_path / "out")
+    names = {p.name for p in rep.figures}
+    assert {"toy_sweep_toy_connections.png", "toy_sweep_toy_diagnostics.png"} <= names

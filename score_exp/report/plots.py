@@ -124,3 +124,68 @@ def metric_vs_dt(task: str, runs: list[Run], out: Path, slug: str) -> list[Path]
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out, f"{slug}_vs_dt")
+
+
+def connection_heatmaps(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]:
+    """ANCRe: the learned mixture weights of each variant (mean over seeds) as heat maps."""
+    import numpy as np
+
+    maps = []
+    for v in vs:
+        ws = [np.asarray(w) for r in v.ok_runs if (w := r.results.get("connection_weights"))]
+        if ws and all(w.shape == ws[0].shape for w in ws):
+            maps.append((v.label, np.mean(ws, axis=0), len(ws)))
+    if not maps:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps), 3.4), squeeze=False)
+    for ax, (label, w, n) in zip(axes[0], maps, strict=True):
+        im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xlabel("earlier state h_i")
+        ax.set_ylabel("step j")
+        ax.set_title(f"{label} (n={n})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{task}: learned connections softmax(c_j / tau)", fontsize=10)
+    return _save(fig, out, f"{slug}_connections")
+
+
+def diagnostics(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]:
+    """Per-step contraction ratio and relative state change at the last validation, per variant."""
+    from score_exp.report.runs import last_values
+
+    series = []
+    for v in vs:
+        per_run = [last_values(r.path / "metrics.csv", "diag/") for r in v.ok_runs]
+        per_run = [d for d in per_run if d]
+        if per_run:
+            series.append((v.label, per_run))
+    if not series:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    for ax, kind, title in (
+        (axes[0], "contraction", "||h_t+1 - h_t|| / ||h_t - h_t-1|| (< 1: contracts)"),
+        (axes[1], "rel_change", "||h_t+1 - h_t|| / ||h_t||"),
+    ):
+        for label, per_run in series:
+            steps = sorted(
+                {
+                    int(k.rsplit("step", 1)[1])
+                    for d in per_run
+                    for k in d
+                    if k.startswith(f"diag/{kind}_step")
+                }
+            )
+            ys = [
+                statistics.fmean([d[k] for d in per_run if (k := f"diag/{kind}_step{t}") in d])
+                for t in steps
+            ]
+            if steps:
+                ax.plot(steps, ys, marker="o", label=label)
+        ax.set_xlabel("step t")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{task}: depth diagnostics at the last validation (mean over seeds)", fontsize=10)
+    return _save(fig, out, f"{slug}_diagnostics")

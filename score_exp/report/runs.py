@@ -144,3 +144,16 @@ def varied_keys(runs: list[Run]) -> list[str]:
         if len(values) > 1:
             out.append(k)
     return out
+
+
+def last_values(path: Path, prefix: str) -> dict[str, float]:
+    """The last logged value of every ``metrics.csv`` column starting with ``prefix``."""
+    if not path.exists():
+        return {}
+    out: dict[str, float] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if k and k.startswith(prefix) and v:
+                    out[k] = float(v)
+    return out
