@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 # Config keys that identify a run but not a variant (seeds, paths, bookkeeping).
-NOT_A_VARIANT = ("seed", "task.data.split_seed", "run_dir", "experiment_name", "skip_finished",
+NOT_A_VARIANT = ("seed", "task.data.split_seed", "task.data.seed", "run_dir", "experiment_name", "skip_finished",
                  "fail_on_diverge", "trainer.enable_progress_bar", "trainer.default_root_dir")  # fmt: skip
 NOT_A_VARIANT_PREFIX = ("logger.", "callbacks.", "hydra.")
 
