@@ -43,6 +43,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from score_exp.core import get_integrator
     from score_exp.tasks.callbacks import find_depth
 
+    # Lightning adds its own stderr handler on import; Hydra's handlers suffice (as in train.py).
+    logging.getLogger("lightning").handlers.clear()
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")
     run_dir = Path(cfg.run_dir).expanduser()
