@@ -91,7 +91,9 @@ def mol_to_graph(smiles: str) -> dict[str, Tensor]:
     if mol is None:
         raise ValueError(f"invalid SMILES {smiles!r}")
     # stereocentres, assigned (R/S) or not ('?'), as AttentiveFP's featuriser flags them
-    centres = dict(Chem.FindMolChiralCenters(mol, includeUnassigned=True, useLegacyImplementation=False))
+    centres = dict(
+        Chem.FindMolChiralCenters(mol, includeUnassigned=True, useLegacyImplementation=False)
+    )
     x = torch.tensor([atom_features(a, centres) for a in mol.GetAtoms()], dtype=torch.float32)
     src, dst, attr = [], [], []
     for bond in mol.GetBonds():
@@ -124,7 +126,12 @@ def featurize(smiles: list[str], cache: Path | None = None) -> list[dict[str, Te
     path = cache / cache_key(smiles) if cache is not None else None
     if path is not None and path.exists():
         return torch.load(path, weights_only=True)
-    log.info("featurising %d molecules as graphs (%s v%d, cached once)", len(smiles), FEATURIZER, FEATURIZER_VERSION)
+    log.info(
+        "featurising %d molecules as graphs (%s v%d, cached once)",
+        len(smiles),
+        FEATURIZER,
+        FEATURIZER_VERSION,
+    )
     graphs = [mol_to_graph(s) for s in smiles]
     if path is not None:
         import io

@@ -6,6 +6,7 @@ Plain NumPy/RDKit: no torch, no Lightning. The Lightning data modules in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
@@ -183,7 +184,9 @@ def scaffold_split(
 
 def _check_fractions(fractions) -> None:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise DataError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+        raise DataError(
+            f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}"
+        )
 
 
 def make_split(
@@ -226,16 +229,17 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
     if path is not None and path.exists():
         return np.load(path)
 
-    log.info("computing %d RDKit descriptors for %d molecules (cached once)", len(names), len(smiles))
+    log.info(
+        "computing %d RDKit descriptors for %d molecules (cached once)", len(names), len(smiles)
+    )
     fns = [fn for _, fn in Descriptors._descList]
     out = np.full((len(smiles), len(fns)), np.nan, dtype=np.float64)
     for i, smi in enumerate(smiles):
         mol = Chem.MolFromSmiles(smi)
         for j, fn in enumerate(fns):
-            try:
+            # Some descriptors fail on exotic molecules: the cell stays NaN and is imputed later.
+            with contextlib.suppress(Exception):
                 out[i, j] = fn(mol)
-            except Exception:  # some descriptors fail on exotic molecules: NaN, imputed later
-                pass
     with np.errstate(over="ignore", invalid="ignore"):
         out[~np.isfinite(out)] = np.nan
     if path is not None:
