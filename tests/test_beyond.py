@@ -114,6 +114,18 @@ def test_ancre_starts_as_the_chain():
     assert not torch.equal(a, c)  # the mixture is really applied
 
 
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_ancre_init_sets_the_weight_of_the_current_state(p):
+    depth = RecurrentDepth(_tanh_block, DepthSpec(steps=4, dt=0.5, connect="ancre", ancre_init=p))
+    w = depth.connection_weights()
+    assert torch.allclose(w.diagonal()[1:], torch.full((3,), p), atol=1e-6)
+    # The rest of each row is shared equally by the earlier states.
+    for j in range(1, 4):
+        assert torch.allclose(w[j, :j], torch.full((j,), (1 - p) / j), atol=1e-6)
+    with pytest.raises(ValueError, match="ancre_init"):
+        DepthSpec(connect="ancre", ancre_init=1.0)
+
+
 def test_ancre_matches_a_hand_written_mixture_and_learns_its_coefficients():
     torch.manual_seed(1)
     steps, tau = 4, 0.7

@@ -60,6 +60,9 @@ class DepthSpec:
         connect: ``chain`` (step ``j`` updates ``h_j``) or ``ancre`` (step ``j`` updates a learned
             mixture ``sum_i softmax(c_j / tau)_i h_i`` of ``h_0 .. h_j``; starts as the chain).
         ancre_tau: softmax temperature ``tau`` of the ``ancre`` coefficients; > 0.
+        ancre_init: weight of ``h_j`` in row ``j`` at initialisation, in (0, 1). The default
+            0.9999 starts as the chain to 1e-3, but saturates the softmax (its gradient scales
+            with ``p (1 - p)``) so the coefficients barely move; 0.9 or less lets them learn.
         learn_dt: ``none``, ``global`` (one learned dt) or ``per_step`` (one per step); dt is
             ``sigmoid(logit)`` in (0, 1), initialised at the configured step size, which must
             then lie strictly inside (0, 1).
@@ -81,6 +84,7 @@ class DepthSpec:
     checkpoint: bool = False
     connect: str = "chain"
     ancre_tau: float = 1.0
+    ancre_init: float = 0.9999
     learn_dt: str = "none"
     adaptive_eps: float | None = None
     growth: list | None = None
@@ -124,6 +128,9 @@ class DepthSpec:
         if not _is_number(self.ancre_tau) or not self.ancre_tau > 0:
             raise ValueError(f"ancre_tau must be > 0, got {self.ancre_tau!r}")
         self.ancre_tau = float(self.ancre_tau)
+        if not _is_number(self.ancre_init) or not 0 < self.ancre_init < 1:
+            raise ValueError(f"ancre_init must lie in (0, 1), got {self.ancre_init!r}")
+        self.ancre_init = float(self.ancre_init)
         if self.learn_dt not in LEARN_DT:
             raise ValueError(
                 f"unknown learn_dt {self.learn_dt!r}; valid learn_dt: {', '.join(LEARN_DT)}"
@@ -255,13 +262,15 @@ class RecurrentDepth(nn.Module):
             self.register_buffer("active_steps", torch.tensor(self._steps))
         if spec.connect == "ancre":
             # Row j holds the logits over h_0..h_j (lower triangle, diagonal included).
-            # Diagonal tau * log(1e4 j) gives h_j the weight 1e4 / (1e4 + 1) ~ 0.9999 in every
-            # row: close enough to the chain that a deep first forward stays within 1e-3 of it
-            # (0.999 drifts ~3e-3 over 6 steps); Adam's normalised updates still move it.
+            # Diagonal tau * log(p j / (1 - p)) with zeros elsewhere gives h_j the weight
+            # p = ancre_init in every row. The default 0.9999 keeps a deep first forward within
+            # 1e-3 of the chain (0.999 drifts ~3e-3 over 6 steps) at the price of a saturated
+            # softmax that learns slowly; see DepthSpec.ancre_init.
             n = spec.steps
+            p = spec.ancre_init
             init = torch.zeros(n, n)
             for j in range(1, n):
-                init[j, j] = spec.ancre_tau * math.log(1e4 * j)
+                init[j, j] = spec.ancre_tau * math.log(p * j / (1.0 - p))
             self.connect_logits = nn.Parameter(init)
             self.register_buffer("connect_mask", torch.ones(n, n).tril().bool(), persistent=False)
         if spec.learn_dt != "none":
@@ -531,7 +540,7 @@ class RecurrentDepth(nn.Module):
             f"integrator={s.integrator!r}, nfe={self.nfe}"
         )
         if s.connect != "chain":
-            text += f", connect={s.connect!r}, ancre_tau={s.ancre_tau}"
+            text += f", connect={s.connect!r}, ancre_tau={s.ancre_tau}, ancre_init={s.ancre_init}"
         if s.learn_dt != "none":
             text += f", learn_dt={s.learn_dt!r}"
         if s.adaptive_eps is not None:
