@@ -12,9 +12,11 @@ Reported: median and min/max step time over the repeats, throughput (tokens/s fo
 molecules/s for ESOL), peak memory, parameters and NFE, then ratios between variants that differ
 in one setting only (heun/euler within a preset, score/stacked within an integrator).
 
-Each variant runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident
-set (VmHWM, reset through ``/proc/self/clear_refs`` once the model is built), on CUDA
-``torch.cuda.max_memory_allocated``. ``train MB`` is that peak minus the memory held just before
+Each variant runs in a fresh subprocess so its peak memory is its own; then all variants are
+built in one more process and timed in round-robin blocks (``interleaved``), and the ratios use
+those times, so that a machine whose speed drifts biases no variant. Peak memory: on CPU the
+peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` once the model is built), on
+CUDA ``torch.cuda.max_memory_allocated``. ``train MB`` is that peak minus the memory held just before
 the first step (model, data, interpreter): gradients, optimiser state and activations.
 
 ``--lightning`` also steps the same model and batch through the task's LightningModule and a
@@ -209,23 +211,15 @@ def _to(batch, device):
     return type(batch)(t.to(device) for t in batch)
 
 
-def measure(
-    task: str,
-    overrides: list[str],
-    warmup: int,
-    repeats: int,
-    steps_per_repeat: int,
-    lightning: bool,
-    device: str,
-) -> dict:
-    """Build one variant as ``score-train`` does and time its training step (see module doc)."""
+def _stepper(task: str, overrides: list[str], device: str) -> dict:
+    """Build one variant as ``score-train`` does; return its training ``step`` and context."""
     from contextlib import nullcontext
 
     import lightning as L
     import torch
 
     from score_exp.tasks.lm import LanguageModelModule
-    from score_exp.train import build_task, depth_spec, trainable_params
+    from score_exp.train import build_task, depth_spec
 
     cfg = compose(task, overrides)
     spec = depth_spec(cfg)
@@ -273,18 +267,41 @@ def measure(
             sched.step()
         opt.zero_grad(set_to_none=True)
 
+    return {"cfg": cfg, "spec": spec, "dev": dev, "model": model, "module": module,
+            "batch": batch, "items": items, "unit": unit, "step": step, "sync": sync}  # fmt: skip
+
+
+def _time_block(step, sync, steps: int) -> float:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def measure(
+    task: str,
+    overrides: list[str],
+    warmup: int,
+    repeats: int,
+    steps_per_repeat: int,
+    lightning: bool,
+    device: str,
+) -> dict:
+    """Build one variant as ``score-train`` does and time its training step (see module doc)."""
+    from score_exp.train import trainable_params
+
+    v = _stepper(task, overrides, device)
+    cfg, spec, dev, model, module, batch = (
+        v[k] for k in ("cfg", "spec", "dev", "model", "module", "batch")
+    )
+    step, sync, items, unit = v["step"], v["sync"], v["items"], v["unit"]
     memory = _Memory(dev)
     memory.start()
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps_per_repeat):
-            step()
-        sync()
-        times.append((time.perf_counter() - t0) / steps_per_repeat)
+    times = [_time_block(step, sync, steps_per_repeat) for _ in range(repeats)]
     out: dict[str, Any] = {
         "params": trainable_params(model),
         "nfe": spec.nfe,
@@ -298,12 +315,7 @@ def measure(
         # tenants) hit both sides of the ratio alike; the ratio uses these interleaved bare times.
         bare_t, light_t = [], []
         for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(steps_per_repeat):
-                step()
-            sync()
-            bare_t.append((time.perf_counter() - t0) / steps_per_repeat)
+            bare_t.append(_time_block(step, sync, steps_per_repeat))
             light_t.append(_lightning_block(cfg, module, batch, dev, warmup, steps_per_repeat))
         out["lightning"] = _summary(light_t, items)
         out["lightning"]["bare_interleaved"] = _summary(bare_t, items)
@@ -377,6 +389,31 @@ def _lightning_block(cfg, module, batch, dev, warmup, steps) -> float:
     return (t[warmup - 1 + steps] - t[warmup - 1]) / steps
 
 
+def interleaved(
+    task: str,
+    variants: list[list[str]],
+    warmup: int,
+    repeats: int,
+    steps_per_repeat: int,
+    device: str,
+) -> list[list[float]]:
+    """Step times of several variants built in ONE process, timed in round-robin blocks.
+
+    On a machine whose speed drifts (shared VMs, thermal limits), variants measured one after
+    the other see different machines; alternating their blocks gives every variant the same
+    share of each phase, so ratios of these times are the fair ones.
+    """
+    built = [_stepper(task, overrides, device) for overrides in variants]
+    for v in built:
+        for _ in range(warmup):
+            v["step"]()
+    times: list[list[float]] = [[] for _ in built]
+    for _ in range(repeats):
+        for i, v in enumerate(built):
+            times[i].append(_time_block(v["step"], v["sync"], steps_per_repeat))
+    return times
+
+
 def _worker(payload: str) -> None:
     import logging
 
@@ -388,7 +425,8 @@ def _worker(payload: str) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    print(MARK + json.dumps(measure(**job)), flush=True)
+    fn = interleaved if "variants" in job else measure
+    print(MARK + json.dumps(fn(**job)), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -414,6 +452,32 @@ def _run_variant(v: dict, args: argparse.Namespace, device: str) -> dict:
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"variant {v['label']} failed:\n{proc.stderr[-3000:]}")
     return {**v, **json.loads(line[len(MARK) :])}
+
+
+def _run_interleaved(variants: list[dict], args, device: str) -> list[list[float]]:
+    job = {
+        "task": args.task,
+        "variants": [v["overrides"] for v in variants],
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps_per_repeat,
+        "device": device,
+        "threads": args.threads,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "score_exp.bench", "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"interleaved timing failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len(MARK) :])
+
+
+def _median_step(r: dict) -> float:
+    """The step time ratios use: interleaved when measured, else the variant's own run."""
+    return r["interleaved"]["step_s_median"] if "interleaved" in r else r["step_s_median"]
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -445,8 +509,9 @@ def ratios(results: list[dict]) -> list[dict]:
                     + (f"depth={r['preset']}" if dim == "integrator" else r["integrator"]),
                     "of": r["label"],
                     "over": ref["label"],
-                    "step_time": r["step_s_median"] / ref["step_s_median"],
-                    "throughput": r["throughput"] / ref["throughput"],
+                    "step_time": _median_step(r) / _median_step(ref),
+                    "throughput": _median_step(ref) / _median_step(r),
+                    "interleaved": "interleaved" in r and "interleaved" in ref,
                     "nfe": r["nfe"] / ref["nfe"],
                     "params": r["params"] / ref["params"],
                 }
@@ -481,19 +546,25 @@ def report(payload: dict) -> str:
         f"torch {payload['torch']}): median of {payload['repeats']} repeats x "
         f"{payload['steps_per_repeat']} steps after {payload['warmup']} warm-up steps",
         f"{'variant':<34}{'params':>12}{'nfe':>5}{'step ms':>10}{'min-max ms':>18}"
-        f"{unit + '/s':>14}{'peak MB':>10}{'train MB':>10}",
+        f"{unit + '/s':>14}{'peak MB':>10}{'train MB':>10}{'interleaved ms':>16}",
     ]
     for r in payload["variants"]:
+        inter = 1e3 * r["interleaved"]["step_s_median"] if "interleaved" in r else None
         lines.append(
             f"{r['label']:<34}{r['params']:>12,}{r['nfe']:>5}{1e3 * r['step_s_median']:>10.2f}"
             f"{1e3 * r['step_s_min']:>9.2f}-{1e3 * r['step_s_max']:<8.2f}{r['throughput']:>14,.0f}"
             f"{_fmt(r['peak_mem_mb'], '.0f'):>10}{_fmt(r['train_mem_mb'], '.1f'):>10}"
+            f"{_fmt(inter, '.2f'):>16}"
         )
     if payload["ratios"]:
-        lines += ["", f"{'ratio':<18}{'of':<34}{'step time':>10}{'nfe':>6}{'params':>8}"]
+        basis = "interleaved" if all(q["interleaved"] for q in payload["ratios"]) else "own run"
+        lines += [
+            "",
+            f"{'ratio':<18}{'of':<34}{'step time (' + basis + ')':>24}{'nfe':>6}{'params':>8}",
+        ]
         for q in payload["ratios"]:
             lines.append(
-                f"{q['name']:<18}{q['of']:<34}{q['step_time']:>10.3f}{q['nfe']:>6.2f}"
+                f"{q['name']:<18}{q['of']:<34}{q['step_time']:>24.3f}{q['nfe']:>6.2f}"
                 f"{q['params']:>8.3f}"
             )
     if any("lightning" in r for r in payload["variants"]):
@@ -571,6 +642,15 @@ def main(argv: list[str] | None = None) -> None:
         except RuntimeError as e:
             print(f"score-bench: error: {e}", file=sys.stderr)
             sys.exit(1)
+    if not args.checkpoint_memory and len(results) > 1:
+        print("measuring all variants interleaved ...", file=sys.stderr, flush=True)
+        try:
+            times = _run_interleaved(variants, args, device)
+        except RuntimeError as e:
+            print(f"score-bench: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        for r, t in zip(results, times, strict=True):
+            r["interleaved"] = _summary(t, r["items_per_step"])
     payload = {
         "task": args.task,
         "device": device,

@@ -48,6 +48,11 @@ def test_nfe_ratio_of_rk4_over_euler_is_four(bench):
     (ratio,) = [r for r in data["ratios"] if r["name"] == "rk4/euler"]
     assert ratio["nfe"] == 4 and ratio["params"] == 1
     assert data["variants"][0]["nfe"] == 4 and data["variants"][1]["nfe"] == 16
+    # The step-time ratio comes from the interleaved timing of both variants in one process.
+    euler, rk4 = (v["interleaved"] for v in data["variants"])
+    assert len(euler["step_s"]) == len(rk4["step_s"]) == data["repeats"]
+    assert ratio["interleaved"] is True
+    assert ratio["step_time"] == pytest.approx(rk4["step_s_median"] / euler["step_s_median"])
 
 
 def test_params_equal_those_score_train_reports(bench, tmp_path):
