@@ -88,6 +88,8 @@ def variants(runs: list[Run]) -> list[Variant]:
     as ``key=value``.
     """
     keys = [k for k in varied_keys(runs) if k not in SEED_KEYS]
+    # The preset first: rows sort by preset name, then by the other keys (numbers numerically).
+    keys.sort(key=lambda k: k != "depth_preset")
     groups: dict[str, Variant] = {}
     for r in runs:
         key = tuple((k, r.get(k)) for k in keys)
