@@ -432,17 +432,8 @@ def _worker(payload: str) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _run_variant(v: dict, args: argparse.Namespace, device: str) -> dict:
-    job = {
-        "task": args.task,
-        "overrides": v["overrides"],
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "steps_per_repeat": args.steps_per_repeat,
-        "lightning": args.lightning and not args.checkpoint_memory,
-        "device": device,
-        "threads": args.threads,
-    }
+def _run_worker(job: dict, what: str):
+    """Run one measuring job in a fresh ``python -m score_exp.bench --worker`` process."""
     proc = subprocess.run(
         [sys.executable, "-m", "score_exp.bench", "--worker", json.dumps(job)],
         capture_output=True,
@@ -450,29 +441,33 @@ def _run_variant(v: dict, args: argparse.Namespace, device: str) -> dict:
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"variant {v['label']} failed:\n{proc.stderr[-3000:]}")
-    return {**v, **json.loads(line[len(MARK) :])}
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len(MARK) :])
+
+
+def _common_job(args: argparse.Namespace, device: str) -> dict:
+    return {
+        "task": args.task,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps_per_repeat,
+        "device": device,
+        "threads": args.threads,
+    }
+
+
+def _run_variant(v: dict, args: argparse.Namespace, device: str) -> dict:
+    job = {
+        **_common_job(args, device),
+        "overrides": v["overrides"],
+        "lightning": args.lightning and not args.checkpoint_memory,
+    }
+    return {**v, **_run_worker(job, f"variant {v['label']}")}
 
 
 def _run_interleaved(variants: list[dict], args, device: str) -> list[list[float]]:
-    job = {
-        "task": args.task,
-        "variants": [v["overrides"] for v in variants],
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "steps_per_repeat": args.steps_per_repeat,
-        "device": device,
-        "threads": args.threads,
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "score_exp.bench", "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-    )
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"interleaved timing failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len(MARK) :])
+    job = {**_common_job(args, device), "variants": [v["overrides"] for v in variants]}
+    return _run_worker(job, "interleaved timing")
 
 
 def _median_step(r: dict) -> float:

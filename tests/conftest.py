@@ -71,3 +71,14 @@ def compose():
             )
 
     return _compose
+
+
+@pytest.fixture
+def float64():
+    """float64 as torch's default dtype for one test; the previous default is restored."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

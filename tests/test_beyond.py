@@ -12,13 +12,8 @@ from torch import nn
 from score_exp.core import DepthSpec, RecurrentDepth
 from score_exp.core import depth as depth_module
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# Convergence orders and exact comparisons need float64 (the conftest fixture restores it).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Linear(nn.Module):

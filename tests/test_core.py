@@ -10,14 +10,8 @@ from torch import nn
 
 from score_exp.core import INTEGRATORS, DepthSpec, RecurrentDepth, get_integrator
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Convergence orders need float64; restore the default for the other test modules."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# Convergence orders and exact comparisons need float64 (the conftest fixture restores it).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Linear(nn.Module):
