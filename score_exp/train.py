@@ -7,6 +7,7 @@ LightningModule -> Trainer.fit -> validate/test at the best checkpoint -> ``resu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -74,15 +75,15 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-BEYOND_DEFAULTS = {"connect": "chain", "learn_dt": "none", "adaptive_eps": None, "growth": None}
+# Fields beyond the paper's depth: recorded in results.json only where they are switched on.
+BEYOND_FIELDS = ("connect", "learn_dt", "adaptive_eps", "growth")
 
 
 def _depth_record(spec: DepthSpec) -> dict[str, Any]:
-    """The depth fields of ``results.json``; issue-7 fields only where they are switched on."""
+    """The depth fields of ``results.json``."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DepthSpec)}
     record = {k: getattr(spec, k) for k in ("share", "update", "steps", "dt", "integrator")}
-    record.update(
-        {k: getattr(spec, k) for k, v in BEYOND_DEFAULTS.items() if getattr(spec, k) != v}
-    )
+    record.update({k: getattr(spec, k) for k in BEYOND_FIELDS if getattr(spec, k) != defaults[k]})
     return record
 
 
