@@ -138,12 +138,16 @@ def connection_heatmaps(task: str, vs: list[Variant], out: Path, slug: str) -> l
     if not maps:
         return []
     plt = _plt()
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps), 3.4), squeeze=False)
+    import textwrap
+
+    fig, axes = plt.subplots(1, len(maps), figsize=(max(6.4, 3.6 * len(maps)), 4.0), squeeze=False)
     for ax, (label, w, n) in zip(axes[0], maps, strict=True):
         im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(w.shape[1]))
+        ax.set_yticks(range(w.shape[0]))
         ax.set_xlabel("earlier state h_i")
         ax.set_ylabel("step j")
-        ax.set_title(f"{label} (n={n})", fontsize=9)
+        ax.set_title(textwrap.fill(f"{label} (n={n})", 40), fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{task}: learned connections softmax(c_j / tau)", fontsize=10)
     return _save(fig, out, f"{slug}_connections")
