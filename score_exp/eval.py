@@ -95,7 +95,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if not dt > 0:
             raise ConfigError(f"dt must be > 0, got {dt}")
         overrides["dt"] = float(dt)
-    dts = depth._step_sizes(steps, "steps" in overrides, overrides.get("dt"))
+    dts = depth.step_sizes(overrides.get("steps"), overrides.get("dt"))
     used: list[Any] = []
 
     def inject(mod, args, kwargs):

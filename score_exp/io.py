@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written result."""
+"""Atomic file writes (a reader never sees a half-written result) and the record key helper."""
 
 from __future__ import annotations
 
@@ -47,3 +47,15 @@ def _json_default(o: Any) -> Any:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"depth": {"dt": 0.5}}`` -> ``{"depth.dt": 0.5}``: the key names of loggers and reports."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError, ScoreExpError
-from score_exp.io import atomic_write_json, atomic_write_text, read_json
+from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
 from score_exp.tasks.distributed import per_device_batch
 
 log = logging.getLogger("score_exp.train")
@@ -61,18 +61,6 @@ def build_task(cfg: DictConfig, spec: DepthSpec):
 def trainable_params(model) -> int:
     """Parameters that the optimiser updates (the count in ``results.json``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"depth": {"dt": 0.5}}`` -> ``{"depth.dt": 0.5}`` (for loggers and tables)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 # Fields beyond the paper's depth: recorded in results.json only where they are switched on.

@@ -433,6 +433,10 @@ class RecurrentDepth(nn.Module):
             contraction.append((cur / prev.clamp_min(1e-30)).mean())
         return {"rel_change": rel, "contraction": torch.stack(contraction)}
 
+    def step_sizes(self, steps: int | None = None, dt: float | None = None) -> list[Any]:
+        """The step size of each step a forward with these overrides would take."""
+        return self._step_sizes(self._steps if steps is None else steps, steps is not None, dt)
+
     def _step_sizes(self, n: int, overridden: bool, dt: float | None) -> list[Any]:
         """One step size per step: an override, the learned ones or the configured one."""
         spec = self.spec

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from score_exp.io import flatten
+
 # Config keys that identify a run but not a variant (seeds, paths, bookkeeping).
 NOT_A_VARIANT = ("seed", "task.data.split_seed", "task.data.seed", "run_dir", "experiment_name", "skip_finished",
                  "fail_on_diverge", "trainer.enable_progress_bar", "trainer.default_root_dir")  # fmt: skip
@@ -68,16 +70,6 @@ class Run:
                 break
             node = node[part]
         return node if node is not None else self.config.get(key, default)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def read_curve(path: Path, metric: str) -> list[dict]:
