@@ -250,5 +250,8 @@ class DepthDiagnostics(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._metrics and not trainer.sanity_checking:
-            pl_module.log_dict(self._metrics, on_step=False, on_epoch=True, batch_size=1)
+            # Each rank traced its own first batch: average them (a no-op on one process).
+            pl_module.log_dict(
+                self._metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True
+            )
         self._metrics = {}
