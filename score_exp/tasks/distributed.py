@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Sampler
 
-from score_exp.errors import ConfigError
+from score_exp.errors import ConfigError, DataError
 
 
 def per_device_batch(global_batch: int, world_size: int) -> int:
@@ -25,6 +25,13 @@ def per_device_batch(global_batch: int, world_size: int) -> int:
             f"{world_size} processes (devices x nodes); use a multiple of {world_size}"
         )
     return global_batch // world_size
+
+
+def check_num_workers(num_workers) -> int:
+    """``task.data.num_workers`` validated: an integer >= 0 (a DataError otherwise)."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+    return num_workers
 
 
 def pin_memory(setting: bool | None) -> bool:

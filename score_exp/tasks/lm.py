@@ -24,7 +24,13 @@ from torchmetrics import MeanMetric
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import TokenFiles, Tokenizer, prepare_tokens
 from score_exp.errors import ConfigError, DataError
-from score_exp.tasks.distributed import eval_sampler, per_device_batch, pin_memory, world_of
+from score_exp.tasks.distributed import (
+    check_num_workers,
+    eval_sampler,
+    per_device_batch,
+    pin_memory,
+    world_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +134,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
     ):
         super().__init__()
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        check_num_workers(num_workers)
         for name, value in (
             ("block_size", block_size),
             ("batch_size", batch_size),

@@ -21,7 +21,13 @@ from score_exp.data.molecules import (
 )
 from score_exp.data.registry import cache_dir, fetch
 from score_exp.errors import DataError
-from score_exp.tasks.distributed import GlobalBatchSampler, eval_sampler, pin_memory, world_of
+from score_exp.tasks.distributed import (
+    GlobalBatchSampler,
+    check_num_workers,
+    eval_sampler,
+    pin_memory,
+    world_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +71,7 @@ class MoleculeDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
     ):
         super().__init__()
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        check_num_workers(num_workers)
         self.seed, self.pin_memory = seed, pin_memory
         self.path = path
         self.registry_key = registry_key
