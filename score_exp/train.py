@@ -236,7 +236,7 @@ def _record_learned_depth(record: dict, depth) -> None:
     if spec.growth is not None:
         record["final_steps"] = depth.steps
     if spec.learn_dt != "none":
-        record["learned_dt"] = [round(v, 6) for v in depth.current_dt().tolist()]
+        record["learned_dt"] = [round(float(dt), 6) for dt in depth.dts()]
     if spec.connect == "ancre":
         record["connection_weights"] = [
             [round(v, 6) for v in row] for row in depth.connection_weights().tolist()

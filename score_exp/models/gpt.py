@@ -165,15 +165,12 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(
-        self, idx: Tensor, targets: Tensor | None = None, **depth_overrides
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits and (with ``targets``) the mean cross-entropy, as nanoGPT.
 
         Args:
             idx: token ids, ``(B, T)`` with ``T <= block_size``.
             targets: next-token ids ``(B, T)``; ``-1`` is ignored.
-            **depth_overrides: ``steps``/``dt``/``integrator`` for this call (shared depth only).
 
         Returns:
             ``(logits, loss)``: logits ``(B, T, V)`` with targets; without them only the last
@@ -186,7 +183,7 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         h = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        h = self.depth(h, **depth_overrides)  # (B, T, C)
+        h = self.depth(h)  # (B, T, C)
         h = self.ln_f(h)  # (B, T, C)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None  # (B, 1, V)

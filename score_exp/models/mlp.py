@@ -67,9 +67,9 @@ class RecurrentMLP(nn.Module):
         self.depth.reset_parameters()
         self.head.reset_parameters()
 
-    def forward(self, x: Tensor, **depth_overrides) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         h = self.encoder(x)  # (B, hidden)
-        h = self.depth(h, **depth_overrides)
+        h = self.depth(h)  # (B, hidden)
         return self.head(h)  # (B, out_features)
 
     def extra_repr(self) -> str:

@@ -180,7 +180,7 @@ class DepthGrowth(L.Callback):
             at,
             before,
             depth.steps,
-            depth.step_size,
+            float(depth.dts()[0]),
         )
 
 
@@ -236,15 +236,13 @@ class DepthDiagnostics(L.Callback):
         if self._captured is not None:
             h, ctx = self._captured
             self._captured = None
-            for key in ("steps", "dt", "integrator"):
-                ctx.pop(key, None)
             trace = depth.trace(h, **ctx)
             for t, v in enumerate(trace["rel_change"].tolist()):
                 metrics[f"diag/rel_change_step{t}"] = v
             for t, v in enumerate(trace["contraction"].tolist()[1:], start=1):
                 metrics[f"diag/contraction_step{t}"] = v
         if depth.spec.learn_dt != "none":
-            for t, v in enumerate(depth.current_dt().tolist()):
+            for t, v in enumerate(float(dt) for dt in depth.dts()):
                 metrics[f"depth/dt_step{t}"] = v
         self._metrics = metrics
 
