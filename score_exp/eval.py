@@ -31,7 +31,7 @@ log = logging.getLogger("score_exp.eval")
 
 EVAL_CSV = "eval.csv"
 # Columns printed by the table (eval.csv keeps every metric of the split).
-SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "steps_used", "nfe", "seconds")
+SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "steps_used", "nfe", "nfe_spent", "seconds")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -68,10 +68,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"run {run_dir} has no RecurrentDepth to re-discretise")
 
     used: list[Any] = []
+    spent: list[tuple[float, int]] = []  # (evaluations of F per sample, samples) per forward
 
     def count(mod, args, output):
         if mod.last_steps_used is not None:
             used.append(mod.last_steps_used.float())
+        if mod.last_nfe is not None:
+            n = len(mod.last_steps_used) if mod.last_steps_used is not None else 1
+            spent.append((float(mod.last_nfe), n))
 
     # The core's re-discretisation: its rules (step counts, horizon, integrators) live there.
     try:
@@ -110,6 +114,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "adaptive_eps": d.adaptive_eps if d.adaptive_eps is not None else "",
         "steps_used": round(float(torch.cat(used).mean()), 4) if used else d.steps,
         "nfe": d.nfe,
+        # Evaluations of F actually spent per sample (halting stops samples early; the
+        # fixed-point solver's iterations + 1): the mean over the split's samples.
+        "nfe_spent": round(sum(v * n for v, n in spent) / sum(n for _, n in spent), 4)
+        if spent
+        else d.nfe,
         "seconds": round(seconds, 4),
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         **merged,

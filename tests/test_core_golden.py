@@ -32,5 +32,11 @@ def test_core_is_bit_identical_to_the_original():
     ref = unpack(torch.load(GOLDEN, weights_only=True))
     got = run_all(_rediscretise)
     assert sorted(got) == sorted(ref)
-    differ = [k for k in ref if not _same(got[k].double(), ref[k])]
+    # Halting now removes finished samples (score_exp.core.halting): the rows still running go
+    # through smaller matrix products, whose BLAS kernels may round differently (1 ulp seen).
+    # Their steps are exact; their states agree to float64 rounding.
+    halted = {k for k in ref if k.startswith("adaptive_") and k.endswith("/out")}
+    differ = [k for k in ref if k not in halted and not _same(got[k].double(), ref[k])]
     assert not differ, f"{len(differ)} of {len(ref)} tensors differ: {differ[:8]}"
+    for k in halted:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-13, atol=1e-15)

@@ -38,8 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from score_exp.core import growth, mixing, step_size
+from score_exp.core import growth, inject, mixing, solver, step_count, step_size
 from score_exp.core.discretisation import Discretisation, resolve
+from score_exp.core.halting import Select, integrate_halting
 from score_exp.core.integrators import INTEGRATORS
 from score_exp.core.observers import Halting, Observer, Trace
 from score_exp.core.spec import CONNECTS, LEARN_DT, UPDATES, DepthSpec
@@ -55,11 +56,15 @@ class RecurrentDepth(nn.Module):
             ``F(h, **ctx) -> Tensor`` of the same shape as ``h``. Called once when
             ``spec.share`` else once per (initial) step.
         spec: the depth specification.
+        width: the state's last dimension; needed by ``inject="concat"`` (its ``(C, 2C)``
+            projection).
 
     Attributes:
         last_steps_used: after a forward that stopped adaptively (``spec.adaptive_eps``), the
-            number of steps each sample (row of ``h``'s first dim; a node for graph batches)
-            took, a ``(B,)`` long tensor; None after any other forward.
+            number of steps each sample (row of ``h``, or ``group`` of rows) took, a long
+            tensor; None after any other forward.
+        last_nfe: evaluations of ``F`` the last forward spent per sample (the mean over
+            samples when halting; the solver's iterations + 1 for ``solver=fixed_point``).
 
     Example:
         >>> spec = DepthSpec(share=True, steps=4, dt=0.25)
@@ -71,7 +76,9 @@ class RecurrentDepth(nn.Module):
         (32, torch.Size([2, 8]))
     """
 
-    def __init__(self, block_factory: Callable[[], nn.Module], spec: DepthSpec):
+    def __init__(
+        self, block_factory: Callable[[], nn.Module], spec: DepthSpec, width: int | None = None
+    ):
         super().__init__()
         self.spec = spec
         # growth starts at its first stage; without growth this is spec.steps.
@@ -90,34 +97,76 @@ class RecurrentDepth(nn.Module):
             self.register_buffer("connect_mask", torch.ones(n, n).tril().bool(), persistent=False)
         if spec.learn_dt != "none":
             self.dt_logit = nn.Parameter(step_size.init_dt_logit(spec))
+        if spec.inject == "concat":
+            if width is None:
+                raise ValueError("inject='concat' needs the state width: RecurrentDepth(width=C)")
+            self.inject_weight = nn.Parameter(inject.concat_weight(width))
         self._override: Discretisation | None = None
+        self._drawn_steps: int | None = None
         self.last_steps_used: Tensor | None = None
+        self.last_nfe: float | None = None
 
     # ------------------------------------------------------------------ the loop
 
-    def forward(self, h: Tensor, **ctx: Any) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        *,
+        group: Tensor | None = None,
+        select: Select | None = None,
+        readout: Callable[[Tensor], Tensor] | None = None,
+        **ctx: Any,
+    ) -> Tensor:
         """Run the depth on ``h``.
 
         Args:
-            h: the initial state ``h_0``; its first dim indexes samples (for ``adaptive_eps``).
+            h: the input ``e`` (the encoder output), ``(rows, ...)``; the iteration starts at
+                ``init_state`` (``e`` itself by default).
+            group: for halting, the sample of each row (PyG's ``batch``: a molecule stops as a
+                whole); None: each row is a sample.
+            select: for halting with a block context: ``select(rows_kept, ctx) -> ctx`` cuts
+                the context down to the rows still running (e.g. a subgraph).
+            readout: for ``halt="kl"``: maps a state to logits (e.g. next-token logits).
             **ctx: passed to every block call, e.g. ``edge_index`` for a graph convolution.
         """
         d = self.discretisation
-        halt = d.adaptive_eps is not None and not (torch.is_grad_enabled() and self.training)
-        observer = Halting(d.adaptive_eps, h) if halt else None
-        h = self._integrate(h, d, ctx, observer)
-        self.last_steps_used = observer.steps_used if halt else None
+        e = h  # the input, which inject= shows to every step
+        h = inject.initial_state(self.spec, e)
+        if self.spec.solver == "fixed_point":
+            return self._solve(h, e, ctx)
+        self.last_steps_used, self.last_nfe = None, d.nfe
+        if d.adaptive_eps is None or (torch.is_grad_enabled() and self.training):
+            return self._integrate(h, e, d, ctx, None)
+        if self.spec.connect == "ancre":  # the mixture needs every state: freeze, not remove
+            observer = Halting(d.adaptive_eps, h)
+            h = self._integrate(h, e, d, ctx, observer)
+            self.last_steps_used = observer.steps_used
+            return h
+        if self.spec.halt == "kl" and readout is None:
+            raise ValueError("halt='kl' compares readouts: the model must pass readout=")
+        kl = readout if self.spec.halt == "kl" else None
+        h, used, spent = integrate_halting(self, h, e, d, ctx, group, select, kl)
+        self.last_steps_used, self.last_nfe = used, spent / len(used)
         return h
 
     def _integrate(
-        self, h: Tensor, d: Discretisation, ctx: dict[str, Any], observer: Observer | None
+        self,
+        h: Tensor,
+        e: Tensor,
+        d: Discretisation,
+        ctx: dict[str, Any],
+        observer: Observer | None,
     ) -> Tensor:
         """``d.steps`` integrator steps of the update's vector field: the paper's depth."""
         dts = self.dts()
         mix = self._mixing(h)
+        k = self.spec.backprop_steps
+        first_grad = d.steps - k if k is not None and torch.is_grad_enabled() else 0
         for l in range(d.steps):
-            x = mix.input(l, h)  # the state step l updates (h itself for the chain)
-            h_next = self._step(l, x, dts[l], d.integrator, ctx)
+            # backprop_steps: the steps before the last k build no graph.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and l >= first_grad):
+                x = mix.input(l, h)  # the state step l updates (h itself for the chain)
+                h_next = self._step(l, x, e, dts[l], d.integrator, ctx)
             if observer is not None:
                 h_next = observer.step(h, h_next)
             h = h_next
@@ -126,16 +175,36 @@ class RecurrentDepth(nn.Module):
                 break
         return h
 
-    def _step(self, l: int, x: Tensor, dt: Any, integrator: str, ctx: dict[str, Any]) -> Tensor:
+    def _step(
+        self, l: int, x: Tensor, e: Tensor, dt: Any, integrator: str, ctx: dict[str, Any]
+    ) -> Tensor:
         """One step of block ``l`` (the shared block for every ``l``), checkpointed if asked."""
-        block = self.blocks[0 if self.spec.share else l]
+        block = self._block(l, e)
         if self.spec.checkpoint and torch.is_grad_enabled():
             return activation_checkpoint(
                 self._update, block, x, dt, integrator, use_reentrant=False, **ctx
             )
         return self._update(block, x, dt, integrator, **ctx)
 
-    def _update(self, block: nn.Module, h: Tensor, dt: Any, integrator: str, **ctx: Any) -> Tensor:
+    def _block(self, l: int, e: Tensor) -> Callable[..., Tensor]:
+        """``F`` of step ``l`` as the update sees it (with the input injected, if asked)."""
+        block = self.blocks[0 if self.spec.share else l]
+        return inject.injected(block, self.spec, e, getattr(self, "inject_weight", None))
+
+    def _solve(self, h: Tensor, e: Tensor, ctx: dict[str, Any]) -> Tensor:
+        """``solver=fixed_point``: Anderson to ``h* = F(h*)``, then one differentiable ``F``."""
+        F = self._block(0, e)
+        spec = self.spec
+        h_star, evals, _ = solver.anderson(
+            lambda x: F(x, **ctx), h, spec.solver_tol, spec.solver_max_iter
+        )
+        self.last_nfe = evals + 1
+        self.last_steps_used = None
+        return F(h_star, **ctx)  # Jacobian-free backprop: one step carries the gradient
+
+    def _update(
+        self, block: Callable[..., Tensor], h: Tensor, dt: Any, integrator: str, **ctx: Any
+    ) -> Tensor:
         """The update rule: ``F(h)`` itself, or an integrator step of ``F(h) - h`` or ``F(h)``."""
         update = self.spec.update
         if update == "none":
@@ -161,6 +230,14 @@ class RecurrentDepth(nn.Module):
             return self._override
         spec = self.spec
         learned = spec.learn_dt != "none"
+        if self.training and self._drawn_steps is not None:  # train_steps: a drawn count
+            n = self._drawn_steps
+            dt = (
+                spec.horizon / n
+                if spec.train_dt == "horizon"
+                else step_size.fixed_dt(spec, n, False)
+            )
+            return Discretisation(n, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step)
         return Discretisation(
             steps=self._steps,
             dt=None if learned else step_size.fixed_dt(spec, self._steps, self.keep_horizon),
@@ -220,6 +297,13 @@ class RecurrentDepth(nn.Module):
             return step_size.learned_dts(self.dt_logit, d.steps)
         return [step_size.learned_horizon(self.spec, self.dt_logit) / d.steps] * d.steps
 
+    def draw_steps(self, index: int, seed: int = 0) -> int:
+        """``train_steps``: draw the step count of optimiser step ``index`` (a pure function of
+        ``(seed, index)``, so every data-parallel rank draws the same); training forwards run it
+        until the next draw, evaluation runs ``steps``. Returns the count."""
+        self._drawn_steps = step_count.draw_steps(self.spec, seed, index)
+        return self._drawn_steps
+
     @property
     def steps(self) -> int:
         """The trained (active) number of steps; growth changes it, :meth:`discretised` not."""
@@ -252,17 +336,20 @@ class RecurrentDepth(nn.Module):
         return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)
 
     @torch.no_grad()
-    def trace(self, h: Tensor, **ctx: Any) -> dict[str, Tensor]:
+    def trace(
+        self, h: Tensor, *, group: Any = None, select: Any = None, readout: Any = None, **ctx: Any
+    ) -> dict[str, Tensor]:
         """Per-step diagnostics of one full-depth forward (no early stopping, no gradients).
 
         Returns:
             ``rel_change``: ``(steps,)``, the batch mean of ``||h_{t+1} - h_t|| / ||h_t||``;
             ``contraction``: ``(steps,)``, the batch mean of
             ``||h_{t+1} - h_t|| / ||h_t - h_{t-1}||`` (NaN at ``t = 0``, which has no previous
-            step); norms over all non-batch dims.
+            step); norms over all non-batch dims. ``group``, ``select`` and ``readout`` (the
+            halting arguments of :meth:`forward`) are accepted and unused.
         """
         trace = Trace()
-        self._integrate(h, self.discretisation, ctx, trace)
+        self._integrate(inject.initial_state(self.spec, h), h, self.discretisation, ctx, trace)
         return trace.summary()
 
     def set_steps(self, n: int, keep_horizon: bool | None = None) -> None:

@@ -16,6 +16,12 @@ from score_exp.core.integrators import get_integrator
 UPDATES = ("contractive", "residual", "none")
 CONNECTS = ("chain", "ancre")
 LEARN_DT = ("none", "global", "per_step")
+INJECTS = ("none", "add", "concat")
+INIT_STATES = ("input", "zeros", "random")
+TRAIN_STEPS = ("fixed", "uniform", "lognormal_poisson")
+TRAIN_DT = ("fixed", "horizon")
+SOLVERS = ("unroll", "fixed_point")
+HALTS = ("state", "kl")
 
 
 @dataclass
@@ -49,6 +55,31 @@ class DepthSpec:
             Shared depths change their step count; stacked ones double their blocks at each stage.
         keep_horizon: when ``growth`` changes the step count, keep ``T = steps * dt`` (dt
             becomes ``T / n``) rather than ``dt``.
+        inject: ``none``, ``add`` (every step sees the initial state: ``F(h + h_0)``) or
+            ``concat`` (``F(W [h, h_0])``, ``W`` a learned ``(C, 2C)`` projection initialised
+            at ``[I, I]``, i.e. as ``add``).
+        init_state: where the iteration starts: ``input`` (``h_0``, the encoder output),
+            ``zeros`` or ``random`` (``N(0, init_std^2)``, Huginn's); the last two need
+            ``inject`` to carry the input.
+        init_std: standard deviation of the ``random`` initial state; > 0.
+        train_steps: steps per optimiser step in training: ``fixed`` (``steps``),
+            ``uniform:a,b`` (uniform on ``a..b``) or ``lognormal_poisson:mean,sigma`` (Huginn's:
+            ``1 + Poisson(exp(tau))``, ``tau ~ N(log(mean) - sigma^2 / 2, sigma)``, capped at
+            ``4 * mean``); drawn by :meth:`RecurrentDepth.draw_steps` from the seed and the
+            optimiser step only (the same on every data-parallel rank). Evaluation runs ``steps``.
+        train_dt: how dt follows a drawn step count: ``fixed`` (dt stays) or ``horizon``
+            (``dt = steps * dt / n``, the horizon stays).
+        backprop_steps: None (all) or ``k``: only the last ``k`` steps build a graph; the
+            earlier ones run under ``torch.no_grad`` (memory flat in the step count).
+        solver: ``unroll`` (the steps) or ``fixed_point``: solve ``h = F(h)`` (contractive
+            update, shared block, with ``inject``) by Anderson acceleration to ``solver_tol``
+            within ``solver_max_iter`` iterations without a graph, then one differentiable
+            ``F`` step at the fixed point (Jacobian-free backprop, arXiv 2103.12803).
+        solver_tol: relative residual ``||F(h) - h|| / ||F(h)||`` at which the solver stops.
+        solver_max_iter: the solver's iteration budget; >= 2.
+        halt: the halting criterion of ``adaptive_eps``: ``state`` (relative state change) or
+            ``kl`` (Huginn's: KL between successive readout distributions; the model passes
+            ``readout=`` to the depth, e.g. a language model's next-token logits).
     """
 
     share: bool = True
@@ -64,6 +95,16 @@ class DepthSpec:
     adaptive_eps: Optional[float] = None  # noqa: UP045
     growth: Optional[list] = None  # noqa: UP045
     keep_horizon: bool = True
+    inject: str = "none"
+    init_state: str = "input"
+    init_std: float = 1.0
+    train_steps: str = "fixed"
+    train_dt: str = "fixed"
+    backprop_steps: Optional[int] = None  # noqa: UP045
+    solver: str = "unroll"
+    solver_tol: float = 1e-4
+    solver_max_iter: int = 30
+    halt: str = "state"
 
     def __post_init__(self) -> None:
         if self.update not in UPDATES:
@@ -124,6 +165,82 @@ class DepthSpec:
             raise ValueError(f"adaptive_eps must be > 0 or null, got {self.adaptive_eps!r}")
         if self.growth is not None:
             self._validate_growth()
+        self._validate_dial()
+
+    def _validate_dial(self) -> None:
+        for name, valid in (
+            ("inject", INJECTS),
+            ("init_state", INIT_STATES),
+            ("train_dt", TRAIN_DT),
+            ("solver", SOLVERS),
+            ("halt", HALTS),
+        ):
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; valid {name}: {', '.join(valid)}"
+                )
+        if self.init_state != "input" and self.inject == "none":
+            raise ValueError(
+                f"init_state={self.init_state!r} starts without the input: it needs inject=add "
+                "or inject=concat to carry it"
+            )
+        if not _is_number(self.init_std) or not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
+        self.init_std = float(self.init_std)
+        self.train_steps_law()  # raises on a malformed law
+        per_step = self.connect != "chain" or self.learn_dt != "none" or self.growth is not None
+        if self.train_steps != "fixed" and (not self.share or per_step):
+            raise ValueError(
+                "train_steps draws the step count: it needs a shared depth (share=true) "
+                "without connect=ancre, learn_dt or growth"
+            )
+        k = self.backprop_steps
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"backprop_steps must be an integer >= 1 or null, got {k!r}")
+        if self.solver == "fixed_point":
+            if self.update != "contractive" or not self.share or self.inject == "none":
+                raise ValueError(
+                    "solver=fixed_point solves h = F(h): it needs update=contractive, "
+                    "share=true and inject=add or concat (without injection the fixed point "
+                    "forgets the input)"
+                )
+            if per_step or self.train_steps != "fixed" or self.backprop_steps is not None:
+                raise ValueError(
+                    "solver=fixed_point runs no steps: it cannot be combined with connect, "
+                    "learn_dt, growth, train_steps or backprop_steps"
+                )
+        if not _is_number(self.solver_tol) or not self.solver_tol > 0:
+            raise ValueError(f"solver_tol must be > 0, got {self.solver_tol!r}")
+        self.solver_tol = float(self.solver_tol)
+        it = self.solver_max_iter
+        if isinstance(it, bool) or not isinstance(it, int) or it < 2:
+            raise ValueError(f"solver_max_iter must be an integer >= 2, got {it!r}")
+
+    def train_steps_law(self) -> tuple[str, tuple[float, ...]]:
+        """``train_steps`` parsed: ``("fixed", ())``, ``("uniform", (a, b))`` or
+        ``("lognormal_poisson", (mean, sigma))``."""
+        name, _, args = str(self.train_steps).partition(":")
+        if name not in TRAIN_STEPS or (name == "fixed") != (args == ""):
+            raise ValueError(
+                f"train_steps must be fixed, uniform:a,b or lognormal_poisson:mean,sigma, "
+                f"got {self.train_steps!r}"
+            )
+        if name == "fixed":
+            return name, ()
+        try:
+            values = tuple(float(v) for v in args.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 2:
+            raise ValueError(f"train_steps {name} takes two numbers, got {self.train_steps!r}")
+        a, b = values
+        if name == "uniform" and not (a.is_integer() and b.is_integer() and 1 <= a <= b):
+            raise ValueError(f"train_steps uniform:a,b needs integers 1 <= a <= b, got {a}, {b}")
+        if name == "lognormal_poisson" and not (a > 0 and b >= 0):
+            raise ValueError(
+                f"train_steps lognormal_poisson:mean,sigma needs mean > 0, sigma >= 0, got {a}, {b}"
+            )
+        return name, values
 
     def _validate_growth(self) -> None:
         g = self.growth

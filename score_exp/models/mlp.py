@@ -59,7 +59,7 @@ class RecurrentMLP(nn.Module):
         super().__init__()
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)
-        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout), depth)
+        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout), depth, hidden)
         self.head = nn.Linear(hidden, out_features)
 
     def reset_parameters(self) -> None:

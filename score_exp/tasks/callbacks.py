@@ -184,6 +184,28 @@ class DepthGrowth(L.Callback):
         )
 
 
+class RandomDepth(L.Callback):
+    """``depth.train_steps``: draws the step count of each optimiser step before its batch.
+
+    The draw is a function of ``(seed, trainer.global_step)`` only, so every data-parallel rank
+    draws the same count, gradient-accumulation micro-batches share one, and a resumed run
+    draws what the uninterrupted one drew. Logged as ``depth/train_steps``.
+
+    Args:
+        seed: the run's seed.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        depth = find_depth(pl_module)
+        if depth is None or depth.spec.train_steps == "fixed":
+            return
+        n = depth.draw_steps(trainer.global_step, self.seed)
+        pl_module.log("depth/train_steps", float(n), on_step=True, on_epoch=False, batch_size=1)
+
+
 def _replay_schedulers(trainer) -> None:
     """Bring freshly created LR schedulers to the trainer's current step or epoch."""
     for config in trainer.lr_scheduler_configs:
@@ -199,8 +221,9 @@ class DepthDiagnostics(L.Callback):
 
     ``diag/rel_change_step{t}`` (``||h_{t+1} - h_t|| / ||h_t||``), ``diag/contraction_step{t}``
     (``||h_{t+1} - h_t|| / ||h_t - h_{t-1}||``, from ``t = 1``), ``depth/steps`` (the active
-    step count), ``depth/dt_step{t}`` with a learned dt and ``depth/steps_used`` (mean over
-    samples) with adaptive depth. The depth's input is captured by a forward hook, so the cost
+    step count), ``depth/dt_step{t}`` with a learned dt, ``depth/steps_used`` (mean over
+    samples) with adaptive depth and ``depth/nfe_spent`` (evaluations of ``F`` per sample) with
+    adaptive depth or the fixed-point solver. The depth's input is captured by a forward hook, so the cost
     is one extra no-grad pass of the depth alone on one batch per validation.
     """
 
@@ -233,6 +256,10 @@ class DepthDiagnostics(L.Callback):
         metrics: dict[str, float] = {"depth/steps": float(depth.steps)}
         if depth.last_steps_used is not None:
             metrics["depth/steps_used"] = float(depth.last_steps_used.float().mean())
+        if depth.last_nfe is not None and (
+            depth.last_steps_used is not None or depth.spec.solver != "unroll"
+        ):
+            metrics["depth/nfe_spent"] = float(depth.last_nfe)  # halting, fixed-point solver
         if self._captured is not None:
             h, ctx = self._captured
             self._captured = None
