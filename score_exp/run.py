@@ -198,8 +198,10 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return hydra_compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot compose {' '.join(overrides)}: {first}") from None
+        skip = ("full_key", "object_type", "reference_type")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = " ".join(ln for ln in lines if not ln.startswith(skip)) or type(e).__name__
+        raise ConfigError(f"cannot compose {' '.join(overrides)}: {why}") from None
 
 
 def check_depth_overrides(overrides: Sequence[str]) -> None:
@@ -328,6 +330,7 @@ def training_step_fn(module, gradient_clip_val: float | None = None, autocast=No
         opt.zero_grad(set_to_none=True)
         return loss
 
+    step.optimizer, step.scheduler = opt, sched
     return step
 
 
