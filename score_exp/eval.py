@@ -94,7 +94,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     finally:
         handle.remove()
     seconds = time.perf_counter() - t0
-    merged = {k: float(v) for d in metrics for k, v in d.items() if k.startswith(cfg.split + "/")}
+    merged = {k: float(v) for m in metrics for k, v in m.items() if k.startswith(cfg.split + "/")}
     row: dict[str, Any] = {
         "steps": d.steps,
         "integrator": d.integrator,

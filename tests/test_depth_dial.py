@@ -376,12 +376,11 @@ TASKS = {
         "task.data.eval_iters=2",
     ],  # fmt: skip
 }
-# ``++``: set the key whether or not the depth preset lists it.
-UNROLLED = ["depth.steps=2", "++depth.inject=concat", "++depth.init_state=random",
-            "++depth.train_steps='uniform:1,3'", "++depth.train_dt=horizon",
-            "++depth.backprop_steps=1", "++depth.adaptive_eps=0.5"]  # fmt: skip
-FIXED_POINT = ["depth.steps=2", "++depth.inject=add", "++depth.solver=fixed_point",
-               "++depth.solver_max_iter=4"]  # fmt: skip
+UNROLLED = ["depth.steps=2", "trainer.log_every_n_steps=1", "depth.inject=concat", "depth.init_state=random",
+            "depth.train_steps='uniform:1,3'", "depth.train_dt=horizon",
+            "depth.backprop_steps=1", "depth.adaptive_eps=0.5"]  # fmt: skip
+FIXED_POINT = ["depth.steps=2", "depth.inject=add", "depth.solver=fixed_point",
+               "depth.solver_max_iter=4"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -394,7 +393,7 @@ def test_cli_trains_every_task_with_the_dial_fields(tmp_path, task, dial):
 
     over = UNROLLED if dial == "unrolled" else FIXED_POINT
     if task == "shakespeare_char_cpu" and dial == "unrolled":
-        over = [*over, "++depth.halt=kl"]
+        over = [*over, "depth.halt=kl"]
     run = tmp_path / "run"
     out = train_cli(run, *TASKS[task], *over, env=cli_env(OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -428,3 +427,32 @@ def test_score_eval_records_the_evaluations_spent_when_halting(tmp_path):
     assert float(rows[1e-9]["nfe_spent"]) == 8  # nobody stops
     assert float(rows[10.0]["nfe_spent"]) == 1  # everybody stops after one step
     assert "nfe_spent" in out.stdout
+
+
+# ----------------------------------------------------------------------------- ANCRe, residual
+
+
+def test_ancre_residual_starts_as_the_chain_bit_for_bit_and_learns():
+    chain, ancre = _pair(
+        {"steps": 4, "dt": 0.5},
+        {"steps": 4, "dt": 0.5, "connect": "ancre", "ancre_param": "residual"},
+    )
+    h = torch.randn(3, 5)
+    assert torch.equal(ancre(h), chain(h))
+    w = ancre.connection_weights()
+    assert torch.equal(w[:, :4], torch.eye(4)) and "ancre_param='residual'" in repr(ancre)
+    ancre(h).pow(2).sum().backward()
+    g = ancre.connect_residual.grad
+    assert (g.tril(-1)[1:].abs().sum(1) > 0).all()  # every row with a choice learns at init
+    assert torch.equal(g.triu(), torch.zeros(4, 4))  # the diagonal and above are unused
+    # A hand-written mixture with random coefficients.
+    with torch.no_grad():
+        ancre.connect_residual.copy_(0.2 * torch.randn(4, 4))
+    a, block = ancre.connect_residual.detach(), ancre.blocks[0]
+    states = [h]
+    for j in range(4):
+        x = states[j] + sum(a[j, i] * (states[i] - states[j]) for i in range(j))
+        states.append(x + 0.5 * (block(x) - x))
+    assert torch.allclose(ancre(h), states[-1], atol=1e-12)
+    w = ancre.connection_weights()
+    assert torch.allclose(w.sum(1), torch.ones(4)) and torch.equal(w.triu(1), torch.zeros(4, 5))

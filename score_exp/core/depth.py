@@ -89,7 +89,9 @@ class RecurrentDepth(nn.Module):
         if spec.growth is not None:
             # Persisted so that a checkpoint taken at any stage reloads at that stage.
             self.register_buffer("active_steps", torch.tensor(self._steps))
-        if spec.connect == "ancre":
+        if spec.connect == "ancre" and spec.ancre_param == "residual":
+            self.connect_residual = nn.Parameter(torch.zeros(spec.steps, spec.steps))
+        elif spec.connect == "ancre":
             n = spec.steps
             self.connect_logits = nn.Parameter(
                 mixing.ancre_init_logits(n, spec.ancre_init, spec.ancre_tau)
@@ -318,11 +320,15 @@ class RecurrentDepth(nn.Module):
     # ------------------------------------------------------------------ optional parts
 
     def _mixing(self, h0: Tensor) -> mixing.Chain:
-        if self.spec.connect == "ancre":
-            return mixing.Ancre(self._ancre_weights(), h0)
-        return mixing.Chain()
+        if self.spec.connect != "ancre":
+            return mixing.Chain()
+        if self.spec.ancre_param == "residual":
+            return mixing.AncreResidual(self.connect_residual, h0)
+        return mixing.Ancre(self._ancre_weights(), h0)
 
     def _ancre_weights(self) -> Tensor:
+        if self.spec.ancre_param == "residual":
+            return mixing.residual_weights(self.connect_residual)
         return mixing.ancre_weights(self.connect_logits, self.connect_mask, self.spec.ancre_tau)
 
     def connection_weights(self) -> Tensor:
@@ -390,7 +396,9 @@ class RecurrentDepth(nn.Module):
             f"integrator={s.integrator!r}, nfe={self.nfe}"
         )
         if s.connect != "chain":
-            text += f", connect={s.connect!r}, ancre_tau={s.ancre_tau}, ancre_init={s.ancre_init}"
+            text += f", connect={s.connect!r}, ancre_param={s.ancre_param!r}"
+            if s.ancre_param == "softmax":
+                text += f", ancre_tau={s.ancre_tau}, ancre_init={s.ancre_init}"
         if s.learn_dt != "none":
             text += f", learn_dt={s.learn_dt!r}"
         if s.adaptive_eps is not None:

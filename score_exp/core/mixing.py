@@ -3,6 +3,9 @@
 ``chain`` (the default, SCORE): step ``j`` updates ``h_j``. ``ancre``: step ``j`` updates a
 learned mixture ``sum_i softmax(c_j / tau)_i h_i`` of every state so far, ``h_0 .. h_j``
 (ANCRe-style connectivity); its logits ``c`` are a ``(steps, steps)`` parameter of the depth.
+``ancre_param="residual"`` parameterises the same mixture as the chain plus learned residual
+coefficients, ``h_j + sum_{i<j} a_ji (h_i - h_j)`` (``a = 0`` at initialisation), computed as a
+running sum without stacking the states.
 
 A mixing is a small per-forward object: :meth:`Chain.input` gives the input of step ``l`` from
 the current state, :meth:`Chain.push` sees each new state. Nothing here evaluates ``F``.
@@ -46,6 +49,40 @@ class Ancre(Chain):
 
     def push(self, h: Tensor) -> None:
         self.states.append(h)
+
+
+class AncreResidual(Chain):
+    """Step ``l`` updates ``h_l + sum_{i < l} a[l, i] (h_i - h_l)``: ``a = 0`` is the chain.
+
+    Computed as ``(1 - sum_i a[l, i]) h_l + sum_i a[l, i] h_i``, a running sum of ``l + 1``
+    scaled states: no stacking of the earlier states, so the cost is ``l + 1`` axpy's per step.
+
+    Args:
+        a: ``(steps, steps)`` coefficients (only ``i < l`` is used in row ``l``).
+        h0: the initial state.
+    """
+
+    def __init__(self, a: Tensor, h0: Tensor):
+        self.a = a
+        self.states = [h0]
+
+    def input(self, l: int, h: Tensor) -> Tensor:
+        if l == 0:
+            return h
+        row = self.a[l, :l]  # (l,)
+        x = h * (1.0 - row.sum())
+        for i in range(l):
+            x = x + row[i] * self.states[i]
+        return x
+
+    def push(self, h: Tensor) -> None:
+        self.states.append(h)
+
+
+def residual_weights(a: Tensor) -> Tensor:
+    """The mixture weights of :class:`AncreResidual`: ``a`` below the diagonal, ``1 - sum`` on it."""
+    strict = a.tril(-1)
+    return strict + torch.diag(1.0 - strict.sum(1))
 
 
 def ancre_init_logits(steps: int, init: float, tau: float) -> Tensor:

@@ -15,6 +15,7 @@ from score_exp.core.integrators import get_integrator
 
 UPDATES = ("contractive", "residual", "none")
 CONNECTS = ("chain", "ancre")
+ANCRE_PARAMS = ("softmax", "residual")
 LEARN_DT = ("none", "global", "per_step")
 INJECTS = ("none", "add", "concat")
 INIT_STATES = ("input", "zeros", "random")
@@ -44,6 +45,10 @@ class DepthSpec:
         ancre_init: weight of ``h_j`` in row ``j`` at initialisation, in (0, 1). The default
             0.9999 starts as the chain to 1e-3, but saturates the softmax (its gradient scales
             with ``p (1 - p)``) so the coefficients barely move; 0.9 or less lets them learn.
+        ancre_param: how the ``ancre`` mixture is parameterised: ``softmax`` (above) or
+            ``residual``: ``h_j + sum_{i<j} a_ji (h_i - h_j)`` with ``a`` initialised at 0, the
+            chain bit for bit at initialisation, with gradients that do not saturate (no
+            ``ancre_tau``/``ancre_init``), computed as a running sum (no stacking of states).
         learn_dt: ``none``, ``global`` (one learned dt) or ``per_step`` (one per step); dt is
             ``sigmoid(logit)`` in (0, 1), initialised at the configured step size, which must
             then lie strictly inside (0, 1).
@@ -91,6 +96,7 @@ class DepthSpec:
     connect: str = "chain"
     ancre_tau: float = 1.0
     ancre_init: float = 0.9999
+    ancre_param: str = "softmax"
     learn_dt: str = "none"
     adaptive_eps: Optional[float] = None  # noqa: UP045
     growth: Optional[list] = None  # noqa: UP045
@@ -147,6 +153,11 @@ class DepthSpec:
         if not _is_number(self.ancre_init) or not 0 < self.ancre_init < 1:
             raise ValueError(f"ancre_init must lie in (0, 1), got {self.ancre_init!r}")
         self.ancre_init = float(self.ancre_init)
+        if self.ancre_param not in ANCRE_PARAMS:
+            raise ValueError(
+                f"unknown ancre_param {self.ancre_param!r}; valid ancre_param: "
+                f"{', '.join(ANCRE_PARAMS)}"
+            )
         if self.learn_dt not in LEARN_DT:
             raise ValueError(
                 f"unknown learn_dt {self.learn_dt!r}; valid learn_dt: {', '.join(LEARN_DT)}"
