@@ -51,32 +51,25 @@ class Ancre(Chain):
         self.states.append(h)
 
 
-class AncreResidual(Chain):
+class AncreResidual(Ancre):
     """Step ``l`` updates ``h_l + sum_{i < l} a[l, i] (h_i - h_l)``: ``a = 0`` is the chain.
 
     Computed as ``(1 - sum_i a[l, i]) h_l + sum_i a[l, i] h_i``, a running sum of ``l + 1``
     scaled states: no stacking of the earlier states, so the cost is ``l + 1`` axpy's per step.
 
     Args:
-        a: ``(steps, steps)`` coefficients (only ``i < l`` is used in row ``l``).
+        weights: ``a``, ``(steps, steps)`` coefficients (only ``i < l`` is used in row ``l``).
         h0: the initial state.
     """
-
-    def __init__(self, a: Tensor, h0: Tensor):
-        self.a = a
-        self.states = [h0]
 
     def input(self, l: int, h: Tensor) -> Tensor:
         if l == 0:
             return h
-        row = self.a[l, :l]  # (l,)
+        row = self.weights[l, :l]  # (l,)
         x = h * (1.0 - row.sum())
         for i in range(l):
             x = x + row[i] * self.states[i]
         return x
-
-    def push(self, h: Tensor) -> None:
-        self.states.append(h)
 
 
 def residual_weights(a: Tensor) -> Tensor:
