@@ -193,8 +193,8 @@ def original_rediscretise(depth: RecurrentDepth, h: Tensor, over: dict[str, Any]
     """How the original ``score-eval`` re-discretised (its rules, then forward overrides).
 
     Used only to generate the reference at commit 92c1f43 (whose forward took ``steps``, ``dt``
-    and ``integrator``): ``git checkout 92c1f43 -- score_exp/core && python
-    tests/core_golden_cases.py``.
+    and ``integrator``): ``git checkout 92c1f43 -- score_exp/core && PYTHONPATH=$PWD
+    python tests/core_golden_cases.py``.
     """
     spec = depth.spec
     steps = over.get("steps") or depth.steps
