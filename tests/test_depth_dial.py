@@ -456,3 +456,24 @@ def test_ancre_residual_starts_as_the_chain_bit_for_bit_and_learns():
     assert torch.allclose(ancre(h), states[-1], atol=1e-12)
     w = ancre.connection_weights()
     assert torch.allclose(w.sum(1), torch.ones(4)) and torch.equal(w.triu(1), torch.zeros(4, 5))
+
+
+@pytest.mark.slow
+def test_random_depth_draws_the_same_counts_on_one_and_two_processes(tmp_path):
+    """Two gloo ranks drawing other counts than one process would train other weights."""
+    import math
+
+    from conftest import cli_env, load_results, train_cli
+
+    tiny = ["trainer.max_epochs=2", "task.model.hidden=32", "task.model.dropout=0",
+            "depth.train_steps='uniform:1,4'", "depth.train_dt=horizon"]  # fmt: skip
+    env = cli_env(OMP_NUM_THREADS="1")
+    out = train_cli(tmp_path / "ddp", "trainer=ddp_cpu", *tiny, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = train_cli(tmp_path / "one", *tiny, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = load_results(tmp_path / "ddp"), load_results(tmp_path / "one")
+    assert a["status"] == b["status"] == "ok"
+    assert a["best_val"]["step"] == b["best_val"]["step"]
+    for key in ("rmse", "mae", "r2"):  # test_ddp.py: identical steps agree to float rounding
+        assert math.isclose(a["test"][key], b["test"][key], rel_tol=1e-5), key

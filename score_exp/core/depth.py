@@ -25,7 +25,10 @@ a small part in a file of its own, off by default (the plain chain, bit for bit)
 * growth (``growth.py``): ``set_steps`` / ``refine`` for incremental-in-depth training;
 * discretisation (``discretisation.py``): :meth:`RecurrentDepth.discretised` re-discretises a
   trained depth at evaluation (steps, dt, integrator, halting), the one mechanism every model
-  honours without any change of its own.
+  honours without any change of its own;
+* depth as a dial: ``inject``/``init_state`` (``inject.py``), random step counts in training
+  (``step_count.py``), truncated backprop (``backprop_steps``, in the loop), halting that removes
+  finished samples (``halting.py``) and the fixed-point solver (``solver.py``).
 """
 
 from __future__ import annotations
