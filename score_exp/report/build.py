@@ -11,7 +11,7 @@ from pathlib import Path
 
 from score_exp.io import atomic_write_text
 from score_exp.report import plots
-from score_exp.report.runs import Run, find_runs, varied_keys
+from score_exp.report.runs import Run, scan_runs, varied_keys
 from score_exp.report.tables import (
     Table,
     by_task,
@@ -60,9 +60,9 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
             metric of the ``stacked`` variant of each task.
     """
     paths = [Path(p) for p in paths]
-    runs = find_runs(paths)
+    runs, unreadable = scan_runs(paths)
     missing = missing_runs(paths)
-    if not runs and not missing:
+    if not runs and not missing and not unreadable:
         from score_exp.errors import DataError
 
         raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
@@ -76,6 +76,9 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         (str(m), "missing", "no results.json (still running, crashed before writing, or never ran)")
         for m in missing
     ]
+    report.not_ok += [(str(p), "unreadable", reason) for p, reason in unreadable]
+    for p, reason in unreadable:
+        log.warning("score-report: skipping unreadable run %s: %s", p, reason)
 
     sections: list[str] = []
     for task, task_runs in sorted(by_task(runs).items()):
@@ -109,7 +112,7 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
     ]
     if report.not_ok:
         md += ["| run | status | detail |", "|---|---|---|"]
-        md += [f"| `{p}` | {s} | {d} |" for p, s, d in report.not_ok]
+        md += [f"| `{p}` | {s} | {d.replace('|', '/')} |" for p, s, d in report.not_ok]
     else:
         md.append("None: every run finished ok.")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
