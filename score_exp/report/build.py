@@ -12,6 +12,7 @@ from pathlib import Path
 from score_exp.io import atomic_write_text
 from score_exp.report import plots
 from score_exp.report.runs import Run, scan_runs, varied_keys
+from score_exp.report.stats import paired_table
 from score_exp.report.tables import (
     Table,
     by_task,
@@ -33,6 +34,7 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     not_ok: list[tuple[str, str, str]] = field(default_factory=list)  # (path, status, detail)
+    paired: list[dict] = field(default_factory=list)  # paired.csv rows
 
 
 def missing_runs(paths: list[Path]) -> list[Path]:
@@ -85,6 +87,9 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         slug = _slug(task)
         vs = variants(task_runs)
         tables = [variant_table(task, vs, target)]
+        if pt := paired_table(task, vs):
+            tables.append(pt)
+            report.paired += pt.records
         tables += [
             t for t in (integrator_table(task, task_runs), dt_steps_table(task, task_runs)) if t
         ]
@@ -118,6 +123,7 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     atomic_write_text(out / "tables.tex", "% score-report tables (needs \\usepackage{booktabs})\n\n" + "\n".join(t.latex() for t in report.tables))  # fmt: skip
     atomic_write_text(out / "runs.csv", runs_csv(runs))
+    atomic_write_text(out / "paired.csv", records_csv(report.paired, PAIRED_COLUMNS))
     return report
 
 
@@ -144,6 +150,20 @@ def runs_csv(runs: list[Run]) -> str:
                r.get("params"), r.get("nfe"), r.get("wall_time_s"), r.get("time_per_epoch_s"),
                r.get("time_per_step_s")]  # fmt: skip
         w.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+PAIRED_COLUMNS = ["task", "variant", "baseline", "metric", "n", "mean", "ci_low", "ci_high", "p_t",
+                  "p_wilcoxon"]  # fmt: skip
+
+
+def records_csv(records: list[dict], columns: list[str]) -> str:
+    """A CSV of ``records`` (one dict per row) with the given columns; ``None`` is empty."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for rec in records:
+        w.writerow(["" if rec.get(c) is None else rec.get(c) for c in columns])
     return buf.getvalue()
 
 

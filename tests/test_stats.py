@@ -1,0 +1,97 @@
+"""Paired statistics in score-report, against values computed here with scipy on synthetic runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from test_report import write_run
+
+from score_exp.report.build import build_report
+from score_exp.report.stats import one_sample, paired_diff
+
+# Per-seed test RMSE: the split moves every variant together (big seed-to-seed spread), the
+# variants differ by a small, known amount per seed.
+SPLIT = [0.9, 0.6, 1.2, 0.7, 1.0]
+SCORE_GAIN = [-0.05, -0.03, -0.06, -0.02, -0.04]  # score - stacked
+SKIP_GAIN = [0.01, -0.02, 0.03, 0.00, -0.01]  # skip05 - stacked
+
+
+def _sweep(root, drop_seed=None):
+    for s, base in enumerate(SPLIT):
+        write_run(root, f"st{s}", preset="stacked", share=False, seed=s, rmse=base, curve=[base])
+        if s != drop_seed:
+            write_run(
+                root, f"sc{s}", preset="score", seed=s, rmse=base + SCORE_GAIN[s], curve=[base]
+            )
+        write_run(root, f"sk{s}", preset="skip05", share=False, seed=s, rmse=base + SKIP_GAIN[s],
+                  curve=[base])  # fmt: skip
+
+
+def _expected(diffs):
+    d = np.asarray(diffs)
+    n = len(d)
+    half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    return {"n": n, "mean": d.mean(), "ci_low": d.mean() - half, "ci_high": d.mean() + half,
+            "p_t": stats.ttest_rel(d, np.zeros(n)).pvalue, "p_wilcoxon": stats.wilcoxon(d).pvalue}  # fmt: skip
+
+
+def test_paired_table_matches_scipy_on_known_differences(tmp_path):
+    _sweep(tmp_path / "runs", drop_seed=3)  # score's seed 3 is missing: 4 pairs
+    rep = build_report([tmp_path / "runs"], tmp_path / "out")
+    table = next(t for t in rep.tables if "paired" in t.title)
+    rows = {r["variant"]: r for r in table.records}
+    assert set(rows) == {"score", "skip05"} and rows["score"]["baseline"] == "stacked"
+    for name, gains, seeds in (
+        ("score", SCORE_GAIN, [0, 1, 2, 4]),
+        ("skip05", SKIP_GAIN, range(5)),
+    ):
+        a = [SPLIT[s] + gains[s] for s in seeds]
+        b = [SPLIT[s] for s in seeds]
+        want = _expected([x - y for x, y in zip(a, b, strict=True)])
+        assert want["p_t"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+        for k, v in want.items():
+            assert rows[name][k] == pytest.approx(v, rel=1e-9), (name, k)
+    # Paired: score's gain is significant although its spread over seeds is ~10x the gain.
+    assert rows["score"]["ci_high"] < 0 and rows["score"]["p_t"] < 0.01
+    assert rows["skip05"]["ci_low"] < 0 < rows["skip05"]["ci_high"]
+    # The same numbers in report.md, tables.tex and paired.csv.
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "paired differences against stacked" in md and f"{rows['score']['mean']:+.4f}" in md
+    assert f"{rows['score']['p_t']:.3g}" in md
+    assert "paired differences against stacked" in (tmp_path / "out" / "tables.tex").read_text()
+    with open(tmp_path / "out" / "paired.csv", newline="") as f:
+        csv_rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(csv_rows["score"]["mean"]) == pytest.approx(rows["score"]["mean"])
+    assert float(csv_rows["skip05"]["p_wilcoxon"]) == pytest.approx(rows["skip05"]["p_wilcoxon"])
+    assert csv_rows["score"]["n"] == "4" and csv_rows["score"]["metric"] == "test/rmse"
+
+
+def test_small_and_degenerate_samples():
+    assert paired_diff({0: 1.0}, {1: 2.0}).n == 0
+    one = paired_diff({0: 1.5, 1: 2.0}, {0: 1.0})
+    assert one.n == 1 and one.mean == 0.5 and one.ci_low is None and one.p_t is None
+    same = one_sample([0.1, 0.1, 0.1])  # zero variance: the interval is the point, no p-value
+    assert same.ci_low == pytest.approx(0.1) and same.ci_high == pytest.approx(0.1)
+    assert same.p_t is None and same.p_wilcoxon is not None
+    zero = one_sample([0.0, 0.0])
+    assert zero.p_wilcoxon is None
+
+
+def test_baseline_is_matched_within_the_same_depth_context(tmp_path):
+    # Two depth settings (steps 4 and 8): each variant is compared with stacked at its own steps.
+    for steps, gap in ((4, -0.1), (8, 0.2)):
+        for s in range(3):
+            write_run(tmp_path, f"st{steps}-{s}", preset="stacked", share=False, steps=steps, seed=s,
+                      rmse=1.0 + s, curve=[1.0])  # fmt: skip
+            write_run(tmp_path, f"sc{steps}-{s}", preset="score", steps=steps, seed=s,
+                      rmse=1.0 + s + gap + 0.01 * s, curve=[1.0])  # fmt: skip
+    rep = build_report([tmp_path], tmp_path / "out")
+    table = next(t for t in rep.tables if "paired" in t.title)
+    by = {r["variant"]: r for r in table.records}
+    assert by["score depth.steps=4"]["baseline"] == "stacked depth.steps=4"
+    assert by["score depth.steps=4"]["mean"] == pytest.approx(-0.1 + 0.01)
+    assert by["score depth.steps=8"]["mean"] == pytest.approx(0.2 + 0.01)
