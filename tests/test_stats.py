@@ -95,3 +95,52 @@ def test_baseline_is_matched_within_the_same_depth_context(tmp_path):
     assert by["score depth.steps=4"]["baseline"] == "stacked depth.steps=4"
     assert by["score depth.steps=4"]["mean"] == pytest.approx(-0.1 + 0.01)
     assert by["score depth.steps=8"]["mean"] == pytest.approx(0.2 + 0.01)
+
+
+def test_claims_report_supported_and_contradicted_with_the_rule(tmp_path):
+    # Fewer parameters: score 100 vs stacked 400 -> supported. Convergence: stacked reaches its
+    # best (0.6) after 3 epochs; score needs 5, 6, 5, 7 epochs -> slower, contradicted.
+    score_curves = {0: [1.0, 0.9, 0.8, 0.7, 0.6], 1: [1.0, 0.9, 0.8, 0.7, 0.65, 0.6],
+                    2: [1.0, 0.9, 0.8, 0.7, 0.55], 3: [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.6]}  # fmt: skip
+    for s in range(4):
+        write_run(tmp_path / "runs", f"st{s}", preset="stacked", share=False, seed=s, params=400,
+                  rmse=0.7, curve=[1.0, 0.8, 0.6, 0.7])  # fmt: skip
+        write_run(tmp_path / "runs", f"sc{s}", preset="score", seed=s, params=100, rmse=0.7,
+                  curve=score_curves[s])  # fmt: skip
+    rep = build_report([tmp_path / "runs"], tmp_path / "out")
+    by = {c.claim: c for c in rep.claims}
+    assert (
+        by["fewer parameters"].verdict == "supported" and "0.250" in by["fewer parameters"].effect
+    )
+    conv = by["faster convergence"]
+    diffs = [5 - 3, 6 - 3, 5 - 3, 7 - 3]
+    want = _expected(diffs)
+    assert conv.n == 4 and conv.verdict == "contradicted"
+    assert f"{want['mean']:+.1f} epochs" in conv.effect
+    assert conv.ci == f"[{want['ci_low']:+.1f}, {want['ci_high']:+.1f}]"
+    text = (tmp_path / "out" / "claims.md").read_text()
+    assert "Verdict rule" in text and "| contradicted |" in text and "| supported |" in text
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Claims of the paper" in md and "faster convergence" in md
+
+
+def test_claims_integrators_dt_grid_and_deep_stability(tmp_path):
+    # Euler vs rk4: rk4 is better by 0.1 +- small at 4x the time -> contradicted; heun is not
+    # better (noise around 0) at 2x -> supported. dt 0.5 is best at steps 2 and 4 -> supported.
+    noise = [0.01, -0.02, 0.015, -0.01]
+    for s in range(4):
+        base = 1.0 + 0.3 * s
+        write_run(tmp_path / "integ", f"e{s}", integrator="euler", seed=s, rmse=base, time_per_step=0.01, curve=[1.0])  # fmt: skip
+        write_run(tmp_path / "integ", f"h{s}", integrator="heun", seed=s, rmse=base + noise[s], time_per_step=0.02, curve=[1.0])  # fmt: skip
+        write_run(tmp_path / "integ", f"r{s}", integrator="rk4", seed=s, rmse=base - 0.1 + noise[s] / 10, time_per_step=0.04, curve=[1.0])  # fmt: skip
+        for steps in (2, 4):
+            for dt, gap in ((0.25, 0.05), (0.5, 0.0), (1.0, 0.2)):
+                write_run(tmp_path / "dt", f"d{steps}-{dt}-{s}", dt=dt, steps=steps, seed=s,
+                          rmse=base + gap + noise[s] / 5, curve=[1.0])  # fmt: skip
+    rep = build_report([tmp_path / "integ"], tmp_path / "o1")
+    euler = {c.effect.split(" ")[0]: c for c in rep.claims if c.claim.startswith("Euler")}
+    assert euler["rk4"].verdict == "contradicted" and "4.00x" in euler["rk4"].effect
+    assert euler["heun"].verdict == "supported" and euler["heun"].n == 4
+    rep = build_report([tmp_path / "dt"], tmp_path / "o2")
+    (dt,) = [c for c in rep.claims if c.claim == "dt 0.5 often best"]
+    assert dt.verdict == "supported" and "best in 2/2" in dt.effect

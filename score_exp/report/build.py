@@ -11,6 +11,7 @@ from pathlib import Path
 
 from score_exp.io import atomic_write_text
 from score_exp.report import plots
+from score_exp.report.claims import claims, claims_markdown, claims_table
 from score_exp.report.runs import Run, scan_runs, varied_keys
 from score_exp.report.stats import paired_table
 from score_exp.report.tables import (
@@ -35,6 +36,7 @@ class Report:
     figures: list[Path] = field(default_factory=list)
     not_ok: list[tuple[str, str, str]] = field(default_factory=list)  # (path, status, detail)
     paired: list[dict] = field(default_factory=list)  # paired.csv rows
+    claims: list = field(default_factory=list)  # claims.md rows (report.claims.Claim)
 
 
 def missing_runs(paths: list[Path]) -> list[Path]:
@@ -105,6 +107,11 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         text += [f"![{p.stem}]({p.name})\n" for p in figs if p.suffix == ".png"]
         sections.append("\n".join(text))
 
+    report.claims = claims(runs)
+    claims_md = claims_markdown(report.claims)
+    if report.claims:
+        report.tables.append(claims_table(report.claims))
+    sections.append("## Claims of the paper\n\n" + claims_md.split("\n", 2)[2])
     md = [
         "# score_exp report",
         "",
@@ -124,6 +131,7 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
     atomic_write_text(out / "tables.tex", "% score-report tables (needs \\usepackage{booktabs})\n\n" + "\n".join(t.latex() for t in report.tables))  # fmt: skip
     atomic_write_text(out / "runs.csv", runs_csv(runs))
     atomic_write_text(out / "paired.csv", records_csv(report.paired, PAIRED_COLUMNS))
+    atomic_write_text(out / "claims.md", claims_md)
     return report
 
 

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from score_exp.report.runs import Run
-from score_exp.report.tables import Table, Variant, _fixed_by_preset
+from score_exp.report.tables import Table, Variant
 
 BASELINE = "stacked"
 
@@ -80,20 +80,25 @@ def by_seed(runs: list[Run], value) -> dict[int, float]:
     return out
 
 
-def context(v: Variant, runs: list[Run]) -> tuple:
-    """A variant's varied keys that are not the depth scheme itself (steps, block_skip, ...)."""
-    return tuple(
-        (k, val) for k, val in v.key if k != "depth_preset" and not _fixed_by_preset(k, runs)
-    )
+def _baselines(vs: list[Variant]) -> list[Variant]:
+    return [b for b in vs if b.get("depth_preset") == BASELINE]
 
 
-def baseline_for(v: Variant, vs: list[Variant], runs: list[Run]) -> Variant | None:
-    """The ``stacked`` variant to compare ``v`` with: the only one, else the one in ``v``'s context."""
-    base = [b for b in vs if b.get("depth_preset") == BASELINE]
-    if len(base) == 1:
-        return base[0]
-    ctx = context(v, runs)
-    same = [b for b in base if context(b, runs) == ctx]
+def context_keys(vs: list[Variant]) -> list[str]:
+    """Varied keys on which the ``stacked`` variants differ among themselves (e.g. ``depth.steps``).
+
+    A variant is compared with the baseline that has its values of these keys; keys that only
+    other variants vary (``task.model.block_skip``, ``depth.dt`` ...) are part of the variant.
+    """
+    base = _baselines(vs)
+    keys = [k for k, _ in (base[0].key if base else ())]
+    return [k for k in keys if k != "depth_preset" and len({repr(b.get(k)) for b in base}) > 1]
+
+
+def baseline_for(v: Variant, vs: list[Variant]) -> Variant | None:
+    """The ``stacked`` variant to compare ``v`` with: the one with ``v``'s context-key values."""
+    keys = context_keys(vs)
+    same = [b for b in _baselines(vs) if all(repr(b.get(k)) == repr(v.get(k)) for k in keys)]
     return same[0] if len(same) == 1 else None
 
 
@@ -106,7 +111,7 @@ def paired_table(task: str, vs: list[Variant]) -> Table | None:
     better = "higher" if runs[0].higher_is_better else "lower"
     rows, records = [], []
     for v in vs:
-        base = baseline_for(v, vs, runs)
+        base = baseline_for(v, vs)
         if base is None or base is v:
             continue
         d = paired_diff(by_seed(v.runs, Run.test_metric), by_seed(base.runs, Run.test_metric))
