@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 from test_report import write_run
 
@@ -144,3 +145,37 @@ def test_claims_integrators_dt_grid_and_deep_stability(tmp_path):
     rep = build_report([tmp_path / "dt"], tmp_path / "o2")
     (dt,) = [c for c in rep.claims if c.claim == "dt 0.5 often best"]
     assert dt.verdict == "supported" and "best in 2/2" in dt.effect
+
+
+def test_claims_deep_stability_pairs_each_depth_with_its_stacked_baseline(tmp_path):
+    # Stacking degrades by ~0.3 from 4 to 16 steps, SCORE by ~0.0 -> supported; both block_skip
+    # values of SCORE are compared with the same stacked runs (stacked does not vary block_skip).
+    noise = [0.01, -0.02, 0.015, -0.01]
+    for s in range(4):
+        base = 1.0 + 0.2 * s
+        for steps, deg in ((4, 0.0), (16, 0.3)):
+            st = write_run(tmp_path, f"st{steps}-{s}", preset="stacked", share=False, steps=steps,
+                           seed=s, rmse=base + deg + noise[s], curve=[1.0])  # fmt: skip
+            _block_skip(st, False)
+            for skip in (False, True):
+                run = write_run(tmp_path, f"sc{steps}-{skip}-{s}", preset="score025", steps=steps,
+                                seed=s, rmse=base + noise[(s + steps) % 4] / 2, curve=[1.0])  # fmt: skip
+                _block_skip(run, skip)
+    rep = build_report([tmp_path], tmp_path / "out")
+    deep = [c for c in rep.claims if c.claim.startswith("shared contractive")]
+    assert len(deep) == 2 and all(c.verdict == "supported" and c.n == 4 for c in deep)
+    assert all("4 -> 16 steps" in c.effect for c in deep)
+    want = _expected([
+        (noise[(s + 16) % 4] / 2 - noise[(s + 4) % 4] / 2) - 0.3 for s in range(4)
+    ])  # fmt: skip
+    assert deep[0].ci == f"[{want['ci_low']:+.4f}, {want['ci_high']:+.4f}]"
+    paired = next(t for t in rep.tables if "paired" in t.title)
+    assert {r["baseline"] for r in paired.records} == {
+        "stacked depth.steps=4 block_skip=False", "stacked depth.steps=16 block_skip=False"
+    }  # fmt: skip
+
+
+def _block_skip(run, value: bool) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["task"]["model"] = {"block_skip": value}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
