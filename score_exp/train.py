@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from score_exp.core import DepthSpec
-from score_exp.errors import ScoreExpError
+from score_exp.errors import ConfigError, ScoreExpError
 from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
 from score_exp.run import (
     CONFIG_DIR,
