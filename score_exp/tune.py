@@ -173,13 +173,14 @@ def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
     def run(cmd: list[str]) -> int:
-        rc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode
-        where = next(c for c in cmd if c.startswith("hydra.run.dir="))
-        print(
-            f"  {'ok ' if rc == 0 else f'rc={rc}'} {where.split('=', 1)[1].strip(chr(39))}",
-            flush=True,
-        )
-        return rc
+        # Each run logs into its folder (train.log); a failed one shows its last lines here.
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        where = next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1]
+        status = "ok " if proc.returncode == 0 else f"rc={proc.returncode}"
+        print(f"  {status} {where.strip(chr(39))}", flush=True)
+        if proc.returncode:
+            print("\n".join(proc.stderr.strip().splitlines()[-5:]), file=sys.stderr, flush=True)
+        return proc.returncode
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         rcs = list(pool.map(run, cmds))
