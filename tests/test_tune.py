@@ -134,3 +134,22 @@ def test_two_trial_study_resumes_after_a_kill_and_stage_2_retrains_its_best(tmp_
     # Seed 0 at the best parameters is the best trial's own configuration: the same numbers.
     seed0 = tmp_path / "tune" / "retrain" / "score" / "seed=0" / "results.json"
     assert json.loads(seed0.read_text())["best_val"]["value"] == pytest.approx(best.value)
+
+
+@pytest.mark.parametrize(
+    "exp",
+    ["paper_esol_mlp_cpu", "paper_esol_gnn_cpu", "paper_shakespeare_cpu", "paper_integrators_cpu",
+     "paper_dt_cpu", "claims_esol_gnn_deep_cpu", "claims_esol_gnn_deep_skip_cpu"],
+)  # fmt: skip
+def test_every_cpu_grid_of_reproduce_cpu_runs_five_seeds(compose, exp):
+    cfg = compose(f"experiment={exp}", return_hydra_config=True)
+    assert str(cfg.hydra.sweeper.params.seed) == "0,1,2,3,4"
+    makefile = (REPO / "Makefile").read_text()
+    assert exp in makefile.split("REPRO_CPU :=", 1)[1].split("REPRO_GPU", 1)[0]
+    if exp.startswith("claims_"):
+        params = cfg.hydra.sweeper.params
+        assert (
+            str(params["depth.steps"]) == "4,8,16"
+            and cfg.experiment_name == "claims_esol_gnn_deep_cpu"
+        )
+        assert str(params["task.model.block_skip"]) == ("true" if "skip" in exp else "false")
