@@ -1,11 +1,13 @@
 """Tuning every depth variant with the same budget: Optuna studies (stage 1) and re-training (stage 2).
 
 Stage 1 is a Hydra multirun with Hydra's Optuna sweeper (``experiment=tune_*``, one study per
-depth variant, objective = best val metric). ``StudySweeper`` (``hydra_plugins/score_exp_sweeper``) is that plugin's sweeper with
-what a long study needs: its SQLite file inside the sweep folder, ``n_trials`` as the study's
-total budget (a re-run finishes what is left), and a trial killed mid-run asked again.
+depth variant, objective = best val metric). ``StudySweeper`` (``hydra_plugins/score_exp_sweeper``)
+is that plugin's sweeper with what a long study needs, implemented here by
+:class:`ResumableStudy`: its SQLite file inside the sweep folder, ``n_trials`` as the study's
+total budget (a re-run finishes what is left), and a trial killed mid-run asked again. A
+diverged trial returns ``inf`` (score-train's objective) and is kept as the worst trial.
 
-Stage 2 (``python -m score_exp.tune retrain PATH... --seeds 5``) reads each study's best trial
+Stage 2 (``score-tune retrain PATH... --seeds 5``) reads each study's best trial
 and re-trains that configuration over seeds ``0..N-1`` by calling ``score-train`` once per seed
 (one process per run), so the test metrics of the tuned variants can be compared by
 ``score-report`` (paired by seed).
