@@ -70,7 +70,9 @@ class RecurrentMLP(nn.Module):
         super().__init__()
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)
-        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout, block_skip), depth)
+        self.depth = RecurrentDepth(
+            lambda: MLPBlock(hidden, act, norm, dropout, block_skip), depth, hidden
+        )
         self.head = nn.Linear(hidden, out_features)
 
     def reset_parameters(self) -> None:
@@ -78,9 +80,9 @@ class RecurrentMLP(nn.Module):
         self.depth.reset_parameters()
         self.head.reset_parameters()
 
-    def forward(self, x: Tensor, **depth_overrides) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         h = self.encoder(x)  # (B, hidden)
-        h = self.depth(h, **depth_overrides)
+        h = self.depth(h)  # (B, hidden)
         return self.head(h)  # (B, out_features)
 
     def extra_repr(self) -> str:

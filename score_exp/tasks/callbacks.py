@@ -180,8 +180,30 @@ class DepthGrowth(L.Callback):
             at,
             before,
             depth.steps,
-            depth.step_size,
+            float(depth.dts()[0]),
         )
+
+
+class RandomDepth(L.Callback):
+    """``depth.train_steps``: draws the step count of each optimiser step before its batch.
+
+    The draw is a function of ``(seed, trainer.global_step)`` only, so every data-parallel rank
+    draws the same count, gradient-accumulation micro-batches share one, and a resumed run
+    draws what the uninterrupted one drew. Logged as ``depth/train_steps``.
+
+    Args:
+        seed: the run's seed.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        depth = find_depth(pl_module)
+        if depth is None or depth.spec.train_steps == "fixed":
+            return
+        n = depth.draw_steps(trainer.global_step, self.seed)
+        pl_module.log("depth/train_steps", float(n), on_step=True, on_epoch=False, batch_size=1)
 
 
 def _replay_schedulers(trainer) -> None:
@@ -199,8 +221,9 @@ class DepthDiagnostics(L.Callback):
 
     ``diag/rel_change_step{t}`` (``||h_{t+1} - h_t|| / ||h_t||``), ``diag/contraction_step{t}``
     (``||h_{t+1} - h_t|| / ||h_t - h_{t-1}||``, from ``t = 1``), ``depth/steps`` (the active
-    step count), ``depth/dt_step{t}`` with a learned dt and ``depth/steps_used`` (mean over
-    samples) with adaptive depth. The depth's input is captured by a forward hook, so the cost
+    step count), ``depth/dt_step{t}`` with a learned dt, ``depth/steps_used`` (mean over
+    samples) with adaptive depth and ``depth/nfe_spent`` (evaluations of ``F`` per sample) with
+    adaptive depth or the fixed-point solver. The depth's input is captured by a forward hook, so the cost
     is one extra no-grad pass of the depth alone on one batch per validation.
     """
 
@@ -233,18 +256,20 @@ class DepthDiagnostics(L.Callback):
         metrics: dict[str, float] = {"depth/steps": float(depth.steps)}
         if depth.last_steps_used is not None:
             metrics["depth/steps_used"] = float(depth.last_steps_used.float().mean())
+        if depth.last_nfe is not None and (
+            depth.last_steps_used is not None or depth.spec.solver != "unroll"
+        ):
+            metrics["depth/nfe_spent"] = float(depth.last_nfe)  # halting, fixed-point solver
         if self._captured is not None:
             h, ctx = self._captured
             self._captured = None
-            for key in ("steps", "dt", "integrator"):
-                ctx.pop(key, None)
             trace = depth.trace(h, **ctx)
             for t, v in enumerate(trace["rel_change"].tolist()):
                 metrics[f"diag/rel_change_step{t}"] = v
             for t, v in enumerate(trace["contraction"].tolist()[1:], start=1):
                 metrics[f"diag/contraction_step{t}"] = v
         if depth.spec.learn_dt != "none":
-            for t, v in enumerate(depth.current_dt().tolist()):
+            for t, v in enumerate(float(dt) for dt in depth.dts()):
                 metrics[f"depth/dt_step{t}"] = v
         self._metrics = metrics
 
