@@ -44,6 +44,8 @@ class RecurrentMLP(nn.Module):
         hidden: state width.
         out_features: output width (1 for a scalar regression target).
         act, norm, dropout: block hyperparameters.
+        compile: ``torch.compile`` this module in place (``nn.Module.compile``: parameter names
+            and checkpoints are unchanged), as :class:`~score_exp.models.GPT`.
     """
 
     def __init__(
@@ -55,12 +57,15 @@ class RecurrentMLP(nn.Module):
         act: str = "relu",
         norm: str = "layer",
         dropout: float = 0.1,
+        compile: bool = False,
     ):
         super().__init__()
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)
         self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout), depth)
         self.head = nn.Linear(hidden, out_features)
+        if compile:
+            self.compile()
 
     def reset_parameters(self) -> None:
         self.encoder.reset_parameters()
