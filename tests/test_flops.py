@@ -129,3 +129,15 @@ def test_mfu_is_achieved_over_peak_on_cuda_and_none_on_cpu():
     cpu = mfu(6e9, 1e5, "cpu", "cpu")
     assert cpu["mfu"] is None and cpu["achieved_tflops"] == pytest.approx(600.0)
     assert mfu(None, 1e5, "cuda", "NVIDIA H100 PCIe")["mfu"] is None
+
+
+def test_bench_fields_give_train_flops_and_achieved_rate():
+    from score_exp.flops import bench_fields
+
+    model = tiny_gpt(True, 4, "contractive", "euler")
+    out = bench_fields(model, T, 1e6, torch.device("cpu"))
+    assert out["flops_per_item"] == 105408  # 6 * 13,472 + 12 * 4 * 32 * 16
+    assert out["achieved_tflops"] == pytest.approx(105408 * 1e6 / 1e12)
+    assert out["mfu"] is None and out["mfu_note"] == "n/a on CPU"
+    gnn = bench_fields(torch.nn.Linear(2, 2), None, 1e3, torch.device("cpu"))
+    assert gnn["flops_per_item"] is None and gnn["achieved_tflops"] is None
