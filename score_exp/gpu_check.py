@@ -155,23 +155,14 @@ def _tokens_per_s(run_dir: Path) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _flops_per_token(run_dir: Path) -> dict | None:
-    """The run's model FLOPs per token, from its config (the model is built on the meta device)."""
-    import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
+def _flops_per_token(run_dir: Path) -> dict:
+    """The run's model FLOPs per token, its model rebuilt from its config as score-train built it."""
     from score_exp.flops import gpt_flops_per_token
-    from score_exp.train import depth_spec
+    from score_exp.run import build, run_config
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    vocab = json.loads((run_dir / "splits.json").read_text())["vocab_size"]
-    T = cfg.task.data.block_size
-    with torch.device("meta"):
-        model = instantiate(cfg.task.model, _partial_=True)(
-            depth=depth_spec(cfg), vocab_size=vocab, block_size=T, compile=False
-        )
-    return gpt_flops_per_token(model, T)
+    cfg = run_config(run_dir)
+    model = build(cfg, "fit", model_overrides={"compile": False}).model
+    return gpt_flops_per_token(model, cfg.task.data.block_size)
 
 
 def read_train(result: dict, run_dir: Path, device_type: str, device_name: str) -> None:

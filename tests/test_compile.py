@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from torch._dynamo.utils import counters
 
 from score_exp.tasks.callbacks import DepthDiagnostics
-from score_exp.train import build_task, depth_spec
+from score_exp import run
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def fit(compose, tmp_path, *overrides: str):
         *overrides, f"trainer.default_root_dir={tmp_path}", "trainer.enable_progress_bar=false"
     )
     L.seed_everything(cfg.seed, verbose=False)
-    datamodule, model, module = build_task(cfg, depth_spec(cfg))
+    datamodule, model, module, _ = run.build(cfg, "fit")
     model.compile(backend=BACKEND)
     torch._dynamo.reset()  # the cache and counters are per process: start from zero
     counters.clear()

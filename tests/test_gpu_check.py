@@ -51,7 +51,7 @@ def test_dry_run_runs_every_step_on_cpu_and_writes_both_summaries(tmp_path, comp
     assert "skipped" in steps["tests"]["summary"]  # the CUDA tests skip on CPU
     from score_exp.flops import gpt_flops_per_token
     from score_exp.models import GPT
-    from score_exp.train import depth_spec
+    from score_exp.run import depth_spec
 
     for preset in ("stacked", "score"):
         s = steps[f"train_{preset}"]
