@@ -28,8 +28,8 @@ from conftest import load_results, train_cli
 from hydra.utils import instantiate
 from torch._dynamo.utils import counters
 
-from score_exp.tasks.callbacks import DepthDiagnostics
 from score_exp import run
+from score_exp.tasks.callbacks import DepthDiagnostics
 
 pytestmark = pytest.mark.slow
 
