@@ -214,7 +214,9 @@ class GPT(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.block_size :]  # (B, <=block_size)
+            # (B, <=block_size); a fresh tensor, not a cropped view, whose strides and offset
+            # torch.compile would guard on (a recompile once the context is cropped).
+            idx_cond = idx[:, -self.block_size :].clone(memory_format=torch.contiguous_format)
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :].float() / temperature  # (B, V_padded)
             logits[:, self.vocab_size :] = -float("inf")  # padded ids are no tokens

@@ -54,6 +54,8 @@ class RecurrentMLP(nn.Module):
         out_features: output width (1 for a scalar regression target).
         act, norm, dropout: block hyperparameters.
         block_skip: blocks return ``h + F(h)`` (the paper author's block) instead of ``F(h)``.
+        compile: ``torch.compile`` this module in place (``nn.Module.compile``: parameter names
+            and checkpoints are unchanged), as :class:`~score_exp.models.GPT`.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class RecurrentMLP(nn.Module):
         norm: str = "layer",
         dropout: float = 0.1,
         block_skip: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
@@ -74,6 +77,8 @@ class RecurrentMLP(nn.Module):
             lambda: MLPBlock(hidden, act, norm, dropout, block_skip), depth, hidden
         )
         self.head = nn.Linear(hidden, out_features)
+        if compile:
+            self.compile()
 
     def reset_parameters(self) -> None:
         self.encoder.reset_parameters()

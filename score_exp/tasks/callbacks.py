@@ -232,26 +232,40 @@ class DepthDiagnostics(L.Callback):
         self._captured: tuple | None = None
         self._metrics: dict[str, float] = {}
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+    # The hook stays registered for a whole validation (and test, whose forward must match it)
+    # and stores every call's input without a branch: under torch.compile, a hook added or
+    # removed between batches, or a condition inside it, would change the compiled forward's
+    # guards and recompile it (see README).
+    def _capture(self, module, args, kwargs) -> None:
+        self._captured = (args[0], dict(kwargs))
+
+    def _arm(self, trainer, pl_module) -> None:
         depth = find_depth(pl_module)
-        if depth is None or batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
+        if depth is None or trainer.sanity_checking:
             return
-
-        def capture(module, args, kwargs):
-            if self._captured is None:
-                self._captured = (args[0], dict(kwargs))
-            return None
-
         self._captured = None
-        self._handle = depth.register_forward_pre_hook(capture, with_kwargs=True)
+        self._handle = depth.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._captured = None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._arm(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._arm(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._disarm()
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if self._handle is None:
+        if self._handle is None or batch_idx != 0 or dataloader_idx != 0:
             return
-        self._handle.remove()
-        self._handle = None
         depth = find_depth(pl_module)
         metrics: dict[str, float] = {"depth/steps": float(depth.steps)}
         if depth.last_steps_used is not None:
@@ -263,7 +277,10 @@ class DepthDiagnostics(L.Callback):
         if self._captured is not None:
             h, ctx = self._captured
             self._captured = None
-            trace = depth.trace(h, **ctx)
+            # The captured state is in the run's precision (bf16 under autocast): trace it
+            # under the same autocast, which Lightning has left by the time this hook runs.
+            with trainer.precision_plugin.forward_context():
+                trace = depth.trace(h, **ctx)
             for t, v in enumerate(trace["rel_change"].tolist()):
                 metrics[f"diag/rel_change_step{t}"] = v
             for t, v in enumerate(trace["contraction"].tolist()[1:], start=1):
@@ -274,6 +291,7 @@ class DepthDiagnostics(L.Callback):
         self._metrics = metrics
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._disarm()
         if self._metrics and not trainer.sanity_checking:
             # Each rank traced its own first batch: average them (a no-op on one process).
             pl_module.log_dict(
