@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from score_exp.errors import ConfigError, ScoreExpError
 from score_exp.io import atomic_write_text
-from score_exp.sample import find_checkpoint
+from score_exp.rundir import find_checkpoint, load_checkpoint, load_run_config
 from score_exp.train import CONFIG_DIR, depth_spec
 
 log = logging.getLogger("score_exp.eval")
@@ -49,7 +49,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")
     run_dir = Path(cfg.run_dir).expanduser()
     ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    run_cfg = load_run_config(run_dir)  # only score_exp targets: a run folder is data, never code
     spec = depth_spec(run_cfg)
     over = cfg.depth
     try:
@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         depth=spec, **datamodule.model_kwargs(), **extra
     )
     module = instantiate(run_cfg.task.module, model=model, **datamodule.module_kwargs())
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)  # weights_only=True
     module.load_state_dict(ckpt["state_dict"])  # a grown depth resizes itself to the checkpoint
     depth = find_depth(module)
     if depth is None:

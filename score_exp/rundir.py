@@ -202,9 +202,10 @@ def claim_run_dir(
     run_dir = Path(run_dir)
     identity = run_identity(resolved, run_dir)
     if overwrite and holds_run(run_dir):
-        with RunLock(run_dir):  # never move a folder that another process trains in
+        with RunLock(run_dir, record=False):  # never move a folder another process trains in
             pass
         moved = move_aside(run_dir)
+        run_dir.mkdir(parents=True)  # the fresh run's folder (its log file opens in it)
         log.warning("overwrite=true: moved the previous run %s to %s", run_dir, moved)
     old = stored_identity(run_dir) if run_dir.is_dir() else None
     if old is not None and old.pop(LEGACY, False):
@@ -247,8 +248,9 @@ class RunLock:
     :meth:`acquire` / :meth:`release`.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, record: bool = True) -> None:
         self.path = Path(run_dir) / LOCK
+        self.record = record  # write this process's pid and host into the lock file
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -266,8 +268,9 @@ class RunLock:
                 f"{self.path.parent} is in use: {holder} trains in it; wait for it to end "
                 "(a run killed with its lock is taken over automatically)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        if self.record:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
         return self
 

@@ -13,50 +13,21 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from score_exp.errors import ConfigError, DataError, ScoreExpError
-from score_exp.io import read_json
-from score_exp.train import CONFIG_DIR, RESULTS, depth_spec
+from score_exp.rundir import find_checkpoint, load_checkpoint, load_run_config
+from score_exp.train import CONFIG_DIR, depth_spec
 
 log = logging.getLogger("score_exp.sample")
 
 
-def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
-    """``checkpoint`` (relative to ``run_dir``), else results.json's best, else ``last.ckpt``.
-
-    Raises:
-        ConfigError: the folder or the checkpoint does not exist.
-    """
-    if not run_dir.is_dir():
-        raise ConfigError(f"run_dir {run_dir} does not exist")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a score-train run folder (no config.yaml)")
-    if checkpoint:
-        path = run_dir / checkpoint
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {path} does not exist")
-        return path
-    candidates = []
-    if (run_dir / RESULTS).is_file():
-        best = read_json(run_dir / RESULTS).get("best_checkpoint")
-        if best:
-            candidates.append(run_dir / best)
-    candidates.append(run_dir / "checkpoints" / "last.ckpt")
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(c) for c in candidates)
-    raise ConfigError(f"{run_dir} holds no checkpoint (looked for {looked}); train it first")
-
-
 def load_run(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
     """Rebuild a run's model (in eval mode, on ``device``) and tokeniser from its folder."""
-    import torch
     from hydra.utils import instantiate
 
     ckpt_path = find_checkpoint(run_dir, checkpoint)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)  # only score_exp targets: a run folder is data, never code
     spec = depth_spec(cfg)
     datamodule = instantiate(cfg.task.data)
     datamodule.prepare_data()
@@ -64,7 +35,7 @@ def load_run(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
     if not hasattr(datamodule, "tokenizer"):
         raise ConfigError(f"task {cfg.task.name!r} is not a language-model task; nothing to sample")
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path)  # weights_only=True
     saved_vocab = ckpt.get("hyper_parameters", {}).get("vocab")
     if saved_vocab is not None and saved_vocab != datamodule.vocab:
         raise DataError(

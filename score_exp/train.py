@@ -91,7 +91,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             hydra_files=_hydra_files(cfg),
         )
     if finished is not None:
-        log.info("skipping %s: already finished (status ok)", run_dir)
+        # Not logged: the log file is in the finished folder, which a skip leaves byte-identical.
+        print(f"score-train: skipping {run_dir}: already finished (status ok)", file=sys.stderr)
         return finished
     try:
         return _train(cfg, run_dir, spec)
