@@ -115,6 +115,7 @@ def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     """``key: old -> new`` for every key that differs (at most ``limit``, then a count)."""
     missing = "<absent>"
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+    keys.sort(key=lambda k: k not in old or k not in new)  # changed values first, then added/removed
     parts = [f"{k}: {_show(old.get(k, missing))} -> {_show(new.get(k, missing))}" for k in keys]
     if len(parts) > limit:
         parts = parts[:limit] + [f"... {len(parts) - limit} more"]

@@ -119,6 +119,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for root in paths:
         for res in sorted(Path(root).rglob("results.json")):
+            if ".overwritten" in res.relative_to(root).parts:  # rundir.MOVED_ASIDE: set aside
+                continue
             runs.append(load_run(res.parent))
     return runs
 
