@@ -115,7 +115,9 @@ def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     """``key: old -> new`` for every key that differs (at most ``limit``, then a count)."""
     missing = "<absent>"
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
-    keys.sort(key=lambda k: k not in old or k not in new)  # changed values first, then added/removed
+    keys.sort(
+        key=lambda k: k not in old or k not in new
+    )  # changed values first, then added/removed
     parts = [f"{k}: {_show(old.get(k, missing))} -> {_show(new.get(k, missing))}" for k in keys]
     if len(parts) > limit:
         parts = parts[:limit] + [f"... {len(parts) - limit} more"]
@@ -249,6 +251,8 @@ class RunLock:
     :meth:`acquire` / :meth:`release`.
     """
 
+    held = 0  # run folders this process holds (watch_parent waits for them to be released)
+
     def __init__(self, run_dir: Path, record: bool = True) -> None:
         self.path = Path(run_dir) / LOCK
         self.record = record  # write this process's pid and host into the lock file
@@ -273,12 +277,14 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+        RunLock.held += 1
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+            RunLock.held -= 1
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -461,8 +467,8 @@ def watch_parent(interval: float = 1.0, grace: float = 120.0) -> None:
     The parent (the sweep's main process) names itself in ``$SCORE_EXP_PARENT_PID``. A daemon
     thread checks every ``interval`` seconds that it lives; when it is gone (SIGTERM, SIGKILL),
     this process sends itself SIGTERM, so a training run ends as ``interrupted`` with its
-    ``last.ckpt`` (Lightning's SIGTERM handling) and resumes when the sweep is re-run; after
-    ``grace`` seconds it exits regardless. Jobs in the parent's own process watch nothing.
+    ``last.ckpt`` (Lightning's SIGTERM handling) and resumes when the sweep is re-run; the
+    process exits once its run folder is released, or after ``grace`` seconds. Jobs in the parent's own process watch nothing.
     """
     global _watching
     parent = os.environ.get(PARENT_ENV, "")
@@ -495,8 +501,10 @@ def watch_parent(interval: float = 1.0, grace: float = 120.0) -> None:
             "the sweep process %d died: stopping this job (re-run the sweep to resume)", pid
         )
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace)
-        os._exit(128 + signal.SIGTERM)
+        t0 = time.monotonic()
+        while RunLock.held and time.monotonic() - t0 < grace:
+            time.sleep(0.1)  # the run records itself as interrupted and releases its folder
+        os._exit(128 + signal.SIGTERM)  # a pool worker would otherwise wait for its next job
 
     _watching = True
     threading.Thread(target=watch, name="score-exp-parent-watch", daemon=True).start()

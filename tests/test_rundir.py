@@ -202,8 +202,9 @@ def test_last_checkpoint_is_the_latest_epoch_not_the_best(tmp_path):
     out = train_cli(run_dir, *args, *kill, env=cli_env(**HELPERS_ENV))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resuming from" in out.stderr and "last.ckpt" in out.stderr
-    # The resumed run trained epoch 4 only: its timer saw one epoch.
-    assert load_results(run_dir)["epochs_timed"] == 1
+    # The resumed run trained epoch 4 only: its timer saw the end of the restored epoch 3 (no
+    # batch) and epoch 4; resuming from the best (epoch 0) would have re-trained epochs 1..4.
+    assert load_results(run_dir)["epochs_timed"] == 2
 
 
 @pytest.mark.slow
@@ -225,16 +226,17 @@ def test_last_checkpoint_every_n_steps_for_iteration_based_tasks(tmp_path):
 # ----------------------------------------------------------------------------- 4. kills, locks
 
 
-def _popen(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "score_exp.train", *QUIET, *args],
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
+def _popen(args: list[str], log: Path, **kw) -> subprocess.Popen:
+    """score-train in the background, its output in ``log`` (a pipe nobody reads would block it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "score_exp.train", *args, *QUIET],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            **kw,
+        )
 
 
 def _wait_for(predicate, timeout: float = 300, what: str = "") -> None:
@@ -260,7 +262,7 @@ LONG = ["trainer.max_epochs=500", "task.model.hidden=32", "callbacks.early_stopp
 @pytest.mark.slow
 def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
-    first = _popen([f"hydra.run.dir={run_dir}", *LONG])
+    first = _popen([f"hydra.run.dir={run_dir}", *LONG], tmp_path / "first.log")
     try:
         _wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), what="last.ckpt")
         out = train_cli(run_dir, *LONG)
@@ -276,12 +278,13 @@ def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killing_a_joblib_sweep_ends_its_workers(tmp_path, sig):
     sweep_dir = tmp_path / "sweep"
     main = _popen(
         ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}",
          "seed=0,1", *LONG],
+        tmp_path / "sweep.log",
         start_new_session=True,
     )  # fmt: skip
     jobs = [sweep_dir / f"callbacks.early_stopping=null,seed={s},task.model.hidden=32,"

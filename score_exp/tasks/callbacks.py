@@ -158,7 +158,7 @@ class LastCheckpoint(Checkpoint):
             return
         if trainer.global_step == 0:
             return  # nothing trained yet
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
