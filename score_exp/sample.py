@@ -15,41 +15,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.errors import ConfigError, DataError, ScoreExpError
-from score_exp.rundir import find_checkpoint, load_checkpoint, load_run_config
-from score_exp.train import CONFIG_DIR, depth_spec
+from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.run import CONFIG_DIR, load_run
 
 log = logging.getLogger("score_exp.sample")
 
 
-def load_run(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
-    """Rebuild a run's model (in eval mode, on ``device``) and tokeniser from its folder."""
-    from hydra.utils import instantiate
-
-    ckpt_path = find_checkpoint(run_dir, checkpoint)
-    cfg = load_run_config(run_dir)  # only score_exp targets: a run folder is data, never code
-    spec = depth_spec(cfg)
-    datamodule = instantiate(cfg.task.data)
-    datamodule.prepare_data()
-    datamodule.setup("predict")
+def load_model(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
+    """A run's model (in eval mode, on ``device``) and tokeniser, rebuilt from its folder."""
+    loaded = load_run(run_dir, checkpoint, "predict", model_overrides={"compile": False})
+    datamodule, model = loaded.task.datamodule, loaded.task.model
     if not hasattr(datamodule, "tokenizer"):
-        raise ConfigError(f"task {cfg.task.name!r} is not a language-model task; nothing to sample")
-
-    ckpt = load_checkpoint(ckpt_path)  # weights_only=True
-    saved_vocab = ckpt.get("hyper_parameters", {}).get("vocab")
-    if saved_vocab is not None and saved_vocab != datamodule.vocab:
-        raise DataError(
-            f"the vocabulary rebuilt from {run_dir / 'config.yaml'} differs from the one the "
-            f"checkpoint {ckpt_path} was trained with (has the text changed?)"
+        raise ConfigError(
+            f"task {loaded.cfg.task.name!r} is not a language-model task; nothing to sample"
         )
-    overrides = {"compile": False} if "compile" in cfg.task.model else {}  # not worth it here
-    model = instantiate(cfg.task.model, _partial_=True)(
-        depth=spec, **datamodule.model_kwargs(), **overrides
-    )
-    # The LightningModule holds the model as ``self.model``: its weights are ``model.*``.
-    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    log.info("loaded %s (step %s) with depth %s", ckpt_path, ckpt.get("global_step"), spec)
     return model.eval().to(device), datamodule.tokenizer
 
 
@@ -102,7 +81,7 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``score-sample``."""
     try:
         _check(cfg)
-        model, tokenizer = load_run(Path(cfg.run_dir).expanduser(), cfg.checkpoint, cfg.device)
+        model, tokenizer = load_model(Path(cfg.run_dir).expanduser(), cfg.checkpoint, cfg.device)
         samples = generate_samples(
             model,
             tokenizer,

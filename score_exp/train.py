@@ -23,45 +23,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from score_exp import rundir
 from score_exp.core import DepthSpec
-from score_exp.errors import CheckpointWriteError, ConfigError, ScoreExpError
+from score_exp.errors import CheckpointWriteError, ScoreExpError
 from score_exp.io import atomic_write_json, atomic_write_text, flatten
+from score_exp.run import (
+    CONFIG_DIR,
+    RESULTS,
+    RUN_CONFIG,
+    build,
+    check_depth_overrides,
+    depth_spec,
+    trainable_params,
+)
 from score_exp.tasks.distributed import per_device_batch
 
 log = logging.getLogger("score_exp.train")
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-RESULTS = "results.json"
-
-
-def depth_spec(cfg: DictConfig) -> DepthSpec:
-    """Build and validate the :class:`DepthSpec` of a composed config."""
-    fields = OmegaConf.to_container(cfg.depth, resolve=True)
-    try:
-        return DepthSpec(**fields)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid depth config: {e}") from None
-
-
-def build_task(cfg: DictConfig, spec: DepthSpec):
-    """Data module (set up for fit), model and LightningModule of a composed config.
-
-    The one place a run's model is built: ``score-train`` and ``score-bench`` both call it, so
-    a benchmark times exactly the model a run trains.
-    """
-    from hydra.utils import instantiate
-
-    datamodule = instantiate(cfg.task.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
-    model = instantiate(cfg.task.model, _partial_=True)(depth=spec, **datamodule.model_kwargs())
-    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
-    return datamodule, model, module
-
-
-def trainable_params(model) -> int:
-    """Parameters that the optimiser updates (the count in ``results.json``)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # Fields beyond the paper's depth: recorded in results.json only where they are switched on.
@@ -199,9 +174,9 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     per_device_batch(cfg.task.data.batch_size, trainer.world_size)
     rank_zero = trainer.is_global_zero
     if rank_zero:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    datamodule, model, module = build_task(cfg, spec)
-    if rank_zero and hasattr(datamodule, "split_record"):
+        atomic_write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(resolved))
+    datamodule, model, module, _ = build(cfg, "fit", spec)
+    if rank_zero:
         atomic_write_json(run_dir / "splits.json", datamodule.split_record())
     record["params"] = trainable_params(model)
     record["nfe"] = model.depth.nfe if hasattr(model, "depth") else spec.nfe
@@ -217,7 +192,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True
     )
 
-    record["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)  # growth
+    record["params"] = trainable_params(model)  # growth changes it
     ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = ckpt.best_model_path if ckpt is not None else ""
     record.update(timer.summary())
@@ -377,8 +352,14 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry point of ``score-train``: the Hydra app, then every failed sweep job listed."""
+    """Console entry point of ``score-train``: a misspelt depth field is one error line; every
+    failed job of a sweep is listed at the end."""
     rundir.adopt_jobs()
+    try:
+        check_depth_overrides(sys.argv[1:])
+    except ScoreExpError as e:
+        print(f"score-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         _main()
     finally:
