@@ -80,6 +80,16 @@ ALLOWED_TARGETS = frozenset(
 )
 
 
+# Your own task package (outside score_exp) is trusted explicitly: module prefixes, comma-separated.
+TRUSTED_ENV = "SCORE_EXP_TRUSTED_TARGETS"
+
+
+def trusted_prefixes() -> tuple[str, ...]:
+    """``score_exp.`` and the prefixes named in ``$SCORE_EXP_TRUSTED_TARGETS`` (e.g. ``mytask.``)."""
+    extra = os.environ.get(TRUSTED_ENV, "")
+    return ("score_exp.", *(p.strip() for p in extra.split(",") if p.strip()))
+
+
 class RunDirError(ConfigError):
     """The run folder cannot be used as asked (another config, in use, unknown origin)."""
 
@@ -315,21 +325,24 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def check_targets(node: Any, where: str, path: str = "") -> None:
-    """Refuse any ``_target_`` outside ``score_exp.`` and :data:`ALLOWED_TARGETS`, at any depth.
+    """Refuse any ``_target_`` outside ``score_exp.``, :data:`ALLOWED_TARGETS` and the prefixes
+    the user trusts (:func:`trusted_prefixes`), at any depth.
 
     Raises:
         ConfigError: names the key, the target and where it was found.
     """
+    prefixes = trusted_prefixes()
     if isinstance(node, (DictConfig, dict)):
         items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
         for key, value in items:
             key_path = f"{path}.{key}" if path else str(key)
             if key == "_target_":
                 target = str(value)
-                if not (target.startswith("score_exp.") or target in ALLOWED_TARGETS):
+                if not (target.startswith(prefixes) or target in ALLOWED_TARGETS):
                     raise ConfigError(
                         f"{where}: {key_path} = {target!r} is not allowed: a run folder may only "
-                        "instantiate score_exp.* (and the Lightning Trainer, callbacks, CSVLogger)"
+                        f"instantiate score_exp.* (and the Lightning Trainer, callbacks, CSVLogger; "
+                        f"trust your own package with {TRUSTED_ENV}=mypackage.)"
                     )
             else:
                 check_targets(value, where, key_path)
