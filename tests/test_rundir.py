@@ -202,9 +202,9 @@ def test_last_checkpoint_is_the_latest_epoch_not_the_best(tmp_path):
     out = train_cli(run_dir, *args, *kill, env=cli_env(**HELPERS_ENV))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resuming from" in out.stderr and "last.ckpt" in out.stderr
-    # The resumed run trained epoch 4 only: its timer saw the end of the restored epoch 3 (no
-    # batch) and epoch 4; resuming from the best (epoch 0) would have re-trained epochs 1..4.
-    assert load_results(run_dir)["epochs_timed"] == 2
+    # The resumed run trained epoch 4 only; resuming from the best (epoch 0) would have
+    # re-trained epochs 1..4.
+    assert load_results(run_dir)["epochs_timed"] == 1
 
 
 @pytest.mark.slow

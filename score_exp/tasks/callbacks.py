@@ -125,8 +125,8 @@ class LastCheckpoint(Checkpoint):
     Lightning's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only when a top-k
     checkpoint is saved, so ``last.ckpt`` is in effect the best one and a killed run resumes
     from the best epoch, re-training everything after it. This callback saves after every
-    validation (the end of each epoch; every ``val_check_interval`` steps for iteration-based
-    tasks), after the other callbacks (Lightning runs checkpoint callbacks last) so that early
+    validation (at the end of each epoch, as ModelCheckpoint does; every ``val_check_interval``
+    steps for iteration-based tasks), after the other callbacks (Lightning runs checkpoint callbacks last) so that early
     stopping and the best checkpoint are included, and at the end of training. A kill loses at
     most one validation interval, or ``every_n_train_steps`` optimiser steps when set.
 
@@ -166,8 +166,19 @@ class LastCheckpoint(Checkpoint):
         if n and trainer.global_step % n == 0:
             self._save(trainer)
 
+    @staticmethod
+    def _at_epoch_end(trainer) -> bool:
+        # ModelCheckpoint's rule: with one validation per epoch, save at the epoch's end (after
+        # its hooks, so a resume starts the next epoch cleanly, with the numbers of an
+        # uninterrupted run); otherwise after each validation.
+        return trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit":
+        if trainer.state.fn == "fit" and not self._at_epoch_end(trainer):
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._at_epoch_end(trainer):
             self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
