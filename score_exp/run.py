@@ -266,7 +266,9 @@ def build(
 
     spec = depth_spec(cfg) if spec is None else spec
     datamodule = instantiate(cfg.task.data)
-    missing = [m for m in ("model_kwargs", "module_kwargs", "split_record") if not hasattr(datamodule, m)]
+    missing = [
+        m for m in ("model_kwargs", "module_kwargs", "split_record") if not hasattr(datamodule, m)
+    ]
     if missing:
         raise ConfigError(
             f"{type(datamodule).__name__} (task.data) lacks {', '.join(missing)}: "
