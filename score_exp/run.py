@@ -207,7 +207,8 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
 def check_depth_overrides(overrides: Sequence[str]) -> None:
     """Refuse ``depth.<key>=`` overrides whose key is no DepthSpec field, in one line.
 
-    Hydra's own refusal of the schema is several lines; this check runs first in every door.
+    Hydra's own refusal (by the schema) is several lines; `score-train` and :func:`compose`
+    (hence `score-bench`) run this check first.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
