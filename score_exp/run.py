@@ -167,7 +167,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("score_help_groups", help_groups)
 
 
-HELP_GROUPS = ("task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
+HELP_GROUPS = (
+    "task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher", "hydra/sweeper"
+)  # fmt: skip
 
 
 def help_groups() -> str:
