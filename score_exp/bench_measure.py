@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from score_exp import run
+from score_exp import flops, run
 
 MARK = "SCORE_BENCH_RESULT "  # prefixes the worker's one JSON line on stdout
 
@@ -157,6 +157,8 @@ def measure(
         **summary(times, items),
         **memory.stop(),
     }
+    seq_len = batch[0].shape[1] if unit == "tokens" else None
+    out.update(flops.bench_fields(model, seq_len, out["throughput"], dev))
     if lightning:
         # Bare and Lightning blocks alternate, so drifts of the machine (clock, cache, other
         # tenants) hit both sides of the ratio alike; the ratio uses these interleaved bare times.
