@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from score_exp import run
 from score_exp.errors import ConfigError, ScoreExpError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MARK = "SCORE_BENCH_RESULT "  # prefixes the worker's one JSON line on stdout
 
 
@@ -50,22 +50,19 @@ MARK = "SCORE_BENCH_RESULT "  # prefixes the worker's one JSON line on stdout
 
 def compose(task: str, overrides: list[str]):
     """The ``score-train`` config for ``task`` plus Hydra ``overrides`` (no Hydra run)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=[f"task={task}", *overrides])
+    return run.compose(f"task={task}", *overrides)
 
 
 def _choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return sorted(p.stem for p in (Path(run.CONFIG_DIR) / group).glob("[!_]*.yaml"))
 
 
 def _no_step_scheduler(cfg) -> list[str]:
     # ReduceLROnPlateau steps on the validation metric, which a benchmark never computes (a
-    # Trainer without validation would stop on the missing metric); it costs nothing per step.
+    # Trainer without validation would stop on the missing metric), and a cosine schedule needs
+    # a Trainer's run length; both cost nothing per step.
     sched = cfg.task.module.get("scheduler")
-    return ["task.module.scheduler=none"] if sched == "plateau" else []
+    return ["task.module.scheduler=none"] if sched in ("plateau", "cosine") else []
 
 
 def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
@@ -76,7 +73,6 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
             valid combination at all; raised before anything is measured.
     """
     from score_exp.core import INTEGRATORS
-    from score_exp.train import depth_spec
 
     for name, valid, given in (
         ("task", _choices("task"), [args.task]),
@@ -101,12 +97,9 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     variants, notes = [], []
     for preset, integrator, extra in grid:
         overrides = [f"depth={preset}", f"depth.integrator={integrator}", *args.override, *extra]
+        cfg = compose(args.task, overrides)  # ConfigError: bad syntax, unknown key or option
         try:
-            cfg = compose(args.task, overrides)
-        except Exception as e:  # Hydra's own errors: bad override syntax, unknown key
-            raise ConfigError(f"cannot compose {' '.join(overrides)}: {e}") from None
-        try:
-            spec = depth_spec(cfg)
+            spec = run.depth_spec(cfg)
         except ConfigError as e:
             notes.append(f"skipped {preset}+{integrator}: {e}")
             continue
@@ -189,22 +182,6 @@ class _Memory:
         return {"memory_kind": self.kind, "peak_mem_mb": peak, "train_mem_mb": train}
 
 
-def _optimizer(module):
-    """The module's optimiser and its per-step scheduler (None for per-epoch or none)."""
-    import torch
-
-    try:
-        conf = module.configure_optimizers()
-    except RuntimeError:  # needs an attached Trainer (cosine: estimated_stepping_batches)
-        hp = module.hparams
-        conf = torch.optim.AdamW(module.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    if isinstance(conf, dict):
-        sched = conf.get("lr_scheduler")
-        step_sched = sched["scheduler"] if sched and sched.get("interval") == "step" else None
-        return conf["optimizer"], step_sched
-    return conf, None
-
-
 def _to(batch, device):
     if hasattr(batch, "to"):
         return batch.to(device)
@@ -218,29 +195,17 @@ def _stepper(task: str, overrides: list[str], device: str) -> dict:
     import lightning as L
     import torch
 
-    from score_exp.tasks.lm import LanguageModelModule
-    from score_exp.train import build_task, depth_spec
-
     cfg = compose(task, overrides)
-    spec = depth_spec(cfg)
     L.seed_everything(cfg.seed, verbose=False)
     dev = torch.device(device)
-    datamodule, model, module = build_task(cfg, spec)
+    datamodule, model, module, spec = run.build(cfg, "fit")
     batch = _to(next(iter(datamodule.train_dataloader())), dev)
     module.to(dev).train()
-    is_lm = isinstance(module, LanguageModelModule)
-    if is_lm:
+    if hasattr(datamodule, "tokenizer"):  # a language model: (idx, targets) windows
         items, unit = batch[0].numel(), "tokens"
-
-        def loss_of(b):
-            return model(b[0], b[1])[1]
     else:
         items = int(batch.num_graphs) if hasattr(batch, "num_graphs") else batch[-1].numel()
         unit = "molecules"
-
-        def loss_of(b):
-            pred, y = module(b)
-            return torch.nn.functional.mse_loss(pred, y)
 
     precision = str(cfg.trainer.get("precision", "32-true"))
     amp = (
@@ -248,24 +213,16 @@ def _stepper(task: str, overrides: list[str], device: str) -> dict:
         if precision.startswith("bf16") and dev.type == "cuda"
         else nullcontext()
     )
-    clip = cfg.task.gradient_clip_val
-    opt, sched = _optimizer(module)
+    train_step = run.training_step_fn(module, cfg.task.gradient_clip_val, amp)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    # The same work as Lightning's automatic optimisation: loss, backward, clip, step, zero.
+    # The same work as a run's step: the module's training_step (its loss), backward, clip,
+    # optimiser and per-step scheduler step, zero_grad.
     def step() -> None:
-        with amp:
-            loss = loss_of(batch)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(batch)
 
     return {"cfg": cfg, "spec": spec, "dev": dev, "model": model, "module": module,
             "batch": batch, "items": items, "unit": unit, "step": step, "sync": sync}  # fmt: skip
@@ -290,8 +247,6 @@ def measure(
     device: str,
 ) -> dict:
     """Build one variant as ``score-train`` does and time its training step (see module doc)."""
-    from score_exp.train import trainable_params
-
     v = _stepper(task, overrides, device)
     cfg, spec, dev, model, module, batch = (
         v[k] for k in ("cfg", "spec", "dev", "model", "module", "batch")
@@ -303,7 +258,7 @@ def measure(
         step()
     times = [_time_block(step, sync, steps_per_repeat) for _ in range(repeats)]
     out: dict[str, Any] = {
-        "params": trainable_params(model),
+        "params": run.trainable_params(model),
         "nfe": spec.nfe,
         "unit": unit,
         "items_per_step": items,

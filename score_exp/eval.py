@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from score_exp.cli import require
 from score_exp.errors import ConfigError, user_error
 from score_exp.io import atomic_write_text
-from score_exp.sample import find_checkpoint
-from score_exp.train import CONFIG_DIR, depth_spec
+from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
 
 log = logging.getLogger("score_exp.eval")
 
@@ -39,7 +38,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.run_dir`` with ``cfg.depth``'s overrides; append and return the row."""
     import lightning as L
     import torch
-    from hydra.utils import instantiate
 
     from score_exp.core import get_integrator
     from score_exp.tasks.callbacks import find_depth
@@ -51,8 +49,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(
         require(cfg, "run_dir", "score-eval run_dir=outputs/esol_mlp/<run>")
     ).expanduser()
-    ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)  # a missing one fails before any work
+    run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
     over = cfg.depth
     try:
@@ -64,17 +62,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"adaptive_eps must be > 0, got {over.adaptive_eps}")
         spec.adaptive_eps = float(over.adaptive_eps)
 
-    L.seed_everything(run_cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(run_cfg.task.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    extra = {"compile": False} if "compile" in run_cfg.task.model else {}
-    model = instantiate(run_cfg.task.model, _partial_=True)(
-        depth=spec, **datamodule.model_kwargs(), **extra
-    )
-    module = instantiate(run_cfg.task.module, model=model, **datamodule.module_kwargs())
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(ckpt["state_dict"])  # a grown depth resizes itself to the checkpoint
+    loaded = load_run(run_dir, cfg.checkpoint, "fit", spec, {"compile": False})
+    datamodule, module = loaded.task.datamodule, loaded.task.module
     depth = find_depth(module)
     if depth is None:
         raise ConfigError(f"run {run_dir} has no RecurrentDepth to re-discretise")
@@ -194,7 +183,7 @@ def _main(cfg: DictConfig) -> float | None:
         log.error("%s", e)
         print(f"score-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    run_cfg = OmegaConf.load(Path(cfg.run_dir).expanduser() / "config.yaml")
+    run_cfg = run_config(Path(cfg.run_dir).expanduser())
     metric = f"{cfg.split}/{run_cfg.task.get('headline', 'rmse')}"
     print(format_table(Path(cfg.run_dir).expanduser() / EVAL_CSV, metric), flush=True)
     value = row.get(metric)

@@ -13,73 +13,23 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from score_exp.cli import require
-from score_exp.errors import ConfigError, DataError, user_error
-from score_exp.io import read_json
-from score_exp.train import CONFIG_DIR, RESULTS, depth_spec
+from score_exp.errors import ConfigError, user_error
+from score_exp.run import CONFIG_DIR, load_run
 
 log = logging.getLogger("score_exp.sample")
 
 
-def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
-    """``checkpoint`` (relative to ``run_dir``), else results.json's best, else ``last.ckpt``.
-
-    Raises:
-        ConfigError: the folder or the checkpoint does not exist.
-    """
-    if not run_dir.is_dir():
-        raise ConfigError(f"run_dir {run_dir} does not exist")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a score-train run folder (no config.yaml)")
-    if checkpoint:
-        path = run_dir / checkpoint
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {path} does not exist")
-        return path
-    candidates = []
-    if (run_dir / RESULTS).is_file():
-        best = read_json(run_dir / RESULTS).get("best_checkpoint")
-        if best:
-            candidates.append(run_dir / best)
-    candidates.append(run_dir / "checkpoints" / "last.ckpt")
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(c) for c in candidates)
-    raise ConfigError(f"{run_dir} holds no checkpoint (looked for {looked}); train it first")
-
-
-def load_run(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
-    """Rebuild a run's model (in eval mode, on ``device``) and tokeniser from its folder."""
-    import torch
-    from hydra.utils import instantiate
-
-    ckpt_path = find_checkpoint(run_dir, checkpoint)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    spec = depth_spec(cfg)
-    datamodule = instantiate(cfg.task.data)
-    datamodule.prepare_data()
-    datamodule.setup("predict")
+def load_model(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
+    """A run's model (in eval mode, on ``device``) and tokeniser, rebuilt from its folder."""
+    loaded = load_run(run_dir, checkpoint, "predict", model_overrides={"compile": False})
+    datamodule, model = loaded.task.datamodule, loaded.task.model
     if not hasattr(datamodule, "tokenizer"):
-        raise ConfigError(f"task {cfg.task.name!r} is not a language-model task; nothing to sample")
-
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    saved_vocab = ckpt.get("hyper_parameters", {}).get("vocab")
-    if saved_vocab is not None and saved_vocab != datamodule.vocab:
-        raise DataError(
-            f"the vocabulary rebuilt from {run_dir / 'config.yaml'} differs from the one the "
-            f"checkpoint {ckpt_path} was trained with (has the text changed?)"
+        raise ConfigError(
+            f"task {loaded.cfg.task.name!r} is not a language-model task; nothing to sample"
         )
-    overrides = {"compile": False} if "compile" in cfg.task.model else {}  # not worth it here
-    model = instantiate(cfg.task.model, _partial_=True)(
-        depth=spec, **datamodule.model_kwargs(), **overrides
-    )
-    # The LightningModule holds the model as ``self.model``: its weights are ``model.*``.
-    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    log.info("loaded %s (step %s) with depth %s", ckpt_path, ckpt.get("global_step"), spec)
     return model.eval().to(device), datamodule.tokenizer
 
 
@@ -133,7 +83,7 @@ def main(cfg: DictConfig) -> None:
     try:
         _check(cfg)
         run_dir = require(cfg, "run_dir", "score-sample run_dir=outputs/shakespeare_char_cpu/<run>")
-        model, tokenizer = load_run(Path(run_dir).expanduser(), cfg.checkpoint, cfg.device)
+        model, tokenizer = load_model(Path(run_dir).expanduser(), cfg.checkpoint, cfg.device)
         samples = generate_samples(
             model,
             tokenizer,

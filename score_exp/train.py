@@ -23,45 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
-from score_exp.errors import ConfigError, ScoreExpError, user_error
+from score_exp.errors import ScoreExpError, user_error
 from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
+from score_exp.run import (
+    CONFIG_DIR,
+    RESULTS,
+    RUN_CONFIG,
+    build,
+    check_depth_overrides,
+    depth_spec,
+    load_checkpoint,
+    trainable_params,
+)
 from score_exp.tasks.distributed import per_device_batch
 
 log = logging.getLogger("score_exp.train")
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-RESULTS = "results.json"
-
-
-def depth_spec(cfg: DictConfig) -> DepthSpec:
-    """Build and validate the :class:`DepthSpec` of a composed config."""
-    fields = OmegaConf.to_container(cfg.depth, resolve=True)
-    try:
-        return DepthSpec(**fields)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid depth config: {e}") from None
-
-
-def build_task(cfg: DictConfig, spec: DepthSpec):
-    """Data module (set up for fit), model and LightningModule of a composed config.
-
-    The one place a run's model is built: ``score-train`` and ``score-bench`` both call it, so
-    a benchmark times exactly the model a run trains.
-    """
-    from hydra.utils import instantiate
-
-    datamodule = instantiate(cfg.task.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
-    model = instantiate(cfg.task.model, _partial_=True)(depth=spec, **datamodule.model_kwargs())
-    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
-    return datamodule, model, module
-
-
-def trainable_params(model) -> int:
-    """Parameters that the optimiser updates (the count in ``results.json``)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # Fields beyond the paper's depth: recorded in results.json only where they are switched on.
@@ -126,7 +102,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict) -> dict:
     import lightning as L
-    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -160,9 +135,9 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     per_device_batch(cfg.task.data.batch_size, trainer.world_size)
     rank_zero = trainer.is_global_zero
     if rank_zero:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    datamodule, model, module = build_task(cfg, spec)
-    if rank_zero and hasattr(datamodule, "split_record"):
+        atomic_write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(resolved))
+    datamodule, model, module, _ = build(cfg, "fit", spec)
+    if rank_zero:
         atomic_write_json(run_dir / "splits.json", datamodule.split_record())
     record["params"] = trainable_params(model)
     record["nfe"] = model.depth.nfe if hasattr(model, "depth") else spec.nfe
@@ -177,7 +152,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
 
-    record["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)  # growth
+    record["params"] = trainable_params(model)  # growth changes it
     ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = ckpt.best_model_path if ckpt is not None else ""
     record.update(timer.summary())
@@ -189,7 +164,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     else:
         record["status"] = "ok"
     if best_path and ckpt.best_model_score is not None:
-        meta = torch.load(best_path, map_location="cpu", weights_only=False)
+        meta = load_checkpoint(Path(best_path))
         record["best_val"] = {
             "metric": ckpt.monitor,
             "value": float(ckpt.best_model_score),
@@ -293,7 +268,7 @@ def _multirun() -> bool:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     """Hydra entry point of ``score-train``; returns the test headline metric (for sweepers)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -316,6 +291,16 @@ def main(cfg: DictConfig) -> float | None:
     if record["status"] == "diverged" and cfg.get("fail_on_diverge", False):
         sys.exit(3)
     return value
+
+
+def main() -> None:
+    """Console entry point of ``score-train``: a misspelt depth field is one error line."""
+    try:
+        check_depth_overrides(sys.argv[1:])
+    except ScoreExpError as e:
+        print(f"score-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _main()
 
 
 if __name__ == "__main__":

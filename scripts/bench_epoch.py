@@ -1,13 +1,15 @@
-"""Time one training epoch of a molecule regression task: median and spread over several repeats.
+"""Time one training epoch of a task: median and spread over several repeats.
 
     python scripts/bench_epoch.py                                   # task=esol_gnn, score025 vs stacked
     python scripts/bench_epoch.py --task esol_mlp --depth score stacked --repeats 7
     python scripts/bench_epoch.py --override task.model.conv=gine --threads 1
 
-Each repeat is one full pass over the training split (forward, loss, backward, AdamW step) with
-the model, batch size and data pipeline that ``score-train task=<task> depth=<preset>`` uses,
-after ``--warmup`` untimed epochs. Validation and Lightning's bookkeeping are not included.
-Prints one line per preset with parameters, the median epoch time, min-max, and molecules/s.
+Each repeat is one full pass over the training loader, stepped exactly as a run steps it
+(:func:`score_exp.run.training_step_fn`: the module's own ``training_step`` and optimiser), on
+the task built by :func:`score_exp.run.build` from the real configs, after ``--warmup`` untimed
+epochs. Validation and Lightning's bookkeeping are not included (``score-bench --lightning``
+measures those). Prints one line per preset: parameters, NFE, median and min-max epoch time, items/s.
+The step cost of one fixed batch, memory and ratios: ``score-bench``.
 """
 
 from __future__ import annotations
@@ -15,53 +17,39 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
+import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
-from score_exp.train import depth_spec
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+from score_exp import run
 
 
 def bench(task: str, preset: str, overrides: list[str], warmup: int, repeats: int) -> dict:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={task}", f"depth={preset}", *overrides])
-    torch.manual_seed(0)
-    dm = instantiate(cfg.task.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    model = instantiate(cfg.task.model, _partial_=True)(depth=depth_spec(cfg), **dm.model_kwargs())
-    module = instantiate(cfg.task.module, model=model, **dm.module_kwargs())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.task.module.lr)
-    loader = dm.train_dataloader()
+    cfg = run.compose(f"task={task}", f"depth={preset}", *overrides)
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule, model, module, spec = run.build(cfg, "fit")
+    step = run.training_step_fn(module, cfg.task.gradient_clip_val)
+    loader = datamodule.train_dataloader()
 
-    def epoch() -> float:
-        t0 = time.perf_counter()
-        for batch in loader:
-            pred, y = module(batch)
-            loss = torch.nn.functional.mse_loss(pred, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - t0
+    def epoch() -> tuple[float, int]:
+        t0, items = time.perf_counter(), 0
+        for i, batch in enumerate(loader):
+            step(batch, i)
+            items += int(batch.num_graphs) if hasattr(batch, "num_graphs") else len(batch[-1])
+        return time.perf_counter() - t0, items
 
-    model.train()
+    module.train()
     for _ in range(warmup):
         epoch()
-    times = [epoch() for _ in range(repeats)]
-    n = len(dm.datasets["train"])
+    times, items = zip(*(epoch() for _ in range(repeats)), strict=True)
     med = statistics.median(times)
     return {
-        "preset": preset,
-        "params": sum(p.numel() for p in model.parameters()),
-        "nfe": model.depth.nfe,
+        "params": run.trainable_params(model),
+        "nfe": spec.nfe,
         "median_s": med,
         "min_s": min(times),
         "max_s": max(times),
-        "molecules_per_s": n / med,
+        "items_per_s": items[0] / med,
     }
 
 
@@ -77,14 +65,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"task={args.task} threads={torch.get_num_threads()} repeats={args.repeats} {' '.join(args.override)}"
+        f"task={args.task} threads={torch.get_num_threads()} repeats={args.repeats} "
+        f"{' '.join(args.override)}"
     )
-    print(f"{'depth':<16}{'params':>12}{'nfe':>5}{'median s':>11}{'min-max s':>16}{'mol/s':>9}")
+    print(f"{'depth':<16}{'params':>12}{'nfe':>5}{'median s':>11}{'min-max s':>16}{'items/s':>9}")
     for preset in args.depth:
         r = bench(args.task, preset, args.override, args.warmup, args.repeats)
         print(
             f"{preset:<16}{r['params']:>12,}{r['nfe']:>5}{r['median_s']:>11.2f}"
-            f"{r['min_s']:>8.2f}-{r['max_s']:<7.2f}{r['molecules_per_s']:>9.0f}"
+            f"{r['min_s']:>8.2f}-{r['max_s']:<7.2f}{r['items_per_s']:>9.0f}"
         )
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from score_exp.run import CONFIG_DIR as _CONFIG_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+CONFIG_DIR = Path(_CONFIG_DIR)
 SHARED_MIRROR = REPO.parent / "shared" / "data"
 
 # Data tests never skip: with no mirror and no cache they fail with the registry's message.
@@ -60,7 +62,11 @@ def load_results(run_dir: Path) -> dict:
 
 @pytest.fixture
 def compose():
-    """``compose(*overrides)`` -> the composed train config (hydra resolvers available)."""
+    """``compose(*overrides)`` -> the composed train config (hydra resolvers available).
+
+    The builder's composition (``score_exp.run``: the depth schema registered), with Hydra's own
+    errors left as they are.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

@@ -25,6 +25,7 @@ def bench(tmp_path_factory):
     return json.loads(out_json.read_text()), out.stdout
 
 
+@pytest.mark.slow
 def test_json_holds_positive_times_for_every_variant(bench):
     data, stdout = bench
     assert [v["label"] for v in data["variants"]] == ["score+euler", "score+rk4"]
@@ -43,6 +44,7 @@ def test_json_holds_positive_times_for_every_variant(bench):
     assert "Lightning vs bare" in stdout and "rk4/euler" in stdout
 
 
+@pytest.mark.slow
 def test_nfe_ratio_of_rk4_over_euler_is_four(bench):
     data, _ = bench
     (ratio,) = [r for r in data["ratios"] if r["name"] == "rk4/euler"]
@@ -55,6 +57,7 @@ def test_nfe_ratio_of_rk4_over_euler_is_four(bench):
     assert ratio["step_time"] == pytest.approx(rk4["step_s_median"] / euler["step_s_median"])
 
 
+@pytest.mark.slow
 def test_params_equal_those_score_train_reports(bench, tmp_path):
     data, _ = bench
     run_dir = tmp_path / "run"
@@ -63,6 +66,7 @@ def test_params_equal_those_score_train_reports(bench, tmp_path):
     assert data["variants"][0]["params"] == load_results(run_dir)["params"]
 
 
+@pytest.mark.slow
 def test_checkpoint_memory_measures_each_point_with_and_without(tmp_path):
     out_json = tmp_path / "mem.json"
     out = run_cli(

@@ -64,6 +64,7 @@ def test_defaults_keep_the_plain_chain_and_its_state_dict():
     assert depth.last_steps_used is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -504,6 +505,7 @@ def trained_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_score_eval_rediscretises_a_trained_run(trained_run):
     import csv
 

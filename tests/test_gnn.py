@@ -150,6 +150,7 @@ def test_descriptors_are_concatenated_before_the_head():
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_trains_esol_gnn_and_records_it(tmp_path):
     run_dir = tmp_path / "gnn"
     out = train_cli(
@@ -171,6 +172,7 @@ def test_cli_trains_esol_gnn_and_records_it(tmp_path):
     assert len(json.loads((run_dir / "splits.json").read_text())["test_idx"]) == 113
 
 
+@pytest.mark.slow
 def test_gnn_learns_well_below_the_mean_predictor(tmp_path):
     run_dir = tmp_path / "learn"
     out = train_cli(
@@ -192,7 +194,7 @@ def test_gnn_learns_well_below_the_mean_predictor(tmp_path):
 
 
 def test_experiment_file_composes_the_paper_setting(compose):
-    from score_exp.train import depth_spec
+    from score_exp.run import depth_spec
 
     cfg = compose("experiment=esol_gnn_paper")
     assert cfg.task.name == "esol_gnn" and cfg.task.model.conv == "mpnn"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_results, run_cli, train_cli
-from hydra.utils import instantiate
 
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import (
@@ -21,17 +20,16 @@ from score_exp.data.shakespeare import (
 from score_exp.errors import DataError
 from score_exp.models import GPT
 from score_exp.tasks.lm import FixedWindows, LanguageModelModule, RandomWindows, nanogpt_lr
-from score_exp.train import depth_spec
+from score_exp.run import build, depth_spec
 
 PRESETS = ("score", "stacked", "stacked_plain", "skip05", "shared_residual", "shared_plain")
 LN65 = math.log(65)
 
 
-def build_model(cfg, vocab_size: int = 65) -> GPT:
-    """The model exactly as train.py builds it from a composed config."""
+def build_model(cfg) -> GPT:
+    """The model exactly as score-train builds it from a composed config (the builder's)."""
     torch.manual_seed(0)
-    kwargs = {"vocab_size": vocab_size, "block_size": cfg.task.data.block_size}
-    return instantiate(cfg.task.model, _partial_=True)(depth=depth_spec(cfg), **kwargs)
+    return build(cfg).model
 
 
 def block_params(model: GPT) -> int:
@@ -117,13 +115,11 @@ def test_gpt2_tokens_of_shakespeare_match_nanogpt(tmp_path):
 
 def test_gpt2_task_builds_a_50257_token_model(compose):
     cfg = compose("task=shakespeare_gpt2", "depth=stacked")
-    dm = instantiate(cfg.task.data)
-    dm.setup("fit")
+    dm, model, _, _ = build(cfg)
     assert dm.model_kwargs() == {"vocab_size": 50257, "block_size": 256}
     text = fetch("shakespeare").read_text()
     head = dm.tokenizer.decode(dm.data["val"][:50])
     assert len(head) > 50 and text[int(0.9 * len(text)) :].startswith(head)
-    model = build_model(cfg, vocab_size=50257)
     L, C = cfg.task.steps, cfg.task.model.n_embd
     # nanoGPT's count for n_layer=6, n_embd=384 and GPT-2's vocabulary (no padding).
     assert model.get_num_params() == 12 * L * C**2 + (2 * L + 1) * C + 50257 * C == 29_920_512
@@ -261,6 +257,7 @@ def trained_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_cli_trains_char_cpu_preset_and_writes_results(trained_run):
     r = load_results(trained_run)
     assert r["status"] == "ok" and r["task"] == "shakespeare_char_cpu"
@@ -273,6 +270,7 @@ def test_cli_trains_char_cpu_preset_and_writes_results(trained_run):
     assert (trained_run / "config.yaml").is_file() and (trained_run / "splits.json").is_file()
 
 
+@pytest.mark.slow
 def test_loss_decreases_over_a_short_run(trained_run):
     with open(trained_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -286,6 +284,7 @@ def test_loss_decreases_over_a_short_run(trained_run):
     assert all(float(r["train/tokens_per_s"]) > 0 for r in rows if r.get("train/tokens_per_s"))
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_resume_continues_the_run(trained_run, tmp_path):
     def val_at(run_dir, step: int) -> float:
         with open(run_dir / "metrics.csv") as f:
@@ -313,6 +312,7 @@ def test_a_budget_shorter_than_the_eval_interval_is_an_error(tmp_path):
     assert "would never be computed" in proc.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_score_sample_prints_samples_of_the_requested_length(trained_run):
     sep = "---------------"
     proc = run_cli(

@@ -11,7 +11,7 @@ import pytest
 from conftest import CONFIG_DIR, cli_env, load_results, run_cli, train_cli
 
 from score_exp.core import DepthSpec
-from score_exp.train import depth_spec
+from score_exp.run import depth_spec
 
 PRESETS = ["score", "stacked", "stacked_plain", "skip05", "shared_residual", "shared_plain"]
 TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
@@ -104,6 +104,7 @@ def test_run_folder_holds_config_metrics_checkpoints_and_splits(mlp_run):
     assert splits["split"] == "random" and splits["data"]["n_invalid"] == 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_on_cpu(mlp_run, tmp_path):
     run_dir, _ = mlp_run
     again = tmp_path / "again"
@@ -123,6 +124,7 @@ def test_rerun_into_a_finished_folder_skips_it(mlp_run):
     assert (run_dir / "results.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_mlp_learns_well_below_the_mean_predictor(tmp_path):
     run_dir = tmp_path / "learn"
     out = train_cli(run_dir, "trainer.max_epochs=25", "callbacks.early_stopping=null")
@@ -197,6 +199,7 @@ def test_wrong_checksum_in_the_mirror(tmp_path):
     assert "Traceback" not in out.stderr and not (tmp_path / "bad" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_user_csv_with_own_columns_trains(tmp_path):
     """Point the task at your own CSV: invalid SMILES are counted in splits.json."""
     from score_exp.data import fetch
@@ -223,6 +226,7 @@ def test_user_csv_with_own_columns_trains(tmp_path):
 # ----------------------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_diverged_run_is_recorded_and_exits_zero_unless_asked(tmp_path):
     # dt = 1e30 on an additive update overflows the state: the loss becomes inf at once.
     bad = ["depth=shared_residual", "depth.dt=1e30", *TINY]
@@ -237,6 +241,7 @@ def test_diverged_run_is_recorded_and_exits_zero_unless_asked(tmp_path):
     assert out.returncode == 3 and load_results(tmp_path / "div2")["status"] == "diverged"
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline_without_a_key(tmp_path):
     env = cli_env(WANDB_API_KEY="", WANDB_MODE="", NETRC=str(tmp_path / "no-netrc"))
     env.pop("WANDB_API_KEY")

@@ -1,0 +1,442 @@
+"""The builder: the one place that composes a config, builds a task and loads a run folder.
+
+Every door (``score-train``, ``score-eval``, ``score-sample``, ``score-bench``) imports this
+module and never another door, so a run, an evaluation, a sample and a benchmark build exactly
+the same objects from the same config:
+
+    cfg = compose("task=esol_mlp", "depth=stacked")     # the real configs, no Hydra run
+    task = build(cfg)                                   # Task(datamodule, model, module, spec)
+    run = load_run("outputs/esol_mlp/<run>")            # the same, plus the run's best weights
+
+A task is three config nodes, ``task.data``, ``task.model`` and ``task.module`` (``_target_`` +
+arguments), whose objects honour the contract below (:class:`TaskData`, :class:`TaskModule`). The
+model is called as ``model(depth=DepthSpec, **datamodule.model_kwargs())`` and the module as
+``module(model=model, **datamodule.module_kwargs())``. Nothing else is required: a new task is a
+YAML file in a config group plus its classes (README "Add a task"); this module needs no edit.
+
+Importing this module registers the ``depth`` group's schema (:class:`DepthSpec`) with Hydra's
+ConfigStore, so a preset holds only what differs and a misspelt key is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from omegaconf import DictConfig, OmegaConf
+
+from score_exp.core import DepthSpec
+from score_exp.errors import ConfigError, DataError
+from score_exp.io import read_json
+
+log = logging.getLogger("score_exp.run")
+
+#: The Hydra config tree (``configs/`` of the checkout). Defined here only.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+#: A run folder's record, written once by ``score-train`` (the contract with everything that reads runs).
+RESULTS = "results.json"
+#: A run folder's resolved config (what the run trained; what ``load_run`` rebuilds).
+RUN_CONFIG = "config.yaml"
+
+
+# ----------------------------------------------------------------------------- the task contract
+
+
+@runtime_checkable
+class TaskData(Protocol):
+    """What a task's data module (``task.data``, a ``LightningDataModule``) provides.
+
+    ``prepare_data()`` and ``setup(stage)`` are Lightning's; then, once set up:
+
+    * ``model_kwargs()``: arguments of the model that come from the data (input features,
+      vocabulary size, ...), passed beside ``depth=``.
+    * ``module_kwargs()``: arguments of the LightningModule that come from the data (target
+      statistics, vocabulary), passed beside ``model=``. The module saves them as hyper-parameters:
+      :func:`load_run` checks that a run's data still gives the same ones.
+    * ``split_record()``: a JSON-able record of the split (indices, sizes), written to the run
+      folder as ``splits.json``.
+    * ``train_dataloader()``, ``val_dataloader()``, ``test_dataloader()``: Lightning's.
+    """
+
+    def prepare_data(self) -> None: ...
+
+    def setup(self, stage: str | None = None) -> None: ...
+
+    def model_kwargs(self) -> dict[str, Any]: ...
+
+    def module_kwargs(self) -> dict[str, Any]: ...
+
+    def split_record(self) -> dict[str, Any]: ...
+
+    def train_dataloader(self) -> Iterable: ...
+
+    def val_dataloader(self) -> Iterable: ...
+
+    def test_dataloader(self) -> Iterable: ...
+
+
+@runtime_checkable
+class TaskModule(Protocol):
+    """What a task's LightningModule (``task.module``) provides beyond Lightning's hooks.
+
+    * ``model``: the ``nn.Module`` it trains (its ``depth`` attribute, a
+      :class:`~score_exp.core.RecurrentDepth`, is what diagnostics, growth and ``score-eval`` use).
+    * ``training_step(batch, batch_idx) -> loss`` and ``configure_optimizers()``: the training
+      work; ``score-bench`` times exactly these, so a benchmark times what a run trains.
+    * ``validation_step`` / ``test_step`` logging ``val/<metric>`` and ``test/<metric>``, among them
+      ``task.monitor`` and ``test/<task.headline>``.
+    """
+
+    model: Any
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any: ...
+
+    def configure_optimizers(self) -> Any: ...
+
+
+class Task(NamedTuple):
+    """What :func:`build` returns: the three objects of a run and its validated depth."""
+
+    datamodule: TaskData
+    model: Any
+    module: TaskModule
+    spec: DepthSpec
+
+
+class LoadedRun(NamedTuple):
+    """What :func:`load_run` returns: a run folder's task with the checkpoint's weights loaded."""
+
+    cfg: DictConfig
+    task: Task
+    checkpoint: Path
+    meta: dict[str, Any]  # the checkpoint without its state_dict: epoch, global_step, hparams
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _schema_type(tp: Any) -> Any:
+    """The OmegaConf type of a DepthSpec field: itself where OmegaConf knows it, else ``Any``."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp in (int, float, bool, str):
+        return tp
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        inner = _schema_type(args[0])
+        return typing.Optional[inner] if inner is not Any else Any  # noqa: UP045 (OmegaConf)
+    return Any  # lists, unions, literals: checked by DepthSpec.__post_init__
+
+
+def depth_schema() -> type:
+    """A structured-config dataclass with DepthSpec's fields (derived, so new fields come free).
+
+    Its ``steps`` defaults to ``${task.steps}``: every preset takes the task's depth unless it
+    says otherwise. Types OmegaConf cannot express become ``Any`` (the spec validates them).
+    """
+    hints = typing.get_type_hints(DepthSpec)
+    fields = []
+    for f in dataclasses.fields(DepthSpec):
+        if f.default is not dataclasses.MISSING:
+            default = dataclasses.field(default=f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = dataclasses.field(default_factory=f.default_factory)
+        else:
+            default = dataclasses.field(default="???")
+        if f.name == "steps":
+            default = dataclasses.field(default="${task.steps}")  # type: ignore[arg-type]
+        fields.append((f.name, _schema_type(hints[f.name]), default))
+    return dataclasses.make_dataclass("DepthSchema", fields)
+
+
+def register_configs() -> None:
+    """Register the config schemas with Hydra's ConfigStore (idempotent).
+
+    ``depth/_schema``: every ``configs/depth/*.yaml`` preset starts from it (``defaults: [_schema,
+    _self_]``), so a preset holds only what differs and an unknown or mistyped key is refused.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="depth", name="_schema", node=depth_schema())
+    if not OmegaConf.has_resolver("score_help_groups"):
+        OmegaConf.register_new_resolver("score_help_groups", help_groups)
+
+
+HELP_GROUPS = ("task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
+
+
+def help_groups() -> str:
+    """``--help``'s list of choices: user-facing groups; internals (``_``-prefixed) hidden."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in HELP_GROUPS:
+        options = [o for o in sorted(loader.get_group_options(group)) if not o.startswith("_")]
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def compose(*overrides: str, config_name: str = "train") -> DictConfig:
+    """The config ``score-train`` (or ``config_name``) would run, without a Hydra run.
+
+    Raises:
+        ConfigError: an override Hydra refuses (syntax, unknown key or option, wrong type).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_depth_overrides(overrides)
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        skip = ("full_key", "object_type", "reference_type")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = " ".join(ln for ln in lines if not ln.startswith(skip)) or type(e).__name__
+        raise ConfigError(f"cannot compose {' '.join(overrides)}: {why}") from None
+
+
+def check_depth_overrides(overrides: Sequence[str]) -> None:
+    """Refuse ``depth.<key>=`` overrides whose key is no DepthSpec field, in one line.
+
+    Hydra's own refusal of the schema is several lines; this check runs first in every door.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fields = [f.name for f in dataclasses.fields(DepthSpec)]
+    candidates = [o for o in overrides if o.lstrip("+~").startswith("depth.")]
+    if not candidates:
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # Hydra reports bad syntax itself, with its own message
+        return
+    for o in parsed:
+        key = o.key_or_group.split(".", 1)[1].split(".")[0]
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; valid: {', '.join(fields)}"
+            raise ConfigError(f"unknown depth field {key!r}{hint}")
+
+
+def depth_spec(cfg: DictConfig) -> DepthSpec:
+    """Build and validate the :class:`DepthSpec` of a composed config.
+
+    Raises:
+        ConfigError: a field the spec refuses (unknown name, ``steps < 1``, ``dt <= 0``, ...).
+    """
+    fields = OmegaConf.to_container(cfg.depth, resolve=True)
+    try:
+        return DepthSpec(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid depth config: {e}") from None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build(
+    cfg: DictConfig,
+    stage: str = "fit",
+    spec: DepthSpec | None = None,
+    model_overrides: dict[str, Any] | None = None,
+) -> Task:
+    """Data module (prepared and set up for ``stage``), model and LightningModule of ``cfg``.
+
+    The one place a task is built: training, evaluation, sampling and benchmarks all call it.
+
+    Args:
+        cfg: a composed ``score-train`` config (or a run folder's ``config.yaml``).
+        stage: Lightning's ``setup`` stage of the data module.
+        spec: the depth; default ``depth_spec(cfg)``.
+        model_overrides: model arguments replacing the config's (e.g. ``compile=False``).
+
+    Raises:
+        ConfigError: the data module does not honour :class:`TaskData`.
+    """
+    from hydra.utils import instantiate
+
+    spec = depth_spec(cfg) if spec is None else spec
+    datamodule = instantiate(cfg.task.data)
+    missing = [m for m in ("model_kwargs", "module_kwargs", "split_record") if not hasattr(datamodule, m)]
+    if missing:
+        raise ConfigError(
+            f"{type(datamodule).__name__} (task.data) lacks {', '.join(missing)}: "
+            "a task's data module must honour score_exp.run.TaskData"
+        )
+    datamodule.prepare_data()
+    datamodule.setup(stage)
+    overrides = {k: v for k, v in (model_overrides or {}).items() if k in cfg.task.model}
+    # _partial_: Hydra would turn the DepthSpec dataclass into a DictConfig if passed to instantiate.
+    model = instantiate(cfg.task.model, _partial_=True)(
+        depth=spec, **datamodule.model_kwargs(), **overrides
+    )
+    module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
+    return Task(datamodule, model, module, spec)
+
+
+def training_step_fn(module, gradient_clip_val: float | None = None, autocast=None):
+    """``step(batch, batch_idx) -> loss``: one optimisation step exactly as a run does it.
+
+    The module's own ``configure_optimizers()`` and ``training_step()`` (its loss), then
+    backward, gradient clipping, optimiser step, per-step scheduler step and ``zero_grad``, as
+    Lightning's automatic optimisation does, without a Trainer: benchmarks time this. Inside
+    ``training_step``, ``self.log`` does nothing and ``self.optimizers()`` is the optimiser.
+
+    Args:
+        module: a built :class:`TaskModule` (on its device, in train mode).
+        gradient_clip_val: clip the gradient norm to this (``task.gradient_clip_val``); falsy: no.
+        autocast: a context manager for the forward (e.g. bf16 autocast); default none.
+    """
+    import contextlib
+
+    import torch
+
+    conf = module.configure_optimizers()
+    sched = None
+    if isinstance(conf, dict):
+        lr_sched = conf.get("lr_scheduler")
+        if lr_sched and lr_sched.get("interval") == "step":
+            sched = lr_sched["scheduler"]
+        conf = conf["optimizer"]
+    opt = conf
+
+    @contextlib.contextmanager
+    def outside_trainer():
+        module.log = module.log_dict = lambda *args, **kwargs: None
+        module.optimizers = lambda *args, **kwargs: opt
+        try:
+            yield
+        finally:
+            del module.log, module.log_dict, module.optimizers
+
+    def step(batch, batch_idx: int = 0):
+        with outside_trainer(), autocast or contextlib.nullcontext():
+            loss = module.training_step(batch, batch_idx)
+        loss.backward()
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step.optimizer, step.scheduler = opt, sched
+    return step
+
+
+def trainable_params(model) -> int:
+    """Parameters that the optimiser updates (the count in ``results.json``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
+    """``checkpoint`` (relative to ``run_dir``), else results.json's best, else ``last.ckpt``.
+
+    Raises:
+        ConfigError: the folder or the checkpoint does not exist.
+    """
+    if not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} does not exist")
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"{run_dir} is not a score-train run folder (no {RUN_CONFIG})")
+    if checkpoint:
+        path = run_dir / checkpoint
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {path} does not exist")
+        return path
+    candidates = []
+    if (run_dir / RESULTS).is_file():
+        best = read_json(run_dir / RESULTS).get("best_checkpoint")
+        if best:
+            candidates.append(run_dir / best)
+    candidates.append(run_dir / "checkpoints" / "last.ckpt")
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"{run_dir} holds no checkpoint (looked for {looked}); train it first")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint as data: ``weights_only=True`` (a run folder is data, never code).
+
+    The one place a checkpoint is read (``score-train``'s best-epoch record included).
+
+    Raises:
+        DataError: the file is truncated or not a checkpoint (one line naming it).
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip (RuntimeError), EOFError, OSError, UnpicklingError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"checkpoint {path} is unreadable (truncated?): {reason}") from None
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The resolved config a run folder names (``config.yaml``, written by ``score-train``)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a score-train run folder (no {RUN_CONFIG})")
+    return OmegaConf.load(path)
+
+
+def load_run(
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    stage: str = "fit",
+    spec: DepthSpec | None = None,
+    model_overrides: dict[str, Any] | None = None,
+) -> LoadedRun:
+    """Rebuild a run from its folder: its config, its task, its checkpoint's weights.
+
+    The model is built from ``config.yaml`` exactly as ``score-train`` built it (seeded with the
+    run's seed), then the checkpoint's ``state_dict`` is loaded into the module (a grown depth
+    resizes itself to it).
+
+    Args:
+        run_dir: a ``score-train`` run folder.
+        checkpoint: relative to ``run_dir``; default results.json's best, else ``last.ckpt``.
+        stage, spec, model_overrides: as for :func:`build` (``spec`` default: the run's).
+
+    Raises:
+        ConfigError: no such folder or checkpoint.
+        DataError: the data rebuilt from the config differs from the one the checkpoint was
+            trained on (a ``module_kwargs()`` value such as the vocabulary changed).
+    """
+    import lightning as L
+
+    run_dir = Path(run_dir).expanduser()
+    ckpt_path = find_checkpoint(run_dir, checkpoint)
+    cfg = run_config(run_dir)
+    ckpt = load_checkpoint(ckpt_path)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = build(cfg, stage, spec=spec, model_overrides=model_overrides)
+    saved = ckpt.get("hyper_parameters", {})
+    for key, value in task.datamodule.module_kwargs().items():
+        if key in saved and saved[key] != value:
+            raise DataError(
+                f"the {key} rebuilt from {run_dir / RUN_CONFIG} differs from the one the "
+                f"checkpoint {ckpt_path} was trained with (has the data changed?)"
+            )
+    task.module.load_state_dict(ckpt["state_dict"])
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    log.info("loaded %s (step %s) with depth %s", ckpt_path, ckpt.get("global_step"), task.spec)
+    return LoadedRun(cfg, task, ckpt_path, meta)
+
+
+register_configs()
