@@ -167,6 +167,8 @@ def test_a_file_where_the_run_folder_should_be(tmp_path):
     )
     line = one_error_line(train_cli(blocker / "run"))  # a parent is the file
     assert f"hydra.run.dir={blocker / 'run'} cannot be a folder: {blocker} is a file" in line
+    out = run_cli("-m", f"hydra.sweep.dir={blocker}", "seed=0,1", *QUIET)  # a sweep's folder
+    assert one_error_line(out).startswith(f"score-train: error: hydra.sweep.dir={blocker} ")
     assert blocker.read_text() == "not a folder"
 
 
