@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
-from score_exp.errors import ScoreExpError, user_error
+from score_exp.errors import ConfigError, ScoreExpError, user_error
 from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
 from score_exp.run import (
     CONFIG_DIR,
@@ -269,9 +269,14 @@ def _multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    """Hydra entry point of ``score-train``; returns the test headline metric (for sweepers)."""
+    """Hydra entry point of ``score-train``; returns the run's objective (for sweepers).
+
+    The objective is the best validation metric (``objective: best_val``), never a test metric,
+    so a tuning sweeper (Optuna) never sees test data.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        objective(cfg, {})  # an unknown objective is an error before any work
         record = train(cfg, run_dir)
     except ScoreExpError as e:
         log.error("%s", e)
@@ -290,7 +295,26 @@ def _main(cfg: DictConfig) -> float | None:
     )
     if record["status"] == "diverged" and cfg.get("fail_on_diverge", False):
         sys.exit(3)
-    return value
+    return objective(cfg, record)
+
+
+OBJECTIVES = ("best_val",)
+
+
+def objective(cfg: DictConfig, record: dict) -> float:
+    """What a sweeper optimises: the best val metric; the worst value for a run without one.
+
+    A diverged or failed run returns ``inf`` (``-inf`` when the monitor is maximised), so a
+    study records it as its worst trial and goes on.
+    """
+    name = cfg.get("objective", "best_val")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective={name!r}: valid objectives: {', '.join(OBJECTIVES)}")
+    worst = -math.inf if cfg.task.get("monitor_mode", "min") == "max" else math.inf
+    value = record.get("best_val", {}).get("value")
+    if record.get("status") != "ok" or value is None or not math.isfinite(value):
+        return worst
+    return float(value)
 
 
 def main() -> None:

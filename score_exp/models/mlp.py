@@ -20,17 +20,26 @@ class MLPBlock(nn.Module):
 
     The skip (contractive or residual) is the depth's job, so the same block serves every
     ``update``.
+
+    ``skip=True`` returns ``h + F(h)`` instead (the paper author's block): the contractive Euler
+    step ``(1 - dt) h + dt (h + F(h))`` then becomes ``h + dt F(h)``.
     """
 
-    def __init__(self, hidden: int, act: str = "relu", norm: str = "layer", dropout: float = 0.0):
+    def __init__(self, hidden: int, act: str = "relu", norm: str = "layer", dropout: float = 0.0,
+                 skip: bool = False):  # fmt: skip
         super().__init__()
+        self.skip = skip
         self.norm = _lookup(NORMS, norm, "task.model.norm")(hidden)
         self.linear = nn.Linear(hidden, hidden)
         self.act = _lookup(ACTIVATIONS, act, "task.model.act")()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.dropout(self.act(self.linear(self.norm(h))))
+        f = self.dropout(self.act(self.linear(self.norm(h))))  # (B, hidden)
+        return h + f if self.skip else f
+
+    def extra_repr(self) -> str:
+        return f"skip={self.skip}"
 
 
 class RecurrentMLP(nn.Module):
@@ -42,6 +51,7 @@ class RecurrentMLP(nn.Module):
         hidden: state width.
         out_features: output width (1 for a scalar regression target).
         act, norm, dropout: block hyperparameters.
+        block_skip: blocks return ``h + F(h)`` (the paper author's block) instead of ``F(h)``.
     """
 
     def __init__(
@@ -53,11 +63,12 @@ class RecurrentMLP(nn.Module):
         act: str = "relu",
         norm: str = "layer",
         dropout: float = 0.1,
+        block_skip: bool = False,
     ):
         super().__init__()
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)
-        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout), depth)
+        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout, block_skip), depth)
         self.head = nn.Linear(hidden, out_features)
 
     def reset_parameters(self) -> None:

@@ -121,10 +121,16 @@ def make_conv(conv: str, hidden: int, edge_dim: int, heads: int = 4) -> nn.Modul
 
 
 class GraphBlock(nn.Module):
-    """``F(h) = dropout(act(norm(conv(h, edge_index, edge_attr))))``: a proposal, no skip."""
+    """``F(h) = dropout(act(norm(conv(h, edge_index, edge_attr))))``: a proposal, no skip.
 
-    def __init__(self, conv: str, hidden: int, edge_dim: int, dropout: float = 0.1, heads: int = 4):
+    ``skip=True`` returns ``h + F(h)`` instead, as the paper author's GNN code does: the
+    contractive Euler step ``(1 - dt) h + dt (h + F(h))`` then becomes ``h + dt F(h)``.
+    """
+
+    def __init__(self, conv: str, hidden: int, edge_dim: int, dropout: float = 0.1, heads: int = 4,
+                 skip: bool = False):  # fmt: skip
         super().__init__()
+        self.skip = skip
         self.conv_name = conv
         self.conv = make_conv(conv, hidden, edge_dim, heads)
         self.norm = nn.LayerNorm(hidden)
@@ -133,10 +139,11 @@ class GraphBlock(nn.Module):
 
     def forward(self, h: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
         if self.conv_name == "gcn":  # GCN has no edge features
-            h = self.conv(h, edge_index)
+            f = self.conv(h, edge_index)
         else:
-            h = self.conv(h, edge_index, edge_attr)
-        return self.dropout(self.act(self.norm(h)))
+            f = self.conv(h, edge_index, edge_attr)
+        f = self.dropout(self.act(self.norm(f)))  # (N, hidden)
+        return h + f if self.skip else f
 
 
 class AttentiveReadout(nn.Module):
@@ -187,6 +194,7 @@ class MolGNN(nn.Module):
         descriptor_features: width of a per-molecule descriptor vector concatenated to the
             molecule vector before the head (0 = none).
         readout_timesteps, heads: attentive readout rounds; attention heads of ``gat``.
+        block_skip: blocks return ``h + F(h)`` (the paper author's block) instead of ``F(h)``.
     """
 
     def __init__(
@@ -203,6 +211,7 @@ class MolGNN(nn.Module):
         readout_timesteps: int = 2,
         heads: int = 4,
         descriptors: bool = False,
+        block_skip: bool = False,
     ):
         super().__init__()
         # task.model.* are the config keys of these arguments (the message names them).
@@ -215,7 +224,7 @@ class MolGNN(nn.Module):
         self.descriptor_features = descriptor_features
         self.encoder = nn.Linear(atom_features, hidden)
         self.depth = RecurrentDepth(
-            lambda: GraphBlock(conv, hidden, edge_features, dropout, heads), depth
+            lambda: GraphBlock(conv, hidden, edge_features, dropout, heads, block_skip), depth
         )
         self.readout = (
             AttentiveReadout(hidden, readout_timesteps, dropout) if readout == "attentive" else None
