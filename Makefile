@@ -16,7 +16,8 @@ export WANDB_SILENT ?= true
 
 ARGS ?=
 
-.PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune
+.PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
+	gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +40,9 @@ test: $(STAMP)  ## run the whole test suite
 
 test-fast: $(STAMP)  ## tests without the slow (training) ones
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
+	$(BIN)/python -m score_exp.gpu_check $(ARGS)
 
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .

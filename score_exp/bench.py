@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from score_exp import run
+from score_exp import flops, run
 from score_exp.errors import ConfigError, ScoreExpError
 
 MARK = "SCORE_BENCH_RESULT "  # prefixes the worker's one JSON line on stdout
@@ -265,6 +265,8 @@ def measure(
         **_summary(times, items),
         **memory.stop(),
     }
+    seq_len = batch[0].shape[1] if unit == "tokens" else None
+    out.update(flops.bench_fields(model, seq_len, out["throughput"], dev))
     if lightning:
         # Bare and Lightning blocks alternate, so drifts of the machine (clock, cache, other
         # tenants) hit both sides of the ratio alike; the ratio uses these interleaved bare times.
@@ -496,7 +498,8 @@ def report(payload: dict) -> str:
         f"torch {payload['torch']}): median of {payload['repeats']} repeats x "
         f"{payload['steps_per_repeat']} steps after {payload['warmup']} warm-up steps",
         f"{'variant':<34}{'params':>12}{'nfe':>5}{'step ms':>10}{'min-max ms':>18}"
-        f"{unit + '/s':>14}{'peak MB':>10}{'train MB':>10}{'interleaved ms':>16}",
+        f"{unit + '/s':>14}{'peak MB':>10}{'train MB':>10}{'interleaved ms':>16}"
+        f"{'TFLOP/s':>9}{'MFU':>7}",
     ]
     for r in payload["variants"]:
         inter = 1e3 * r["interleaved"]["step_s_median"] if "interleaved" in r else None
@@ -504,7 +507,8 @@ def report(payload: dict) -> str:
             f"{r['label']:<34}{r['params']:>12,}{r['nfe']:>5}{1e3 * r['step_s_median']:>10.2f}"
             f"{1e3 * r['step_s_min']:>9.2f}-{1e3 * r['step_s_max']:<8.2f}{r['throughput']:>14,.0f}"
             f"{_fmt(r['peak_mem_mb'], '.0f'):>10}{_fmt(r['train_mem_mb'], '.1f'):>10}"
-            f"{_fmt(inter, '.2f'):>16}"
+            f"{_fmt(inter, '.2f'):>16}{_fmt(r.get('achieved_tflops'), '.3f'):>9}"
+            f"{_fmt(r.get('mfu'), '.1%'):>7}"
         )
     if payload["ratios"]:
         basis = "interleaved" if all(q["interleaved"] for q in payload["ratios"]) else "own run"
@@ -534,6 +538,9 @@ def report(payload: dict) -> str:
             f"{_fmt(g.get('train_mem_mb_growth_pct'), '+.1f')}% "
             f"(peak incl. process: {_fmt(g.get('peak_mem_mb_growth_pct'), '+.1f')}%)"
         )
+    r0 = payload["variants"][0]
+    if "flops_note" in r0:  # how the FLOPs were counted and which peak the MFU is of
+        lines.append(f"FLOPs: {r0['flops_note']}; MFU: {r0['mfu_note']}")
     lines += [f"note: {n}" for n in payload["notes"]]
     return "\n".join(lines)
 

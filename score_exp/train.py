@@ -41,7 +41,19 @@ log = logging.getLogger("score_exp.train")
 
 
 # Fields beyond the paper's depth: recorded in results.json only where they are switched on.
-BEYOND_FIELDS = ("connect", "learn_dt", "adaptive_eps", "growth")
+BEYOND_FIELDS = (
+    "connect",
+    "learn_dt",
+    "adaptive_eps",
+    "growth",
+    "inject",
+    "init_state",
+    "train_steps",
+    "train_dt",
+    "backprop_steps",
+    "solver",
+    "halt",
+)
 
 
 def _depth_record(spec: DepthSpec) -> dict[str, Any]:
@@ -109,6 +121,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         DepthDiagnostics,
         DepthGrowth,
         DivergenceDetector,
+        RandomDepth,
         RNGStateCheckpoint,
         RunTimer,
         find_depth,
@@ -127,6 +140,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     callbacks.append(DepthDiagnostics())
     if spec.growth is not None:
         callbacks.append(DepthGrowth())
+    if spec.train_steps != "fixed":
+        callbacks.append(RandomDepth(seed=cfg.seed))
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     # The Trainer first: it knows this process's rank and the world size (devices x nodes)
     # before any process is launched, so files are written by rank 0 only and a global batch
@@ -215,7 +230,7 @@ def _record_learned_depth(record: dict, depth) -> None:
     if spec.growth is not None:
         record["final_steps"] = depth.steps
     if spec.learn_dt != "none":
-        record["learned_dt"] = [round(v, 6) for v in depth.current_dt().tolist()]
+        record["learned_dt"] = [round(float(dt), 6) for dt in depth.dts()]
     if spec.connect == "ancre":
         record["connection_weights"] = [
             [round(v, 6) for v in row] for row in depth.connection_weights().tolist()

@@ -52,6 +52,8 @@ class RecurrentMLP(nn.Module):
         out_features: output width (1 for a scalar regression target).
         act, norm, dropout: block hyperparameters.
         block_skip: blocks return ``h + F(h)`` (the paper author's block) instead of ``F(h)``.
+        compile: ``torch.compile`` this module in place (``nn.Module.compile``: parameter names
+            and checkpoints are unchanged), as :class:`~score_exp.models.GPT`.
     """
 
     def __init__(
@@ -64,21 +66,26 @@ class RecurrentMLP(nn.Module):
         norm: str = "layer",
         dropout: float = 0.1,
         block_skip: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)
-        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout, block_skip), depth)
+        self.depth = RecurrentDepth(
+            lambda: MLPBlock(hidden, act, norm, dropout, block_skip), depth, hidden
+        )
         self.head = nn.Linear(hidden, out_features)
+        if compile:
+            self.compile()
 
     def reset_parameters(self) -> None:
         self.encoder.reset_parameters()
         self.depth.reset_parameters()
         self.head.reset_parameters()
 
-    def forward(self, x: Tensor, **depth_overrides) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         h = self.encoder(x)  # (B, hidden)
-        h = self.depth(h, **depth_overrides)
+        h = self.depth(h)  # (B, hidden)
         return self.head(h)  # (B, out_features)
 
     def extra_repr(self) -> str:

@@ -180,6 +180,18 @@ class AttentiveReadout(nn.Module):
         return f"timesteps={self.timesteps}"
 
 
+def keep_nodes(keep: Tensor, ctx: dict) -> dict:
+    """The block context of the subgraph of the ``keep`` nodes ``(N,)`` (whole molecules, so
+    every kept edge has both ends kept); node ids renumbered to the kept rows' order."""
+    edge_index = ctx["edge_index"]
+    edges = keep[edge_index[0]]  # (E,)
+    renumber = torch.cumsum(keep.long(), 0) - 1  # old node id -> new
+    out = {**ctx, "edge_index": renumber[edge_index[:, edges]]}
+    if ctx.get("edge_attr") is not None:
+        out["edge_attr"] = ctx["edge_attr"][edges]
+    return out
+
+
 class MolGNN(nn.Module):
     """Atom encoder -> :class:`RecurrentDepth` of :class:`GraphBlock` -> readout -> MLP head.
 
@@ -224,7 +236,9 @@ class MolGNN(nn.Module):
         self.descriptor_features = descriptor_features
         self.encoder = nn.Linear(atom_features, hidden)
         self.depth = RecurrentDepth(
-            lambda: GraphBlock(conv, hidden, edge_features, dropout, heads, block_skip), depth
+            lambda: GraphBlock(conv, hidden, edge_features, dropout, heads, block_skip),
+            depth,
+            hidden,
         )
         self.readout = (
             AttentiveReadout(hidden, readout_timesteps, dropout) if readout == "attentive" else None
@@ -238,7 +252,13 @@ class MolGNN(nn.Module):
     def forward(self, data) -> Tensor:
         """Predictions ``(B, 1)`` for a PyG ``Batch`` with ``x, edge_index, edge_attr, batch``."""
         h = self.encoder(data.x)  # (N, hidden)
-        h = self.depth(h, edge_index=data.edge_index, edge_attr=data.edge_attr)  # (N, hidden)
+        h = self.depth(
+            h,
+            edge_index=data.edge_index,
+            edge_attr=data.edge_attr,
+            group=data.batch,  # halting stops a molecule as a whole
+            select=keep_nodes,
+        )  # (N, hidden)
         if self.readout is not None:
             g = self.readout(h, data.batch, data.num_graphs)  # (B, hidden)
         elif self.readout_name == "mean":
