@@ -379,10 +379,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint as data: ``weights_only=True`` (a run folder is data, never code).
 
     The one place a checkpoint is read (``score-train``'s best-epoch record included).
+
+    Raises:
+        DataError: the file is truncated or not a checkpoint (one line naming it).
     """
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip (RuntimeError), EOFError, OSError, UnpicklingError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"checkpoint {path} is unreadable (truncated?): {reason}") from None
 
 
 def run_config(run_dir: Path) -> DictConfig:

@@ -21,8 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
-from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.errors import ConfigError, ScoreExpError, user_error
 from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
 from score_exp.run import (
     CONFIG_DIR,
@@ -67,7 +68,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one configuration into ``run_dir`` and return its results record."""
     from score_exp.tasks.results import git_commit, package_versions
 
-    spec = depth_spec(cfg)  # before anything else: a bad depth never starts work
+    check_run_config(cfg)  # before anything else: bad top-level keys never start work
+    spec = depth_spec(cfg)  # likewise a bad depth
     results_path = run_dir / RESULTS
     if results_path.exists() and cfg.get("skip_finished", True):
         previous = read_json(results_path)
@@ -89,9 +91,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     }
     try:
         return _fit_and_test(cfg, run_dir, spec, record)
-    except ScoreExpError:
-        raise  # bad input: reported by main, nothing that looks like a result is written
     except BaseException as e:
+        if (bad_input := user_error(e)) is not None:
+            # Reported by main as one line (a constructor's error unwrapped from Hydra's
+            # instantiate); nothing that looks like a result is written.
+            raise bad_input from None
         # Keep what was written and record how the run ended; re-raise. An interrupted run
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
