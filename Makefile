@@ -16,7 +16,8 @@ export WANDB_SILENT ?= true
 
 ARGS ?=
 
-.PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce
+.PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
+	gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +41,9 @@ test: $(STAMP)  ## run the whole test suite
 test-fast: $(STAMP)  ## tests without the slow (training) ones
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
+gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
+	$(BIN)/python -m score_exp.gpu_check $(ARGS)
+
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -50,8 +54,10 @@ format: $(STAMP)  ## ruff fix + format
 
 # The paper's sweeps (configs/experiment/paper_*.yaml) and their report. Finished runs are
 # skipped and interrupted ones resume, so re-running after a crash only does what is left.
-REPRO_CPU := paper_esol_mlp_cpu paper_esol_gnn_cpu paper_shakespeare_cpu paper_integrators_cpu paper_dt_cpu
-REPRO_GPU := paper_esol_mlp paper_esol_gnn paper_shakespeare paper_integrators paper_dt
+REPRO_CPU := paper_esol_mlp_cpu paper_esol_gnn_cpu paper_shakespeare_cpu paper_integrators_cpu paper_dt_cpu \
+	claims_esol_gnn_deep_cpu claims_esol_gnn_deep_skip_cpu
+REPRO_GPU := paper_esol_mlp paper_esol_gnn paper_shakespeare paper_integrators paper_dt \
+	claims_esol_gnn_deep claims_esol_gnn_deep_skip
 JOBS ?= 2
 
 reproduce-cpu: $(STAMP)  ## reduced paper sweeps + report on a CPU (JOBS parallel runs, 1 thread each)
@@ -72,6 +78,36 @@ reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hyd
 	done; \
 	$(BIN)/score-report multirun/reproduce || exit $$?; \
 	if [ -n "$$failed" ]; then echo "sweeps with failed runs:$$failed (see the report)"; exit 1; fi
+
+# Tuning: one Optuna study per depth variant (same trial budget, best val metric; SQLite in the
+# study folder, so re-running resumes), then each variant's best configuration over SEEDS seeds
+# (stage 2) and the report of those runs (paired statistics, claims). CPU-sized: the MLP task.
+TUNE_VARIANTS ?= score stacked stacked_plain skip05
+SEEDS ?= 5
+
+tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget), re-train the best over 5 seeds, report
+	@start=$$(date +%s); for v in $(TUNE_VARIANTS); do \
+	  echo "== study esol_mlp / $$v"; \
+	  OMP_NUM_THREADS=1 $(BIN)/score-train -m experiment=tune_esol_mlp_cpu depth=$$v \
+	    hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweeper.n_jobs=$(JOBS) \
+	    trainer.enable_progress_bar=false hydra.sweep.dir=multirun/tune_cpu/esol_mlp/$$v $(ARGS) \
+	    || exit $$?; \
+	done; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.tune retrain multirun/tune_cpu/esol_mlp \
+	  --seeds $(SEEDS) --jobs $(JOBS) || exit $$?; \
+	$(BIN)/score-report multirun/tune_cpu/esol_mlp/retrain || exit $$?; \
+	echo "tune-cpu: $$(( ($$(date +%s) - start) / 60 )) min"
+
+tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-training + report
+	@for t in esol_mlp esol_gnn; do \
+	  vs="$(TUNE_VARIANTS)"; [ $$t = esol_gnn ] && vs=$${vs/score /score025 }; \
+	  for v in $$vs; do \
+	    $(BIN)/score-train -m experiment=tune_$$t depth=$$v hydra.sweep.dir=multirun/tune/$$t/$$v \
+	      $(ARGS) || exit $$?; \
+	  done; \
+	  $(BIN)/python -m score_exp.tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
+	  $(BIN)/score-report multirun/tune/$$t/retrain || exit $$?; \
+	done
 
 clean:  ## remove caches and run outputs (keeps .venv and data/)
 	rm -rf outputs multirun lightning_logs wandb .pytest_cache .ruff_cache

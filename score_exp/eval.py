@@ -2,9 +2,9 @@
 
 The run folder's ``config.yaml`` rebuilds the data module, the model and its LightningModule;
 the weights come from the best checkpoint. The depth then runs with the requested ``steps``,
-``integrator``, ``dt`` or ``adaptive_eps`` (a forward pre-hook passes the overrides to
-:class:`~score_exp.core.RecurrentDepth`, so every task works unchanged) and the split is
-evaluated. Each evaluation appends one row to ``<run_dir>/eval.csv`` (rewritten atomically).
+``integrator``, ``dt`` or ``adaptive_eps`` (inside the core's
+:meth:`~score_exp.core.RecurrentDepth.discretised`, so every task works unchanged) and the
+split is evaluated. Each evaluation appends one row to ``<run_dir>/eval.csv`` (rewritten atomically).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.cli import require
+from score_exp.errors import ConfigError, user_error
 from score_exp.io import atomic_write_text
 from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
 
@@ -30,7 +31,7 @@ log = logging.getLogger("score_exp.eval")
 
 EVAL_CSV = "eval.csv"
 # Columns printed by the table (eval.csv keeps every metric of the split).
-SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "steps_used", "nfe", "seconds")
+SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "steps_used", "nfe", "nfe_spent", "seconds")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -38,26 +39,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import torch
 
-    from score_exp.core import get_integrator
     from score_exp.tasks.callbacks import find_depth
 
     # Lightning adds its own stderr handler on import; Hydra's handlers suffice (as in train.py).
     logging.getLogger("lightning").handlers.clear()
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")
-    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir = Path(
+        require(cfg, "run_dir", "score-eval run_dir=outputs/esol_mlp/<run>")
+    ).expanduser()
     ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)  # a missing one fails before any work
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
     over = cfg.depth
-    try:
-        integrator = get_integrator(over.integrator or spec.integrator)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if over.adaptive_eps is not None:
-        if not over.adaptive_eps > 0:
-            raise ConfigError(f"adaptive_eps must be > 0, got {over.adaptive_eps}")
-        spec.adaptive_eps = float(over.adaptive_eps)
 
     loaded = load_run(run_dir, cfg.checkpoint, "fit", spec, {"compile": False})
     datamodule, module = loaded.task.datamodule, loaded.task.module
@@ -65,39 +59,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if depth is None:
         raise ConfigError(f"run {run_dir} has no RecurrentDepth to re-discretise")
 
-    steps = depth.steps if over.steps is None else int(over.steps)
-    if steps != depth.steps and not spec.share:
-        raise ConfigError(
-            f"a stacked depth runs its {depth.steps} blocks; steps={steps} needs share=true"
-        )
-    if steps != depth.steps and spec.connect == "ancre":
-        raise ConfigError(f"connect=ancre learns one mixture per step: it runs {depth.steps} steps")
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
-    dt = over.dt
-    if dt is None and over.keep_horizon and spec.learn_dt == "none" and spec.update != "none":
-        dt = depth.steps * depth.step_size / steps  # the trained horizon T = steps * dt
-    overrides = {"integrator": integrator.name}
-    if steps != depth.steps:
-        overrides["steps"] = steps
-    if dt is not None:
-        if not dt > 0:
-            raise ConfigError(f"dt must be > 0, got {dt}")
-        overrides["dt"] = float(dt)
-    dts = depth.step_sizes(overrides.get("steps"), overrides.get("dt"))
     used: list[Any] = []
-
-    def inject(mod, args, kwargs):
-        return args, {**kwargs, **overrides}
+    spent: list[tuple[float, int]] = []  # (evaluations of F per sample, samples) per forward
 
     def count(mod, args, output):
         if mod.last_steps_used is not None:
             used.append(mod.last_steps_used.float())
+        if mod.last_nfe is not None:
+            n = len(mod.last_steps_used) if mod.last_steps_used is not None else 1
+            spent.append((float(mod.last_nfe), n))
 
-    handles = [
-        depth.register_forward_pre_hook(inject, with_kwargs=True),
-        depth.register_forward_hook(count),
-    ]
+    # The core's re-discretisation: its rules (step counts, horizon, integrators) live there.
+    try:
+        discretised = depth.discretised(
+            steps=None if over.steps is None else int(over.steps),
+            dt=over.dt,
+            integrator=over.integrator,
+            keep_horizon=bool(over.keep_horizon),
+            adaptive_eps=over.adaptive_eps,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     trainer = L.Trainer(
         accelerator=cfg.device if cfg.device != "cuda" else "gpu",
         devices=1,
@@ -108,21 +90,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     run = trainer.test if cfg.split == "test" else trainer.validate
     t0 = time.perf_counter()
+    handle = depth.register_forward_hook(count)
     try:
-        metrics = run(module, datamodule=datamodule, verbose=False)
+        with discretised as d:
+            metrics = run(module, datamodule=datamodule, verbose=False)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     seconds = time.perf_counter() - t0
-    merged = {k: float(v) for d in metrics for k, v in d.items() if k.startswith(cfg.split + "/")}
+    merged = {k: float(v) for m in metrics for k, v in m.items() if k.startswith(cfg.split + "/")}
     row: dict[str, Any] = {
-        "steps": steps,
-        "integrator": integrator.name,
-        "dt": round(float(sum(float(d) for d in dts) / len(dts)), 8),
+        "steps": d.steps,
+        "integrator": d.integrator,
+        "dt": round(float(sum(float(v) for v in d.dts) / len(d.dts)), 8),
         "keep_horizon": bool(over.keep_horizon),
-        "adaptive_eps": spec.adaptive_eps if spec.adaptive_eps is not None else "",
-        "steps_used": round(float(torch.cat(used).mean()), 4) if used else steps,
-        "nfe": steps * (1 if spec.update == "none" else integrator.evals_per_step),
+        "adaptive_eps": d.adaptive_eps if d.adaptive_eps is not None else "",
+        "steps_used": round(float(torch.cat(used).mean()), 4) if used else d.steps,
+        "nfe": d.nfe,
+        # Evaluations of F actually spent per sample (halting stops samples early; the
+        # fixed-point solver's iterations + 1): the mean over the split's samples.
+        "nfe_spent": round(sum(v * n for v, n in spent) / sum(n for _, n in spent), 4)
+        if spent
+        else d.nfe,
         "seconds": round(seconds, 4),
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         **merged,
@@ -174,7 +162,9 @@ def _implicit_multirun(argv: list[str]) -> list[str]:
 def _main(cfg: DictConfig) -> float | None:
     try:
         row = evaluate(cfg)
-    except ScoreExpError as e:
+    except Exception as exc:
+        if (e := user_error(exc)) is None:  # a constructor's error, unwrapped from Hydra's
+            raise
         log.error("%s", e)
         print(f"score-eval: error: {e}", file=sys.stderr)
         sys.exit(2)

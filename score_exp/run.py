@@ -167,7 +167,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("score_help_groups", help_groups)
 
 
-HELP_GROUPS = ("task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
+HELP_GROUPS = (
+    "task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher", "hydra/sweeper"
+)  # fmt: skip
 
 
 def help_groups() -> str:
@@ -207,7 +209,8 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
 def check_depth_overrides(overrides: Sequence[str]) -> None:
     """Refuse ``depth.<key>=`` overrides whose key is no DepthSpec field, in one line.
 
-    Hydra's own refusal of the schema is several lines; this check runs first in every door.
+    Hydra's own refusal (by the schema) is several lines; `score-train` and :func:`compose`
+    (hence `score-bench`) run this check first.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

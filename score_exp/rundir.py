@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from score_exp.errors import ConfigError
+from score_exp.errors import ConfigError, DataError, ScoreExpError
 from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
 
 log = logging.getLogger("score_exp.rundir")
@@ -58,6 +58,7 @@ COSMETIC_KEYS = (
     "skip_finished",
     "fail_on_diverge",
     "overwrite",
+    "objective",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.default_root_dir",
@@ -310,7 +311,7 @@ def load_checkpoint(path: Path) -> dict:
     """``torch.load(path, weights_only=True)`` on CPU: tensors and plain values, never code.
 
     Raises:
-        ConfigError: the file is unreadable, truncated or holds anything but plain data
+        DataError: the file is unreadable, truncated or holds anything but plain data
             (a pickled object would run code): one line naming the file.
     """
     import torch
@@ -321,7 +322,9 @@ def load_checkpoint(path: Path) -> dict:
         raise ConfigError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), OSError, EOFError
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"checkpoint {path} is unreadable or not plain data: {reason}") from None
+        raise DataError(
+            f"checkpoint {path} is unreadable (truncated?) or not plain data: {reason}"
+        ) from None
 
 
 def check_targets(node: Any, where: str, path: str = "") -> None:
@@ -424,7 +427,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     for path in ordered:
         try:
             step = int(load_checkpoint(path).get("global_step", -1))
-        except (ConfigError, AttributeError, TypeError, ValueError) as e:
+        except (ScoreExpError, AttributeError, TypeError, ValueError) as e:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             aside = path.with_name(f"{path.name}.unreadable-{stamp}")
             os.rename(path, aside)

@@ -22,8 +22,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from score_exp import rundir
+from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
-from score_exp.errors import CheckpointWriteError, ScoreExpError
+from score_exp.errors import CheckpointWriteError, ConfigError, ScoreExpError, user_error
 from score_exp.io import atomic_write_json, atomic_write_text, flatten
 from score_exp.run import (
     CONFIG_DIR,
@@ -40,7 +41,19 @@ log = logging.getLogger("score_exp.train")
 
 
 # Fields beyond the paper's depth: recorded in results.json only where they are switched on.
-BEYOND_FIELDS = ("connect", "learn_dt", "adaptive_eps", "growth")
+BEYOND_FIELDS = (
+    "connect",
+    "learn_dt",
+    "adaptive_eps",
+    "growth",
+    "inject",
+    "init_state",
+    "train_steps",
+    "train_dt",
+    "backprop_steps",
+    "solver",
+    "halt",
+)
 
 
 def _depth_record(spec: DepthSpec) -> dict[str, Any]:
@@ -53,7 +66,8 @@ def _depth_record(spec: DepthSpec) -> dict[str, Any]:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one configuration into ``run_dir`` and return its results record."""
-    spec = depth_spec(cfg)  # before anything else: a bad depth never starts work
+    check_run_config(cfg)  # before anything else: bad top-level keys never start work
+    spec = depth_spec(cfg)  # likewise a bad depth
     # The folder is bound to this config (fingerprint) and locked before any work; a folder of
     # another config is refused untouched (score_exp.rundir).
     finished, lock = None, None
@@ -95,8 +109,11 @@ def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec) -> dict:
     try:
         return _fit_and_test(cfg, run_dir, spec, record)
     except BaseException as e:
-        if isinstance(e, ScoreExpError) and not isinstance(e, CheckpointWriteError):
-            raise  # bad input: reported by main, nothing that looks like a result is written
+        bad_input = user_error(e)
+        if bad_input is not None and not isinstance(bad_input, CheckpointWriteError):
+            # Reported by main as one line (a constructor's error unwrapped from Hydra's
+            # instantiate); nothing that looks like a result is written.
+            raise bad_input from None
         # Keep what was written and record how the run ended; re-raise. An interrupted run
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
@@ -139,6 +156,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         DepthDiagnostics,
         DepthGrowth,
         DivergenceDetector,
+        RandomDepth,
         RNGStateCheckpoint,
         RunTimer,
         find_depth,
@@ -161,6 +179,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     callbacks.append(DepthDiagnostics())
     if spec.growth is not None:
         callbacks.append(DepthGrowth())
+    if spec.train_steps != "fixed":
+        callbacks.append(RandomDepth(seed=cfg.seed))
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     # The Trainer first: it knows this process's rank and the world size (devices x nodes)
     # before any process is launched, so files are written by rank 0 only and a global batch
@@ -267,7 +287,7 @@ def _record_learned_depth(record: dict, depth) -> None:
     if spec.growth is not None:
         record["final_steps"] = depth.steps
     if spec.learn_dt != "none":
-        record["learned_dt"] = [round(v, 6) for v in depth.current_dt().tolist()]
+        record["learned_dt"] = [round(float(dt), 6) for dt in depth.dts()]
     if spec.connect == "ancre":
         record["connection_weights"] = [
             [round(v, 6) for v in row] for row in depth.connection_weights().tolist()
@@ -321,10 +341,15 @@ def _multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    """Hydra task function of ``score-train``; returns the test headline metric (for sweepers)."""
+    """Hydra entry point of ``score-train``; returns the run's objective (for sweepers).
+
+    The objective is the best validation metric (``objective: best_val``), never a test metric,
+    so a tuning sweeper (Optuna) never sees test data.
+    """
     rundir.adopt_jobs()  # a sweep worker stops when the sweep process dies
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        objective(cfg, {})  # an unknown objective is an error before any work
         record = train(cfg, run_dir)
     except ScoreExpError as e:
         if isinstance(e, rundir.RunDirError):
@@ -348,7 +373,26 @@ def _main(cfg: DictConfig) -> float | None:
     )
     if record["status"] == "diverged" and cfg.get("fail_on_diverge", False):
         sys.exit(3)
-    return value
+    return objective(cfg, record)
+
+
+OBJECTIVES = ("best_val",)
+
+
+def objective(cfg: DictConfig, record: dict) -> float:
+    """What a sweeper optimises: the best val metric; the worst value for a run without one.
+
+    A diverged or failed run returns ``inf`` (``-inf`` when the monitor is maximised), so a
+    study records it as its worst trial and goes on.
+    """
+    name = cfg.get("objective", "best_val")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective={name!r}: valid objectives: {', '.join(OBJECTIVES)}")
+    worst = -math.inf if cfg.task.get("monitor_mode", "min") == "max" else math.inf
+    value = record.get("best_val", {}).get("value")
+    if record.get("status") != "ok" or value is None or not math.isfinite(value):
+        return worst
+    return float(value)
 
 
 def main() -> None:

@@ -9,8 +9,7 @@ import torch
 from conftest import cli_env, load_results, train_cli
 from torch import nn
 
-from score_exp.core import DepthSpec, RecurrentDepth
-from score_exp.core import depth as depth_module
+from score_exp.core import DepthSpec, RecurrentDepth, observers
 
 # Convergence orders and exact comparisons need float64 (the conftest fixture restores it).
 pytestmark = pytest.mark.usefixtures("float64")
@@ -64,7 +63,6 @@ def test_defaults_keep_the_plain_chain_and_its_state_dict():
     assert depth.last_steps_used is None
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -81,6 +79,7 @@ def test_defaults_keep_the_plain_chain_and_its_state_dict():
         ({"growth": [[0, 2], [0, 4]]}, "start at 0 and increase"),
         ({"growth": [[0, 2], [5, 3]]}, "must end at steps=4"),
         ({"growth": [[0, 0], [5, 4]]}, "steps must be >= 1"),
+        ({"growth": [[0, 4], [5, 2], [9, 4]]}, "must not decrease, got \\[4, 2, 4\\]"),
         ({"growth": [[0, 1.5], [5, 4]]}, "integer pairs"),
         ({"growth": [[0, 1], [5, 4]], "share": False}, "double"),
         ({"growth": [[0, 2], [5, 4]], "connect": "ancre"}, "cannot be combined"),
@@ -151,9 +150,10 @@ def test_ancre_matches_a_hand_written_mixture_and_learns_its_coefficients():
 def test_ancre_refuses_a_step_override_and_reports_in_repr():
     depth = RecurrentDepth(_tanh_block, DepthSpec(steps=3, connect="ancre"))
     with pytest.raises(ValueError, match="runs exactly 3 steps"):
-        depth(torch.randn(2, 5), steps=6)
+        depth.discretised(steps=6)
     assert "connect='ancre'" in repr(depth)
-    depth(torch.randn(2, 5), integrator="rk4")  # other overrides still work
+    with depth.discretised(integrator="rk4"):  # other overrides still work
+        depth(torch.randn(2, 5))
 
 
 # ----------------------------------------------------------------------------- learned dt
@@ -165,7 +165,7 @@ def test_learned_dt_starts_at_the_configured_dt_and_gets_gradients(mode):
     fixed = RecurrentDepth(_tanh_block, DepthSpec(steps=3, dt=0.3))
     learned = RecurrentDepth(_tanh_block, DepthSpec(steps=3, dt=0.3, learn_dt=mode))
     learned.load_state_dict(fixed.state_dict(), strict=False)
-    assert torch.allclose(learned.current_dt(), torch.full((3,), 0.3), atol=1e-12)
+    assert torch.allclose(torch.stack(learned.dts()), torch.full((3,), 0.3), atol=1e-12)
     h = torch.randn(4, 5)
     out = learned(h)
     assert torch.allclose(out, fixed(h), atol=1e-12)
@@ -177,17 +177,19 @@ def test_learned_dt_starts_at_the_configured_dt_and_gets_gradients(mode):
 
 def test_per_step_dt_is_a_sigmoid_of_each_logit():
     depth = RecurrentDepth(_tanh_block, DepthSpec(steps=3, dt=None, learn_dt="per_step"))
-    assert torch.allclose(depth.current_dt(), torch.full((3,), 1 / 3))
+    assert torch.allclose(torch.stack(depth.dts()), torch.full((3,), 1 / 3))
     with torch.no_grad():
         depth.dt_logit.copy_(torch.tensor([-1.0, 0.0, 2.0]))
     dts = [1 / (1 + math.exp(1.0)), 0.5, 1 / (1 + math.exp(-2.0))]
-    assert torch.allclose(depth.current_dt(), torch.tensor(dts))
+    assert torch.allclose(torch.stack(depth.dts()), torch.tensor(dts))
     h = torch.randn(2, 5)
     assert torch.allclose(depth(h), _euler_contractive(depth.blocks[0], h, dts), atol=1e-12)
     # A step override keeps the learned horizon: T / n per step; a dt override wins.
     T = sum(dts)
-    assert torch.allclose(depth(h, steps=5), _euler_contractive(depth.blocks[0], h, [T / 5] * 5))
-    assert torch.allclose(depth(h, dt=0.1), _euler_contractive(depth.blocks[0], h, [0.1] * 3))
+    with depth.discretised(steps=5):
+        assert torch.allclose(depth(h), _euler_contractive(depth.blocks[0], h, [T / 5] * 5))
+    with depth.discretised(dt=0.1):
+        assert torch.allclose(depth(h), _euler_contractive(depth.blocks[0], h, [0.1] * 3))
 
 
 # ----------------------------------------------------------------------------- adaptive depth
@@ -244,7 +246,8 @@ def test_adaptive_depth_is_off_while_training_and_works_on_3d_states():
     with torch.no_grad():
         out = depth(h)
     assert depth.last_steps_used.tolist() == [1, 1]  # eps = 10: every sample stops at once
-    assert torch.allclose(out, depth(h, steps=1).detach()) and not torch.allclose(out, full)
+    with depth.discretised(steps=1, keep_horizon=False):
+        assert torch.allclose(out, depth(h).detach()) and not torch.allclose(out, full)
 
 
 # ----------------------------------------------------------------------------- growth
@@ -262,7 +265,7 @@ def test_shared_growth_keeps_the_horizon():
     spec = DepthSpec(steps=4, dt=0.25, growth=[[0, 1], [3, 2], [6, 4]])
     depth = RecurrentDepth(lambda: Linear(A), spec)
     assert depth.steps == 1 and depth.nfe == 1 and "steps=1" in repr(depth)
-    assert torch.allclose(depth.current_dt(), torch.tensor([1.0]))
+    assert depth.dts() == [1.0]
 
     def ref(n, dt):
         return RecurrentDepth(lambda: Linear(A), DepthSpec(steps=n, dt=dt))(h0)
@@ -296,17 +299,17 @@ def test_stacked_refine_duplicates_blocks_and_halves_dt():
         share=False, steps=4, dt=1.0, update="residual", growth=[[0, 1], [2, 2], [4, 4]]
     )
     depth = RecurrentDepth(lambda: Linear(torch.zeros(4, 4), torch.randn(4)), spec)
-    assert len(depth.blocks) == 1 and depth.step_size == 4.0
+    assert len(depth.blocks) == 1 and depth.dts()[0] == 4.0
     h0 = torch.randn(3, 4)
     before = depth(h0).detach()
     depth.refine()
-    assert len(depth.blocks) == 2 and depth.step_size == 2.0 and depth.nfe == 2
+    assert len(depth.blocks) == 2 and depth.dts()[0] == 2.0 and depth.nfe == 2
     assert depth.blocks[0].b is not depth.blocks[1].b
     assert torch.equal(depth.blocks[0].b, depth.blocks[1].b)
     # A constant field integrates exactly: the refined depth gives the same output.
     assert torch.allclose(depth(h0), before, atol=1e-12)
     depth.refine()
-    assert len(depth.blocks) == 4 and depth.step_size == 1.0
+    assert len(depth.blocks) == 4 and depth.dts()[0] == 1.0
     with torch.no_grad():
         depth.blocks[3].b.add_(1.0)  # copies are independent parameters
     assert not torch.equal(depth.blocks[2].b, depth.blocks[3].b)
@@ -339,7 +342,7 @@ def test_forward_computes_no_diagnostics_unless_asked(monkeypatch):
     def boom(x):
         raise AssertionError("norm computed in a plain forward")
 
-    monkeypatch.setattr(depth_module, "_row_norm", boom)
+    monkeypatch.setattr(observers, "row_norm", boom)
     depth = RecurrentDepth(_tanh_block, DepthSpec(steps=3, connect="ancre", learn_dt="global"))
     depth(torch.randn(2, 5))
     with pytest.raises(AssertionError, match="norm computed"):
@@ -462,6 +465,7 @@ def test_depth_diagnostics_logs_per_step_values():
 # ----------------------------------------------------------------------------- the real CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -76,7 +76,8 @@ def test_depthspec_warns_when_contractive_dt_exceeds_one():
 
 def test_depthspec_dt_null_means_one_over_steps_and_nfe():
     spec = DepthSpec(steps=8, dt=None, integrator="rk4")
-    assert spec.step_size == pytest.approx(1 / 8)
+    assert spec.horizon == pytest.approx(1.0)
+    assert RecurrentDepth(nn.Identity, spec).dts() == [1 / 8] * 8
     assert spec.nfe == 32
     assert DepthSpec(steps=3, update="none", dt=None).nfe == 3
     assert DepthSpec(steps=4.0).steps == 4
@@ -189,7 +190,7 @@ def test_ctx_is_passed_to_every_block_call():
     assert torch.allclose(depth(h, scale=2.0), block(block(h, scale=2.0), scale=2.0))
 
 
-def test_forward_overrides_rediscretise_a_shared_depth():
+def test_discretised_rediscretises_a_shared_depth():
     A = _A()
     h0 = torch.randn(2, 4)
     depth = RecurrentDepth(lambda: Linear(A), DepthSpec(share=True, steps=4, dt=None))
@@ -197,11 +198,47 @@ def test_forward_overrides_rediscretise_a_shared_depth():
         lambda: Linear(A), DepthSpec(share=True, steps=16, dt=None, integrator="rk4")
     )
     with torch.no_grad():
-        assert torch.allclose(depth(h0, steps=16, integrator="rk4"), ref(h0))
-        assert torch.allclose(depth(h0, steps=2, dt=0.5), depth(h0, steps=2))
+        with depth.discretised(steps=16, integrator="rk4") as d:
+            assert (d.steps, d.dts, d.integrator, d.nfe) == (16, [1 / 16] * 16, "rk4", 64)
+            assert depth.nfe == 64 and torch.allclose(depth(h0), ref(h0))
+        assert depth.nfe == 4 and depth.dts() == [0.25] * 4  # restored on exit
+        with depth.discretised(steps=2, dt=0.5):
+            a = depth(h0)
+        with depth.discretised(steps=2):  # keep_horizon: T = 1
+            assert torch.equal(depth(h0), a)
     stacked = RecurrentDepth(lambda: Linear(A), DepthSpec(share=False, steps=4))
     with pytest.raises(ValueError, match="cannot run 8 steps"):
-        stacked(h0, steps=8)
+        stacked.discretised(steps=8)
+
+
+def test_discretised_keeps_the_horizon_or_the_dt():
+    depth = RecurrentDepth(nn.Identity, DepthSpec(steps=4, dt=0.5))  # T = 2
+    with depth.discretised(steps=8) as d:
+        assert d.dts == [0.25] * 8
+    with depth.discretised(steps=8, keep_horizon=False) as d:
+        assert d.dts == [0.5] * 8
+    with depth.discretised(dt=0.1, integrator="heun") as d:
+        assert d.dts == [0.1] * 4 and d.nfe == 8
+
+
+@pytest.mark.parametrize(
+    "spec, kwargs, match",
+    [
+        ({}, {"steps": 0}, "steps must be an integer >= 1"),
+        ({}, {"dt": 0.0}, "dt must be > 0"),
+        ({}, {"dt": -1}, "dt must be > 0"),
+        ({}, {"integrator": "rk45"}, "valid integrators"),
+        ({}, {"adaptive_eps": 0}, "adaptive_eps must be > 0"),
+        ({"share": False}, {"steps": 8}, "needs share=true"),
+        ({"connect": "ancre"}, {"steps": 8}, "runs exactly 4 steps"),
+        ({"update": "none", "dt": None}, {"integrator": "rk4"}, "only the 'euler'"),
+    ],
+)
+def test_discretised_refuses_what_the_depth_cannot_run(spec, kwargs, match):
+    depth = RecurrentDepth(nn.Identity, DepthSpec(**spec))
+    with pytest.raises(ValueError, match=match):
+        depth.discretised(**kwargs)  # checked before the with block
+    assert depth.discretisation.steps == 4  # nothing changed
 
 
 def test_activation_checkpointing_matches_plain_forward_and_backward():

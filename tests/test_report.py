@@ -161,3 +161,43 @@ def test_ancre_heat_map_and_diagnostics_plots(tmp_path):
     rep = build_report([tmp_path], tmp_path / "out")
     names = {p.name for p in rep.figures}
     assert {"toy_sweep_toy_connections.png", "toy_sweep_toy_diagnostics.png"} <= names
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("results.json", '{"task": "toy", "status": "o', "results.json: JSONDecodeError"),
+        ("results.json", "[]", "results.json: a JSON list, not an object"),
+        ("results.json", '{"task": "toy", "status": "ok", "test": []}', "'test' is a list"),
+        ("results.json", '{"status": "ok", "test": {"rmse": "low"}}', "test.rmse is 'low'"),
+        ("config.yaml", "task: [unclosed", "config.yaml: ParserError"),
+        ("config.yaml", "- a list", "config.yaml: a YAML list"),
+        ("metrics.csv", "epoch,step,train/loss,val/rmse\n0,nine,,1.0\n0,9,0.5,\n", "metrics.csv: ValueError"),
+        ("metrics.csv", b"\xff\xfe\x00garbage", "metrics.csv: UnicodeDecodeError"),
+    ],
+)  # fmt: skip
+def test_one_unreadable_run_is_listed_and_the_report_still_builds(tmp_path, name, content, reason):
+    write_run(tmp_path / "runs", "good0", curve=[1.0, 0.5], rmse=0.5)
+    write_run(tmp_path / "runs", "good1", seed=1, curve=[1.0, 0.6], rmse=0.6)
+    bad = write_run(tmp_path / "runs", "bad", seed=2, curve=[1.0, 0.4])
+    path = bad / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    rep = build_report([tmp_path / "runs"], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if f"`{bad}`" in line)
+    assert "unreadable" in row and reason in row, row
+    # The readable runs are averaged in; the bad one is not.
+    assert rep.tables[0].records[0]["n"] == 2 and rep.tables[0].records[0]["mean"] == pytest.approx(
+        0.55
+    )
+
+
+def test_cli_lists_a_truncated_results_json_by_name_and_exits_0(tmp_path):
+    write_run(tmp_path, "good", curve=[1.0, 0.5])
+    bad = write_run(tmp_path, "bad", seed=1, curve=[1.0, 0.4])
+    (bad / "results.json").write_text('{"task": "toy", "sta')
+    out = run_cli(str(tmp_path), module="score_exp.report")
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if str(bad) in x)
+    assert "unreadable" in line and "results.json: JSONDecodeError" in line
+    assert (tmp_path / "report" / "report.md").exists()

@@ -282,12 +282,13 @@ def test_paper_sweep_files_compose_at_both_ends_of_their_grid(compose, experimen
         assert run.experiment_name == experiment
 
 
-def test_cpu_sweeps_are_reductions_of_the_full_ones(compose):
+def test_cpu_sweeps_are_no_larger_than_the_full_ones(compose):
+    # paper_esol_mlp_cpu is the full MLP grid (the MLP is CPU-sized already); the others reduce it.
     for name in [p for p in PAPER if p.endswith("_cpu")]:
         full = compose(f"experiment={name.removesuffix('_cpu')}", return_hydra_config=True)
         cpu = compose(f"experiment={name}", return_hydra_config=True)
         n_full, n_cpu = (len(list(_grid(c.hydra.sweeper.params))) for c in (full, cpu))
-        assert n_cpu < n_full, name
+        assert n_cpu <= n_full, name
         assert cpu.trainer.accelerator == "cpu", name
 
 

@@ -126,7 +126,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(self.padded_vocab_size, n_embd)  # token embeddings
         self.wpe = nn.Embedding(block_size, n_embd)  # learned position embeddings
         self.drop = nn.Dropout(dropout)
-        self.depth = RecurrentDepth(lambda: Block(n_embd, n_head, dropout, bias), depth)
+        self.depth = RecurrentDepth(lambda: Block(n_embd, n_head, dropout, bias), depth, n_embd)
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, self.padded_vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017), as nanoGPT: one tensor for input and output embeddings.
@@ -165,15 +165,12 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(
-        self, idx: Tensor, targets: Tensor | None = None, **depth_overrides
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits and (with ``targets``) the mean cross-entropy, as nanoGPT.
 
         Args:
             idx: token ids, ``(B, T)`` with ``T <= block_size``.
             targets: next-token ids ``(B, T)``; ``-1`` is ignored.
-            **depth_overrides: ``steps``/``dt``/``integrator`` for this call (shared depth only).
 
         Returns:
             ``(logits, loss)``: logits ``(B, T, V)`` with targets; without them only the last
@@ -186,7 +183,7 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         h = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        h = self.depth(h, **depth_overrides)  # (B, T, C)
+        h = self.depth(h, readout=self._next_token_logits)  # (B, T, C); readout: halt=kl
         h = self.ln_f(h)  # (B, T, C)
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None  # (B, 1, V)
@@ -195,6 +192,10 @@ class GPT(nn.Module):
             logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
         )
         return logits, loss
+
+    def _next_token_logits(self, h: Tensor) -> Tensor:
+        """The logits a state would give: ``lm_head(ln_f(h))``, ``(B, T, V)``."""
+        return self.lm_head(self.ln_f(h))
 
     @torch.no_grad()
     def generate(
@@ -213,7 +214,9 @@ class GPT(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.block_size :]  # (B, <=block_size)
+            # (B, <=block_size); a fresh tensor, not a cropped view, whose strides and offset
+            # torch.compile would guard on (a recompile once the context is cropped).
+            idx_cond = idx[:, -self.block_size :].clone(memory_format=torch.contiguous_format)
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :].float() / temperature  # (B, V_padded)
             logits[:, self.vocab_size :] = -float("inf")  # padded ids are no tokens

@@ -5,16 +5,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from score_exp.core import DepthSpec, RecurrentDepth
+from score_exp.errors import check_choice
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Identity()}
 
 
-def _lookup(table: dict, name: str, what: str):
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(table)}") from None
+def _lookup(table: dict, name: str, key: str):
+    return table[check_choice(key, name, tuple(table))]
 
 
 class MLPBlock(nn.Module):
@@ -22,17 +20,26 @@ class MLPBlock(nn.Module):
 
     The skip (contractive or residual) is the depth's job, so the same block serves every
     ``update``.
+
+    ``skip=True`` returns ``h + F(h)`` instead (the paper author's block): the contractive Euler
+    step ``(1 - dt) h + dt (h + F(h))`` then becomes ``h + dt F(h)``.
     """
 
-    def __init__(self, hidden: int, act: str = "relu", norm: str = "layer", dropout: float = 0.0):
+    def __init__(self, hidden: int, act: str = "relu", norm: str = "layer", dropout: float = 0.0,
+                 skip: bool = False):  # fmt: skip
         super().__init__()
-        self.norm = _lookup(NORMS, norm, "norm")(hidden)
+        self.skip = skip
+        self.norm = _lookup(NORMS, norm, "task.model.norm")(hidden)
         self.linear = nn.Linear(hidden, hidden)
-        self.act = _lookup(ACTIVATIONS, act, "activation")()
+        self.act = _lookup(ACTIVATIONS, act, "task.model.act")()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.dropout(self.act(self.linear(self.norm(h))))
+        f = self.dropout(self.act(self.linear(self.norm(h))))  # (B, hidden)
+        return h + f if self.skip else f
+
+    def extra_repr(self) -> str:
+        return f"skip={self.skip}"
 
 
 class RecurrentMLP(nn.Module):
@@ -44,6 +51,9 @@ class RecurrentMLP(nn.Module):
         hidden: state width.
         out_features: output width (1 for a scalar regression target).
         act, norm, dropout: block hyperparameters.
+        block_skip: blocks return ``h + F(h)`` (the paper author's block) instead of ``F(h)``.
+        compile: ``torch.compile`` this module in place (``nn.Module.compile``: parameter names
+            and checkpoints are unchanged), as :class:`~score_exp.models.GPT`.
     """
 
     def __init__(
@@ -55,21 +65,27 @@ class RecurrentMLP(nn.Module):
         act: str = "relu",
         norm: str = "layer",
         dropout: float = 0.1,
+        block_skip: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)
-        self.depth = RecurrentDepth(lambda: MLPBlock(hidden, act, norm, dropout), depth)
+        self.depth = RecurrentDepth(
+            lambda: MLPBlock(hidden, act, norm, dropout, block_skip), depth, hidden
+        )
         self.head = nn.Linear(hidden, out_features)
+        if compile:
+            self.compile()
 
     def reset_parameters(self) -> None:
         self.encoder.reset_parameters()
         self.depth.reset_parameters()
         self.head.reset_parameters()
 
-    def forward(self, x: Tensor, **depth_overrides) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         h = self.encoder(x)  # (B, hidden)
-        h = self.depth(h, **depth_overrides)
+        h = self.depth(h)  # (B, hidden)
         return self.head(h)  # (B, out_features)
 
     def extra_repr(self) -> str:

@@ -21,6 +21,7 @@ from torch_geometric.nn import (
 from torch_geometric.utils import scatter
 
 from score_exp.core import DepthSpec, RecurrentDepth
+from score_exp.errors import ConfigError, check_choice, check_int
 
 CONVS = ("mpnn", "dmpnn", "gine", "gat", "gcn")
 READOUTS = ("attentive", "mean", "sum")
@@ -110,7 +111,9 @@ def make_conv(conv: str, hidden: int, edge_dim: int, heads: int = 4) -> nn.Modul
         return GINEConv(mlp, edge_dim=edge_dim, train_eps=True)
     if conv == "gat":
         if hidden % heads:
-            raise ValueError(f"hidden={hidden} must be divisible by heads={heads} for gat")
+            raise ConfigError(
+                f"task.model.hidden={hidden} must be divisible by task.model.heads={heads} for gat"
+            )
         return GATv2Conv(hidden, hidden // heads, heads=heads, edge_dim=edge_dim)
     if conv == "gcn":
         return GCNConv(hidden, hidden)
@@ -118,10 +121,16 @@ def make_conv(conv: str, hidden: int, edge_dim: int, heads: int = 4) -> nn.Modul
 
 
 class GraphBlock(nn.Module):
-    """``F(h) = dropout(act(norm(conv(h, edge_index, edge_attr))))``: a proposal, no skip."""
+    """``F(h) = dropout(act(norm(conv(h, edge_index, edge_attr))))``: a proposal, no skip.
 
-    def __init__(self, conv: str, hidden: int, edge_dim: int, dropout: float = 0.1, heads: int = 4):
+    ``skip=True`` returns ``h + F(h)`` instead, as the paper author's GNN code does: the
+    contractive Euler step ``(1 - dt) h + dt (h + F(h))`` then becomes ``h + dt F(h)``.
+    """
+
+    def __init__(self, conv: str, hidden: int, edge_dim: int, dropout: float = 0.1, heads: int = 4,
+                 skip: bool = False):  # fmt: skip
         super().__init__()
+        self.skip = skip
         self.conv_name = conv
         self.conv = make_conv(conv, hidden, edge_dim, heads)
         self.norm = nn.LayerNorm(hidden)
@@ -130,10 +139,11 @@ class GraphBlock(nn.Module):
 
     def forward(self, h: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
         if self.conv_name == "gcn":  # GCN has no edge features
-            h = self.conv(h, edge_index)
+            f = self.conv(h, edge_index)
         else:
-            h = self.conv(h, edge_index, edge_attr)
-        return self.dropout(self.act(self.norm(h)))
+            f = self.conv(h, edge_index, edge_attr)
+        f = self.dropout(self.act(self.norm(f)))  # (N, hidden)
+        return h + f if self.skip else f
 
 
 class AttentiveReadout(nn.Module):
@@ -170,6 +180,18 @@ class AttentiveReadout(nn.Module):
         return f"timesteps={self.timesteps}"
 
 
+def keep_nodes(keep: Tensor, ctx: dict) -> dict:
+    """The block context of the subgraph of the ``keep`` nodes ``(N,)`` (whole molecules, so
+    every kept edge has both ends kept); node ids renumbered to the kept rows' order."""
+    edge_index = ctx["edge_index"]
+    edges = keep[edge_index[0]]  # (E,)
+    renumber = torch.cumsum(keep.long(), 0) - 1  # old node id -> new
+    out = {**ctx, "edge_index": renumber[edge_index[:, edges]]}
+    if ctx.get("edge_attr") is not None:
+        out["edge_attr"] = ctx["edge_attr"][edges]
+    return out
+
+
 class MolGNN(nn.Module):
     """Atom encoder -> :class:`RecurrentDepth` of :class:`GraphBlock` -> readout -> MLP head.
 
@@ -184,6 +206,7 @@ class MolGNN(nn.Module):
         descriptor_features: width of a per-molecule descriptor vector concatenated to the
             molecule vector before the head (0 = none).
         readout_timesteps, heads: attentive readout rounds; attention heads of ``gat``.
+        block_skip: blocks return ``h + F(h)`` (the paper author's block) instead of ``F(h)``.
     """
 
     def __init__(
@@ -200,19 +223,22 @@ class MolGNN(nn.Module):
         readout_timesteps: int = 2,
         heads: int = 4,
         descriptors: bool = False,
+        block_skip: bool = False,
     ):
         super().__init__()
-        if conv not in CONVS:
-            raise ValueError(f"unknown conv {conv!r}; valid convs: {', '.join(CONVS)}")
-        if readout not in READOUTS:
-            raise ValueError(f"unknown readout {readout!r}; valid readouts: {', '.join(READOUTS)}")
+        # task.model.* are the config keys of these arguments (the message names them).
+        check_choice("task.model.conv", conv, CONVS)
+        check_choice("task.model.readout", readout, READOUTS)
+        check_int("task.model.hidden", hidden, 1)
         if descriptors and descriptor_features <= 0:
             raise ValueError("descriptors=true needs descriptor_features > 0 from the data module")
         self.conv, self.readout_name, self.hidden = conv, readout, hidden
         self.descriptor_features = descriptor_features
         self.encoder = nn.Linear(atom_features, hidden)
         self.depth = RecurrentDepth(
-            lambda: GraphBlock(conv, hidden, edge_features, dropout, heads), depth
+            lambda: GraphBlock(conv, hidden, edge_features, dropout, heads, block_skip),
+            depth,
+            hidden,
         )
         self.readout = (
             AttentiveReadout(hidden, readout_timesteps, dropout) if readout == "attentive" else None
@@ -226,7 +252,13 @@ class MolGNN(nn.Module):
     def forward(self, data) -> Tensor:
         """Predictions ``(B, 1)`` for a PyG ``Batch`` with ``x, edge_index, edge_attr, batch``."""
         h = self.encoder(data.x)  # (N, hidden)
-        h = self.depth(h, edge_index=data.edge_index, edge_attr=data.edge_attr)  # (N, hidden)
+        h = self.depth(
+            h,
+            edge_index=data.edge_index,
+            edge_attr=data.edge_attr,
+            group=data.batch,  # halting stops a molecule as a whole
+            select=keep_nodes,
+        )  # (N, hidden)
         if self.readout is not None:
             g = self.readout(h, data.batch, data.num_graphs)  # (B, hidden)
         elif self.readout_name == "mean":

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from score_exp.io import atomic_write_text
 from score_exp.report import plots
-from score_exp.report.runs import Run, find_runs, varied_keys
+from score_exp.report.claims import claims, claims_markdown, claims_table
+from score_exp.report.runs import Run, scan_runs, varied_keys
+from score_exp.report.stats import paired_table
 from score_exp.report.tables import (
     Table,
     by_task,
@@ -33,6 +35,8 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     not_ok: list[tuple[str, str, str]] = field(default_factory=list)  # (path, status, detail)
+    paired: list[dict] = field(default_factory=list)  # paired.csv rows
+    claims: list = field(default_factory=list)  # claims.md rows (report.claims.Claim)
 
 
 def missing_runs(paths: list[Path]) -> list[Path]:
@@ -62,9 +66,9 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
             metric of the ``stacked`` variant of each task.
     """
     paths = [Path(p) for p in paths]
-    runs = find_runs(paths)
+    runs, unreadable = scan_runs(paths)
     missing = missing_runs(paths)
-    if not runs and not missing:
+    if not runs and not missing and not unreadable:
         from score_exp.errors import DataError
 
         raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
@@ -78,12 +82,18 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         (str(m), "missing", "no results.json (still running, crashed before writing, or never ran)")
         for m in missing
     ]
+    report.not_ok += [(str(p), "unreadable", reason) for p, reason in unreadable]
+    for p, reason in unreadable:
+        log.warning("score-report: skipping unreadable run %s: %s", p, reason)
 
     sections: list[str] = []
     for task, task_runs in sorted(by_task(runs).items()):
         slug = _slug(task)
         vs = variants(task_runs)
         tables = [variant_table(task, vs, target)]
+        if pt := paired_table(task, vs):
+            tables.append(pt)
+            report.paired += pt.records
         tables += [
             t for t in (integrator_table(task, task_runs), dt_steps_table(task, task_runs)) if t
         ]
@@ -99,6 +109,11 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         text += [f"![{p.stem}]({p.name})\n" for p in figs if p.suffix == ".png"]
         sections.append("\n".join(text))
 
+    report.claims = claims(runs)
+    claims_md = claims_markdown(report.claims)
+    if report.claims:
+        report.tables.append(claims_table(report.claims))
+    sections.append("## Claims of the paper\n\n" + claims_md.split("\n", 2)[2])
     md = [
         "# score_exp report",
         "",
@@ -111,12 +126,14 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
     ]
     if report.not_ok:
         md += ["| run | status | detail |", "|---|---|---|"]
-        md += [f"| `{p}` | {s} | {d} |" for p, s, d in report.not_ok]
+        md += [f"| `{p}` | {s} | {d.replace('|', '/')} |" for p, s, d in report.not_ok]
     else:
         md.append("None: every run finished ok.")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     atomic_write_text(out / "tables.tex", "% score-report tables (needs \\usepackage{booktabs})\n\n" + "\n".join(t.latex() for t in report.tables))  # fmt: skip
     atomic_write_text(out / "runs.csv", runs_csv(runs))
+    atomic_write_text(out / "paired.csv", records_csv(report.paired, PAIRED_COLUMNS))
+    atomic_write_text(out / "claims.md", claims_md)
     return report
 
 
@@ -146,6 +163,20 @@ def runs_csv(runs: list[Run]) -> str:
     return buf.getvalue()
 
 
+PAIRED_COLUMNS = ["task", "variant", "baseline", "metric", "n", "mean", "ci_low", "ci_high", "p_t",
+                  "p_wilcoxon"]  # fmt: skip
+
+
+def records_csv(records: list[dict], columns: list[str]) -> str:
+    """A CSV of ``records`` (one dict per row) with the given columns; ``None`` is empty."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for rec in records:
+        w.writerow(["" if rec.get(c) is None else rec.get(c) for c in columns])
+    return buf.getvalue()
+
+
 def log_to_wandb(report: Report, project: str = "score_exp", mode: str = "auto") -> str:
     """Log the report's tables and figures as one W&B run (offline when no API key is set).
 
@@ -154,13 +185,13 @@ def log_to_wandb(report: Report, project: str = "score_exp", mode: str = "auto")
     """
     import wandb
 
-    from score_exp.wandb_utils import resolve_mode
+    from score_exp.wandb_utils import init_run, resolve_mode
 
     mode = resolve_mode(mode)
     groups = sorted(
         {str(r.get("experiment_name")) for r in report.runs if r.get("experiment_name")}
     )
-    run = wandb.init(
+    run = init_run(  # online within seconds, else offline with one warning
         project=project,
         group=groups[0] if len(groups) == 1 else None,
         job_type="report",

@@ -13,8 +13,10 @@ from score_exp.errors import ScoreExpError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="score-report",
-        description="Tables (Markdown, LaTeX, CSV) and plots from score-train run or sweep folders. "
-        "Runs that are not ok (failed, diverged, interrupted, missing) are listed, never averaged in.",
+        description="Tables (Markdown, LaTeX, CSV) and plots from score-train run or sweep folders, "
+        "paired differences against `stacked` by seed (paired.csv) and the paper's claims with "
+        "verdicts (claims.md). Runs that are not ok (failed, diverged, interrupted, missing, "
+        "unreadable) are listed, never averaged in.",
         epilog="Example: score-report multirun/esol_gnn_paper   # writes multirun/esol_gnn_paper/report/",
     )
     p.add_argument(

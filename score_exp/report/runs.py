@@ -105,24 +105,74 @@ def read_curve(path: Path, metric: str) -> list[dict]:
     return [seen[s] for s in sorted(seen)]
 
 
+class UnreadableRun(Exception):
+    """A run folder whose files cannot be read; the message names the file and the cause."""
+
+
+# Fields of results.json that the report indexes into: each must be a mapping when present.
+_MAPPING_FIELDS = ("depth", "best_val", "val", "test")
+
+
+def _read(path: Path, parse) -> Any:
+    try:
+        return parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnreadableRun(f"{path.name}: {type(e).__name__}: {reason}") from None
+
+
 def load_run(folder: Path) -> Run:
-    results = json.loads((folder / "results.json").read_text())
+    """Read one run folder.
+
+    Raises:
+        UnreadableRun: ``results.json`` is not a JSON object of the expected shape, or
+            ``config.yaml`` / ``metrics.csv`` cannot be parsed (the message says which file).
+    """
+    results = _read(folder / "results.json", json.loads)
+    if not isinstance(results, dict):
+        raise UnreadableRun(f"results.json: a JSON {type(results).__name__}, not an object")
+    for key in _MAPPING_FIELDS:
+        if key in results and not isinstance(results[key], dict):
+            raise UnreadableRun(f"results.json: {key!r} is a {type(results[key]).__name__}, not an object")  # fmt: skip
+    for key in ("val", "test"):
+        for name, v in results.get(key, {}).items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise UnreadableRun(f"results.json: {key}.{name} is {v!r}, not a number")
     config: dict = {}
     if (folder / "config.yaml").exists():
-        config = flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+        raw = _read(folder / "config.yaml", yaml.safe_load) or {}
+        if not isinstance(raw, dict):
+            raise UnreadableRun(f"config.yaml: a YAML {type(raw).__name__}, not a mapping")
+        config = flatten(raw)
     metric = results.get("best_val", {}).get("metric") or config.get("task.monitor", "val/loss")
-    return Run(folder, results, config, read_curve(folder / "metrics.csv", metric))
+    try:
+        curve = read_curve(folder / "metrics.csv", metric)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as e:
+        raise UnreadableRun(f"metrics.csv: {type(e).__name__}: {e}") from None
+    return Run(folder, results, config, curve)
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run folder (a folder holding ``results.json``) under the given paths."""
-    runs = []
+def scan_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Every run folder (a folder holding ``results.json``) under the given paths.
+
+    Returns the readable runs and ``(folder, reason)`` for each folder that could not be read,
+    so that one corrupt file never stops a report.
+    """
+    runs, unreadable = [], []
     for root in paths:
         for res in sorted(Path(root).rglob("results.json")):
             if ".overwritten" in res.relative_to(root).parts:  # rundir.MOVED_ASIDE: set aside
                 continue
-            runs.append(load_run(res.parent))
-    return runs
+            try:
+                runs.append(load_run(res.parent))
+            except UnreadableRun as e:
+                unreadable.append((res.parent, str(e)))
+    return runs, unreadable
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """The readable run folders under the given paths (see :func:`scan_runs`)."""
+    return scan_runs(paths)[0]
 
 
 def varied_keys(runs: list[Run]) -> list[str]:

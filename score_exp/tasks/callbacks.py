@@ -342,8 +342,30 @@ class DepthGrowth(L.Callback):
             at,
             before,
             depth.steps,
-            depth.step_size,
+            float(depth.dts()[0]),
         )
+
+
+class RandomDepth(L.Callback):
+    """``depth.train_steps``: draws the step count of each optimiser step before its batch.
+
+    The draw is a function of ``(seed, trainer.global_step)`` only, so every data-parallel rank
+    draws the same count, gradient-accumulation micro-batches share one, and a resumed run
+    draws what the uninterrupted one drew. Logged as ``depth/train_steps``.
+
+    Args:
+        seed: the run's seed.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        depth = find_depth(pl_module)
+        if depth is None or depth.spec.train_steps == "fixed":
+            return
+        n = depth.draw_steps(trainer.global_step, self.seed)
+        pl_module.log("depth/train_steps", float(n), on_step=True, on_epoch=False, batch_size=1)
 
 
 def _replay_schedulers(trainer) -> None:
@@ -361,8 +383,9 @@ class DepthDiagnostics(L.Callback):
 
     ``diag/rel_change_step{t}`` (``||h_{t+1} - h_t|| / ||h_t||``), ``diag/contraction_step{t}``
     (``||h_{t+1} - h_t|| / ||h_t - h_{t-1}||``, from ``t = 1``), ``depth/steps`` (the active
-    step count), ``depth/dt_step{t}`` with a learned dt and ``depth/steps_used`` (mean over
-    samples) with adaptive depth. The depth's input is captured by a forward hook, so the cost
+    step count), ``depth/dt_step{t}`` with a learned dt, ``depth/steps_used`` (mean over
+    samples) with adaptive depth and ``depth/nfe_spent`` (evaluations of ``F`` per sample) with
+    adaptive depth or the fixed-point solver. The depth's input is captured by a forward hook, so the cost
     is one extra no-grad pass of the depth alone on one batch per validation.
     """
 
@@ -371,46 +394,66 @@ class DepthDiagnostics(L.Callback):
         self._captured: tuple | None = None
         self._metrics: dict[str, float] = {}
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+    # The hook stays registered for a whole validation (and test, whose forward must match it)
+    # and stores every call's input without a branch: under torch.compile, a hook added or
+    # removed between batches, or a condition inside it, would change the compiled forward's
+    # guards and recompile it (see README).
+    def _capture(self, module, args, kwargs) -> None:
+        self._captured = (args[0], dict(kwargs))
+
+    def _arm(self, trainer, pl_module) -> None:
         depth = find_depth(pl_module)
-        if depth is None or batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
+        if depth is None or trainer.sanity_checking:
             return
-
-        def capture(module, args, kwargs):
-            if self._captured is None:
-                self._captured = (args[0], dict(kwargs))
-            return None
-
         self._captured = None
-        self._handle = depth.register_forward_pre_hook(capture, with_kwargs=True)
+        self._handle = depth.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._captured = None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._arm(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._arm(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._disarm()
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if self._handle is None:
+        if self._handle is None or batch_idx != 0 or dataloader_idx != 0:
             return
-        self._handle.remove()
-        self._handle = None
         depth = find_depth(pl_module)
         metrics: dict[str, float] = {"depth/steps": float(depth.steps)}
         if depth.last_steps_used is not None:
             metrics["depth/steps_used"] = float(depth.last_steps_used.float().mean())
+        if depth.last_nfe is not None and (
+            depth.last_steps_used is not None or depth.spec.solver != "unroll"
+        ):
+            metrics["depth/nfe_spent"] = float(depth.last_nfe)  # halting, fixed-point solver
         if self._captured is not None:
             h, ctx = self._captured
             self._captured = None
-            for key in ("steps", "dt", "integrator"):
-                ctx.pop(key, None)
-            trace = depth.trace(h, **ctx)
+            # The captured state is in the run's precision (bf16 under autocast): trace it
+            # under the same autocast, which Lightning has left by the time this hook runs.
+            with trainer.precision_plugin.forward_context():
+                trace = depth.trace(h, **ctx)
             for t, v in enumerate(trace["rel_change"].tolist()):
                 metrics[f"diag/rel_change_step{t}"] = v
             for t, v in enumerate(trace["contraction"].tolist()[1:], start=1):
                 metrics[f"diag/contraction_step{t}"] = v
         if depth.spec.learn_dt != "none":
-            for t, v in enumerate(depth.current_dt().tolist()):
+            for t, v in enumerate(float(dt) for dt in depth.dts()):
                 metrics[f"depth/dt_step{t}"] = v
         self._metrics = metrics
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._disarm()
         if self._metrics and not trainer.sanity_checking:
             # Each rank traced its own first batch: average them (a no-op on one process).
             pl_module.log_dict(

@@ -7,6 +7,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
+from score_exp.errors import check_choice, check_number
+
+SCHEDULERS = ("none", "cosine", "plateau")
+
 
 class RegressionModule(L.LightningModule):
     """Trains ``model`` with MSE on the standardised target; logs RMSE, MAE, R^2 in original units.
@@ -31,8 +35,10 @@ class RegressionModule(L.LightningModule):
         target_std: float = 1.0,
     ):
         super().__init__()
-        if scheduler not in ("none", "cosine", "plateau"):
-            raise ValueError(f"unknown scheduler {scheduler!r}; valid: none, cosine, plateau")
+        check_number("task.module.lr", lr)
+        check_number("task.module.weight_decay", weight_decay, strict=False)
+        check_number("task.module.min_lr", min_lr, strict=False)
+        check_choice("task.module.scheduler", scheduler, SCHEDULERS)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         metrics = MetricCollection(
