@@ -6,6 +6,8 @@ from __future__ import annotations
 class ScoreExpError(Exception):
     """Base class: a user-facing problem with the configuration or the data."""
 
+    exit_code = 2  # the CLIs' exit status for it
+
 
 class ConfigError(ScoreExpError, ValueError):
     """The configuration asks for something invalid (unknown name, steps < 1, dt <= 0, ...).
@@ -17,6 +19,12 @@ class ConfigError(ScoreExpError, ValueError):
 
 class DataError(ScoreExpError):
     """A data file is missing, corrupt (checksum) or malformed (columns, values)."""
+
+
+class CheckpointWriteError(ScoreExpError):
+    """A checkpoint could not be written (disk full, permissions); nothing partial was left."""
+
+    exit_code = 1
 
 
 def user_error(exc: BaseException | None) -> ScoreExpError | None:

@@ -45,6 +45,8 @@ def missing_runs(paths: list[Path]) -> list[Path]:
     for root in paths:
         for hydra_dir in sorted(Path(root).rglob(".hydra")):
             folder = hydra_dir.parent
+            if ".overwritten" in folder.relative_to(root).parts:  # rundir.MOVED_ASIDE
+                continue
             if not (folder / "results.json").exists():
                 out.append(folder)
     return out

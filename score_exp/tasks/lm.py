@@ -309,6 +309,14 @@ class LanguageModelModule(L.LightningModule):
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         return self.model(idx, targets)
 
+    def metric_scale(self, name: str) -> float | None:
+        """The loss of a uniform guess over the vocabulary, ``ln V`` (divergence criterion)."""
+        vocab_size = getattr(self.model, "vocab_size", None)
+        kind = name.rsplit("/", 1)[-1]
+        if not vocab_size or kind not in ("loss", "bpc"):
+            return None
+        return math.log(vocab_size) / (math.log(2) if kind == "bpc" else 1.0)
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self(x, y)

@@ -57,6 +57,17 @@ class RegressionModule(L.LightningModule):
             pred, y = self.model(batch), batch.y
         return pred.view(-1), y.view(-1)
 
+    def metric_scale(self, name: str) -> float | None:
+        """The error of a trivial predictor in ``name``'s units (divergence criterion).
+
+        Predicting the training mean errs by about the target's standard deviation (RMSE, MAE
+        in original units; 1 for the MSE loss on the standardised target).
+        """
+        kind = name.rsplit("/", 1)[-1]
+        return {"rmse": self.hparams.target_std, "mae": self.hparams.target_std, "loss": 1.0}.get(
+            kind
+        )
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         pred, y = self(batch)
         loss = nn.functional.mse_loss(pred, y)
