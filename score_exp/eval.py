@@ -22,7 +22,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.cli import require
+from score_exp.errors import ConfigError, user_error
 from score_exp.io import atomic_write_text
 from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
 
@@ -44,7 +45,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     logging.getLogger("lightning").handlers.clear()
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")
-    run_dir = Path(cfg.run_dir).expanduser()
+    run_dir = Path(
+        require(cfg, "run_dir", "score-eval run_dir=outputs/esol_mlp/<run>")
+    ).expanduser()
     ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)  # a missing one fails before any work
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
@@ -159,7 +162,9 @@ def _implicit_multirun(argv: list[str]) -> list[str]:
 def _main(cfg: DictConfig) -> float | None:
     try:
         row = evaluate(cfg)
-    except ScoreExpError as e:
+    except Exception as exc:
+        if (e := user_error(exc)) is None:  # a constructor's error, unwrapped from Hydra's
+            raise
         log.error("%s", e)
         print(f"score-eval: error: {e}", file=sys.stderr)
         sys.exit(2)

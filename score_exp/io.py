@@ -1,4 +1,9 @@
-"""Atomic file writes (a reader never sees a half-written result) and the record key helper."""
+"""Atomic file writes (a reader never sees a half-written result) and the record key helper.
+
+Files are created with the permissions of the process umask (``0644`` under the usual ``022``),
+as ``open()`` would create them: a team can share run and data folders. ``tempfile.mkstemp``
+alone would leave every result ``0600``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,42 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+def mkstemp_shared(dir: str | os.PathLike, prefix: str = "", suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` with the mode ``open()`` would give (``0666 & ~umask``), not ``0600``."""
+    fd, tmp = tempfile.mkstemp(dir=dir, prefix=prefix, suffix=suffix)
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
+
+
+def mkdtemp_shared(dir: str | os.PathLike, prefix: str = "", suffix: str = "") -> str:
+    """``tempfile.mkdtemp`` with the mode ``mkdir`` would give (``0777 & ~umask``), not ``0700``."""
+    tmp = tempfile.mkdtemp(dir=dir, prefix=prefix, suffix=suffix)
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    The file gets the umask's permissions (``0644`` under ``022``), as a plain ``open()``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

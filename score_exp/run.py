@@ -31,9 +31,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, OmegaConf
 
+from score_exp import rundir
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError, DataError
-from score_exp.io import read_json
 
 log = logging.getLogger("score_exp.run")
 
@@ -167,7 +167,9 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("score_help_groups", help_groups)
 
 
-HELP_GROUPS = ("task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
+HELP_GROUPS = (
+    "task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher", "hydra/sweeper"
+)  # fmt: skip
 
 
 def help_groups() -> str:
@@ -207,7 +209,8 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
 def check_depth_overrides(overrides: Sequence[str]) -> None:
     """Refuse ``depth.<key>=`` overrides whose key is no DepthSpec field, in one line.
 
-    Hydra's own refusal of the schema is several lines; this check runs first in every door.
+    Hydra's own refusal (by the schema) is several lines; `score-train` and :func:`compose`
+    (hence `score-bench`) run this check first.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -266,7 +269,9 @@ def build(
 
     spec = depth_spec(cfg) if spec is None else spec
     datamodule = instantiate(cfg.task.data)
-    missing = [m for m in ("model_kwargs", "module_kwargs", "split_record") if not hasattr(datamodule, m)]
+    missing = [
+        m for m in ("model_kwargs", "module_kwargs", "split_record") if not hasattr(datamodule, m)
+    ]
     if missing:
         raise ConfigError(
             f"{type(datamodule).__name__} (task.data) lacks {', '.join(missing)}: "
@@ -345,47 +350,30 @@ def trainable_params(model) -> int:
 def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     """``checkpoint`` (relative to ``run_dir``), else results.json's best, else ``last.ckpt``.
 
+    See :func:`score_exp.rundir.find_checkpoint`.
+
     Raises:
         ConfigError: the folder or the checkpoint does not exist.
     """
-    if not run_dir.is_dir():
-        raise ConfigError(f"run_dir {run_dir} does not exist")
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise ConfigError(f"{run_dir} is not a score-train run folder (no {RUN_CONFIG})")
-    if checkpoint:
-        path = run_dir / checkpoint
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {path} does not exist")
-        return path
-    candidates = []
-    if (run_dir / RESULTS).is_file():
-        best = read_json(run_dir / RESULTS).get("best_checkpoint")
-        if best:
-            candidates.append(run_dir / best)
-    candidates.append(run_dir / "checkpoints" / "last.ckpt")
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(c) for c in candidates)
-    raise ConfigError(f"{run_dir} holds no checkpoint (looked for {looked}); train it first")
+    return rundir.find_checkpoint(Path(run_dir), checkpoint)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint as data: ``weights_only=True`` (a run folder is data, never code).
 
-    The one place a checkpoint is read (``score-train``'s best-epoch record included).
+    The one place a checkpoint is read (``score-train``'s best-epoch record included); an
+    unreadable or crafted file is a one-line :class:`ConfigError` (:mod:`score_exp.rundir`).
     """
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return rundir.load_checkpoint(Path(path))
 
 
 def run_config(run_dir: Path) -> DictConfig:
-    """The resolved config a run folder names (``config.yaml``, written by ``score-train``)."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a score-train run folder (no {RUN_CONFIG})")
-    return OmegaConf.load(path)
+    """The resolved config a run folder names (``config.yaml``, written by ``score-train``).
+
+    Only ``score_exp.*`` targets (and an allow-list) may appear in it, at any depth, so that
+    building it runs nothing but this package's code (:func:`score_exp.rundir.load_run_config`).
+    """
+    return rundir.load_run_config(Path(run_dir))
 
 
 def load_run(

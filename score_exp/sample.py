@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.cli import require
+from score_exp.errors import ConfigError, user_error
 from score_exp.run import CONFIG_DIR, load_run
 
 log = logging.getLogger("score_exp.sample")
@@ -81,7 +82,8 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``score-sample``."""
     try:
         _check(cfg)
-        model, tokenizer = load_model(Path(cfg.run_dir).expanduser(), cfg.checkpoint, cfg.device)
+        run_dir = require(cfg, "run_dir", "score-sample run_dir=outputs/shakespeare_char_cpu/<run>")
+        model, tokenizer = load_model(Path(run_dir).expanduser(), cfg.checkpoint, cfg.device)
         samples = generate_samples(
             model,
             tokenizer,
@@ -92,7 +94,9 @@ def main(cfg: DictConfig) -> None:
             cfg.top_k,
             cfg.seed,
         )
-    except ScoreExpError as e:
+    except Exception as exc:
+        if (e := user_error(exc)) is None:  # a constructor's error, unwrapped from Hydra's
+            raise
         log.error("%s", e)
         print(f"score-sample: error: {e}", file=sys.stderr)
         sys.exit(2)

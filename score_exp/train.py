@@ -21,9 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from score_exp import rundir
+from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
-from score_exp.errors import ConfigError, ScoreExpError
-from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
+from score_exp.errors import CheckpointWriteError, ConfigError, ScoreExpError, user_error
+from score_exp.io import atomic_write_json, atomic_write_text, flatten
 from score_exp.run import (
     CONFIG_DIR,
     RESULTS,
@@ -31,7 +33,6 @@ from score_exp.run import (
     build,
     check_depth_overrides,
     depth_spec,
-    load_checkpoint,
     trainable_params,
 )
 from score_exp.tasks.distributed import per_device_batch
@@ -65,16 +66,34 @@ def _depth_record(spec: DepthSpec) -> dict[str, Any]:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one configuration into ``run_dir`` and return its results record."""
+    check_run_config(cfg)  # before anything else: bad top-level keys never start work
+    spec = depth_spec(cfg)  # likewise a bad depth
+    # The folder is bound to this config (fingerprint) and locked before any work; a folder of
+    # another config is refused untouched (score_exp.rundir).
+    finished, lock = None, None
+    if is_rank_zero():  # other data-parallel ranks are started by rank 0, which holds the lock
+        finished, lock = rundir.claim_run_dir(
+            run_dir,
+            OmegaConf.to_container(cfg, resolve=True),
+            overwrite=bool(cfg.get("overwrite", False)),
+            skip_finished=bool(cfg.get("skip_finished", True)),
+            hydra_files=_hydra_files(cfg),
+        )
+    if finished is not None:
+        # Not logged: the log file is in the finished folder, which a skip leaves byte-identical.
+        print(f"score-train: skipping {run_dir}: already finished (status ok)", file=sys.stderr)
+        return finished
+    try:
+        return _train(cfg, run_dir, spec)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec) -> dict:
     from score_exp.tasks.results import git_commit, package_versions
 
-    spec = depth_spec(cfg)  # before anything else: a bad depth never starts work
     results_path = run_dir / RESULTS
-    if results_path.exists() and cfg.get("skip_finished", True):
-        previous = read_json(results_path)
-        if previous.get("status") == "ok":
-            log.info("skipping %s: already finished (status ok)", run_dir)
-            return previous
-
     record: dict[str, Any] = {
         "task": cfg.task.name,
         "status": "running",
@@ -89,9 +108,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     }
     try:
         return _fit_and_test(cfg, run_dir, spec, record)
-    except ScoreExpError:
-        raise  # bad input: reported by main, nothing that looks like a result is written
     except BaseException as e:
+        bad_input = user_error(e)
+        if bad_input is not None and not isinstance(bad_input, CheckpointWriteError):
+            # Reported by main as one line (a constructor's error unwrapped from Hydra's
+            # instantiate); nothing that looks like a result is written.
+            raise bad_input from None
         # Keep what was written and record how the run ended; re-raise. An interrupted run
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
@@ -99,7 +121,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
         )
         if is_rank_zero():
-            atomic_write_json(results_path, record)
+            try:
+                atomic_write_json(results_path, record)
+            except OSError as w:  # e.g. the disk is full: the original error is the news
+                log.error("cannot write %s: %s", results_path, w)
         if type(e).__name__ == "SIGTERMException":
             # Lightning's SIGTERM exit carries code 0; a killed job must not look successful
             # to SLURM or a shell loop, so exit as a process killed by SIGTERM would (143).
@@ -108,12 +133,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise
 
 
+def _hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """Hydra's record of the job (``.hydra/``), written by score-train once the folder is claimed."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return {}
+    return {
+        ".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+        ".hydra/hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
+        ".hydra/overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
+    }
+
+
 def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict) -> dict:
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from score_exp.tasks.callbacks import (
+        AtomicCheckpointIO,
         DepthDiagnostics,
         DepthGrowth,
         DivergenceDetector,
@@ -128,9 +167,13 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     t0 = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-    divergence, timer = DivergenceDetector(), RunTimer()
+    timer = RunTimer()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += [divergence, timer, RNGStateCheckpoint()]
+    divergence = next((c for c in callbacks if isinstance(c, DivergenceDetector)), None)
+    if divergence is None:  # callbacks.divergence=null: non-finite training losses only
+        divergence = DivergenceDetector()
+        callbacks.append(divergence)
+    callbacks += [timer, RNGStateCheckpoint()]
     # One no-grad pass of the depth on one validation batch per epoch (cheap; a model without a
     # RecurrentDepth is left alone).
     callbacks.append(DepthDiagnostics())
@@ -142,7 +185,12 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     # The Trainer first: it knows this process's rank and the world size (devices x nodes)
     # before any process is launched, so files are written by rank 0 only and a global batch
     # that does not divide over the processes is reported before any work starts.
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],  # atomic checkpoint writes, weights_only reads
+    )
     per_device_batch(cfg.task.data.batch_size, trainer.world_size)
     rank_zero = trainer.is_global_zero
     if rank_zero:
@@ -157,11 +205,12 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     for lg in loggers:
         lg.log_hyperparams(flatten(resolved))  # rank 0 only (Lightning's loggers check)
 
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.exists() else None
+    resume = rundir.resume_checkpoint(run_dir)  # an unreadable last.ckpt is moved aside
     if resume:
         log.info("resuming from %s", resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True
+    )
 
     record["params"] = trainable_params(model)  # growth changes it
     ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -175,7 +224,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     else:
         record["status"] = "ok"
     if best_path and ckpt.best_model_score is not None:
-        meta = load_checkpoint(Path(best_path))
+        meta = rundir.load_checkpoint(Path(best_path))
         record["best_val"] = {
             "metric": ckpt.monitor,
             "value": float(ckpt.best_model_score),
@@ -185,11 +234,23 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         record["best_checkpoint"] = str(Path(best_path).relative_to(run_dir))
         if record["status"] == "ok":
             record["val"] = _strip(
-                trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False),
+                trainer.validate(
+                    module,
+                    datamodule=datamodule,
+                    ckpt_path=best_path,
+                    verbose=False,
+                    weights_only=True,
+                ),
                 "val/",
             )
             record["test"] = _strip(
-                trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False),
+                trainer.test(
+                    module,
+                    datamodule=datamodule,
+                    ckpt_path=best_path,
+                    verbose=False,
+                    weights_only=True,
+                ),
                 "test/",
             )
     elif record["status"] == "ok":
@@ -285,16 +346,22 @@ def _main(cfg: DictConfig) -> float | None:
     The objective is the best validation metric (``objective: best_val``), never a test metric,
     so a tuning sweeper (Optuna) never sees test data.
     """
+    rundir.adopt_jobs()  # a sweep worker stops when the sweep process dies
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         objective(cfg, {})  # an unknown objective is an error before any work
         record = train(cfg, run_dir)
     except ScoreExpError as e:
-        log.error("%s", e)
+        if isinstance(e, rundir.RunDirError):
+            # Not logged: the log file lives in the folder that must stay untouched.
+            print(f"score-train: error: {e}", file=sys.stderr)
+        else:
+            log.error("%s", e)
         if _multirun():
             raise  # Hydra records this job as failed and the sweep goes on
-        print(f"score-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if not isinstance(e, rundir.RunDirError):
+            print(f"score-train: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     if not is_rank_zero():
         return None  # the other data-parallel processes: rank 0 reports the run
     headline = cfg.task.get("headline", "rmse")
@@ -329,13 +396,18 @@ def objective(cfg: DictConfig, record: dict) -> float:
 
 
 def main() -> None:
-    """Console entry point of ``score-train``: a misspelt depth field is one error line."""
+    """Console entry point of ``score-train``: a misspelt depth field is one error line; every
+    failed job of a sweep is listed at the end."""
+    rundir.adopt_jobs()
     try:
         check_depth_overrides(sys.argv[1:])
     except ScoreExpError as e:
         print(f"score-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    _main()
+    try:
+        _main()
+    finally:
+        rundir.report_sweep_failures("score-train")
 
 
 if __name__ == "__main__":

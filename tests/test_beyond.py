@@ -63,7 +63,6 @@ def test_defaults_keep_the_plain_chain_and_its_state_dict():
     assert depth.last_steps_used is None
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -466,6 +465,7 @@ def test_depth_diagnostics_logs_per_step_values():
 # ----------------------------------------------------------------------------- the real CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -149,6 +149,72 @@ def test_descriptors_are_cached_under_a_content_key(tmp_path):
     assert len(list(tmp_path.glob("rdkit-descriptors-*.npy"))) == 2
 
 
+# ----------------------------------------------------------------------------- caches heal
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_descriptor_cache_is_recomputed_with_a_warning(tmp_path, caplog):
+    smiles = ["CCO", "c1ccccc1O", "CCN"]
+    X = compute_descriptors(smiles, cache=tmp_path)
+    (path,) = tmp_path.glob("rdkit-descriptors-*.npy")
+    _truncate(path)
+    with caplog.at_level("WARNING"):
+        again = compute_descriptors(smiles, cache=tmp_path)
+    assert np.array_equal(again, X, equal_nan=True)
+    assert f"descriptor cache {path} is unreadable" in caplog.text
+    assert np.array_equal(np.load(path), X, equal_nan=True)  # rewritten whole
+    caplog.clear()
+    compute_descriptors(smiles, cache=tmp_path)
+    assert "unreadable" not in caplog.text  # healed: a plain cache hit now
+
+
+def test_a_truncated_graph_cache_is_featurised_again_with_a_warning(tmp_path, caplog):
+    import torch
+
+    from score_exp.data.graphs import featurize
+
+    smiles = ["CCO", "c1ccccc1O"]
+    graphs = featurize(smiles, cache=tmp_path)
+    (path,) = tmp_path.glob("graphs-*.pt")
+    _truncate(path)
+    with caplog.at_level("WARNING"):
+        again = featurize(smiles, cache=tmp_path)
+    assert f"graph cache {path} is unreadable" in caplog.text
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(graphs, again, strict=True) for k in a)
+    torch.save([{"x": torch.zeros(2, 3)}], path)  # readable, but not these graphs
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert len(featurize(smiles, cache=tmp_path)) == 2
+    assert f"graph cache {path} is unreadable" in caplog.text
+
+
+def test_a_damaged_token_cache_is_prepared_again_with_a_warning(tmp_path, caplog):
+    from score_exp.data.shakespeare import prepare_tokens
+
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question. " * 10)
+    files = prepare_tokens(text, "char", cache=tmp_path / "tokens")
+    train = np.array(files.load("train"))
+    _truncate(files.path("train"))
+    with caplog.at_level("WARNING"):
+        again = prepare_tokens(text, "char", cache=tmp_path / "tokens")
+    assert f"token cache {files.path('train')} is unreadable" in caplog.text
+    assert np.array_equal(np.array(again.load("train")), train)
+    # Same size, other bytes: the sha256 in meta.json catches it.
+    damaged = train.copy()
+    damaged[0] = damaged[1] if damaged[0] != damaged[1] else damaged[0] + 1
+    damaged.tofile(files.path("train"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = prepare_tokens(text, "char", cache=tmp_path / "tokens")
+    assert "sha256 differs" in caplog.text
+    assert np.array_equal(np.array(again.load("train")), train)
+
+
 def test_feature_scaler_uses_train_statistics_only():
     X_train = np.array([[1.0, 5.0, np.nan], [3.0, 5.0, np.nan], [np.nan, 5.0, np.nan]])
     scaler = FeatureScaler.fit(X_train)

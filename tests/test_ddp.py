@@ -80,7 +80,7 @@ def test_ddp_run_matches_one_process(tmp_path):
 def test_loader_options_are_checked_and_pinning_follows_cuda():
     import torch
 
-    from score_exp.errors import DataError
+    from score_exp.errors import ConfigError
     from score_exp.tasks.distributed import pin_memory
     from score_exp.tasks.lm import ShakespeareDataModule
     from score_exp.tasks.molecules import DescriptorDataModule
@@ -88,6 +88,6 @@ def test_loader_options_are_checked_and_pinning_follows_cuda():
     assert pin_memory(None) == torch.cuda.is_available()
     assert pin_memory(True) is True and pin_memory(False) is False
     for cls in (DescriptorDataModule, ShakespeareDataModule):
-        with pytest.raises(DataError, match="num_workers must be an integer >= 0"):
+        with pytest.raises(ConfigError, match="task.data.num_workers must be an integer >= 0"):
             cls(num_workers=-1)
         assert cls(num_workers=2, pin_memory=False).num_workers == 2

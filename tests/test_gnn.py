@@ -143,7 +143,7 @@ def test_descriptors_are_concatenated_before_the_head():
     model = MolGNN(39, 10, DepthSpec(steps=2), hidden=16, descriptor_features=7, descriptors=True)
     assert model.head[0].in_features == 16 + 7
     assert model(_batch(descriptors=7)).shape == (len(SMILES), 1)
-    with pytest.raises(ValueError, match="valid convs"):
+    with pytest.raises(ValueError, match="task.model.conv must be one of mpnn, dmpnn"):
         MolGNN(39, 10, DepthSpec(), conv="schnet")
 
 

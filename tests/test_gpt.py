@@ -19,8 +19,8 @@ from score_exp.data.shakespeare import (
 )
 from score_exp.errors import DataError
 from score_exp.models import GPT
-from score_exp.tasks.lm import FixedWindows, LanguageModelModule, RandomWindows, nanogpt_lr
 from score_exp.run import build, depth_spec
+from score_exp.tasks.lm import FixedWindows, LanguageModelModule, RandomWindows, nanogpt_lr
 
 PRESETS = ("score", "stacked", "stacked_plain", "skip05", "shared_residual", "shared_plain")
 LN65 = math.log(65)

@@ -89,7 +89,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     assert interrupted["status"] == "interrupted", interrupted
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
-    out = train_cli(run_dir, *args)  # the same command again, as a re-launched sweep would
+    # The same command again, as a re-launched sweep would (SigtermAt kills fresh runs only).
+    out = train_cli(run_dir, *args, *kill, env=cli_env(**HELPERS_ENV))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in out.stderr
     ref, resumed = load_results(ref_dir), load_results(run_dir)

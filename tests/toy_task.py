@@ -62,7 +62,9 @@ class ToyModel(nn.Module):
     def __init__(self, depth: DepthSpec, in_features: int, hidden: int = 16):
         super().__init__()
         self.encoder = nn.Linear(in_features, hidden)
-        self.depth = RecurrentDepth(lambda: nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()), depth)
+        self.depth = RecurrentDepth(
+            lambda: nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()), depth
+        )
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, x):  # (B, in_features) -> (B, 1)

@@ -10,7 +10,7 @@ class StudySweeper(OptunaSweeper):
 
     Running the same command again finishes what is left of the study (stored in SQLite in the
     sweep folder); a trial killed mid-run is asked again. Configured in
-    ``configs/experiment/tune_base.yaml`` as ``hydra/sweeper=optuna`` with this ``_target_``.
+    ``configs/experiment/_tune_base.yaml`` as ``hydra/sweeper=optuna`` with this ``_target_``.
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -121,11 +121,18 @@ def featurize(smiles: list[str], cache: Path | None = None) -> list[dict[str, Te
     """Featurise every SMILES once; with ``cache`` (a folder) reuse a previous result.
 
     The SMILES are expected to be valid (the CSV reader already skipped and reported the
-    invalid ones); an invalid one raises ``ValueError``.
+    invalid ones); an invalid one raises ``ValueError``. A cached file that cannot be read back
+    as these graphs (truncated, other content) is featurised again, with a warning naming it.
     """
     path = cache / cache_key(smiles) if cache is not None else None
     if path is not None and path.exists():
-        return torch.load(path, weights_only=True)
+        try:
+            graphs = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
+            _check_graphs(graphs, len(smiles))
+            return graphs
+        except Exception as e:  # truncated zip, unpickling refused, wrong content, ...
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.warning("graph cache %s is unreadable (%s); featurising again", path, reason)
     log.info(
         "featurising %d molecules as graphs (%s v%d, cached once)",
         len(smiles),
@@ -142,3 +149,15 @@ def featurize(smiles: list[str], cache: Path | None = None) -> list[dict[str, Te
         torch.save(graphs, buf)
         atomic_write_bytes(path, buf.getvalue())
     return graphs
+
+
+def _check_graphs(graphs, n: int) -> None:
+    """Raise ``ValueError`` unless ``graphs`` are ``n`` featurised molecules (a cache's content)."""
+    if not isinstance(graphs, list) or len(graphs) != n:
+        raise ValueError(f"expected a list of {n} graphs")
+    widths = {"x": ATOM_FEATURES, "edge_attr": BOND_FEATURES}
+    for g in graphs:
+        if not isinstance(g, dict) or set(g) != {"x", "edge_index", "edge_attr"}:
+            raise ValueError("a graph is not {x, edge_index, edge_attr}")
+        if any(g[k].dim() != 2 or g[k].shape[1] != w for k, w in widths.items()):
+            raise ValueError("feature widths differ from the featuriser's")

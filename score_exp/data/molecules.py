@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from score_exp.errors import DataError
+from score_exp.errors import ConfigError, DataError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,25 @@ class MoleculeTable:
 def read_molecule_csv(path: str | Path, smiles_column: str, target_column: str) -> MoleculeTable:
     """Read SMILES and a numeric target from a CSV; skip, count and report invalid rows.
 
-    SMILES are stripped of surrounding whitespace. A row is invalid when RDKit cannot parse
-    its SMILES or its target is missing / not a finite number; such rows are never imputed.
+    The file is read as UTF-8; a leading byte-order mark is dropped. SMILES are stripped of
+    surrounding whitespace. A row is invalid when RDKit cannot parse its SMILES or its target
+    is missing / not a finite number; such rows are never imputed.
 
     Raises:
-        DataError: the file is missing, is not a CSV with a header, lacks a requested column,
-            or holds no valid molecule.
+        DataError: the file is missing or a directory, is not a CSV with a header, lacks a
+            requested column, or holds no valid molecule.
     """
     from rdkit import Chem
 
     _quiet_rdkit()
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"molecule CSV {path} is a directory, not a CSV file")
     if not path.is_file():
         raise DataError(f"molecule CSV not found: {path}")
     try:
-        with open(path, newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in (smiles_column, target_column) if c not in header]
@@ -88,7 +92,7 @@ def read_molecule_csv(path: str | Path, smiles_column: str, target_column: str) 
                     "Set data.smiles_column / data.target_column."
                 )
             records = list(reader)
-    except (csv.Error, UnicodeDecodeError) as e:
+    except (csv.Error, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
 
     smiles, ys, rows, invalid = [], [], [], []
@@ -135,12 +139,14 @@ def read_molecule_csv(path: str | Path, smiles_column: str, target_column: str) 
 
 # ----------------------------------------------------------------------------- splits
 
+SPLIT_KINDS = ("random", "scaffold")
+
 
 def random_split(
     n: int, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
 ) -> dict[str, np.ndarray]:
     """Seeded random train/val/test split of ``range(n)``."""
-    _check_fractions(fractions)
+    check_fractions(fractions)
     perm = np.random.default_rng(seed).permutation(n)
     n_train = int(round(fractions[0] * n))
     n_val = int(round(fractions[1] * n))
@@ -163,7 +169,7 @@ def scaffold_split(
     from rdkit import Chem
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
-    _check_fractions(fractions)
+    check_fractions(fractions)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, smi in enumerate(smiles):
         mol = Chem.MolFromSmiles(smi)
@@ -182,22 +188,31 @@ def scaffold_split(
     return {k: np.asarray(sorted(v), dtype=np.int64) for k, v in out.items()}
 
 
-def _check_fractions(fractions) -> None:
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise DataError(
-            f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}"
+def check_fractions(fractions, key: str = "split_fractions") -> tuple[float, float, float]:
+    """Train/val/test fractions: 3 non-negative numbers summing to 1 (a ConfigError otherwise)."""
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or any(not f >= 0 for f in values) or abs(sum(values) - 1) > 1e-6:
+        raise ConfigError(
+            f"{key} must be 3 non-negative numbers summing to 1, got {_plain(fractions)}"
         )
+    return values
+
+
+def _plain(value):
+    return list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else value
 
 
 def make_split(
     kind: str, smiles: list[str], seed: int, fractions=(0.8, 0.1, 0.1)
 ) -> dict[str, np.ndarray]:
     """``kind`` is ``random`` (seeded) or ``scaffold`` (Bemis-Murcko)."""
+    check_choice("split", kind, SPLIT_KINDS)
     if kind == "random":
         return random_split(len(smiles), seed, tuple(fractions))
-    if kind == "scaffold":
-        return scaffold_split(smiles, tuple(fractions))
-    raise DataError(f"unknown split {kind!r}; valid splits: random, scaffold")
+    return scaffold_split(smiles, tuple(fractions))
 
 
 # ----------------------------------------------------------------------------- descriptors
@@ -214,7 +229,9 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
     """RDKit 2-D descriptors, shape ``(len(smiles), n_descriptors)``; failures become NaN.
 
     With ``cache`` (a folder), the matrix is stored under a key of the SMILES list, the RDKit
-    version and the descriptor names, so a change of any of them recomputes it.
+    version and the descriptor names, so a change of any of them recomputes it. A cached file
+    that cannot be read back as that matrix (truncated, wrong shape) is recomputed, with a
+    warning naming it.
     """
     import rdkit
     from rdkit import Chem
@@ -227,7 +244,14 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
     ).hexdigest()[:16]
     path = cache / f"rdkit-descriptors-{key}.npy" if cache is not None else None
     if path is not None and path.exists():
-        return np.load(path)
+        try:
+            X = np.load(path, allow_pickle=False)
+            if X.shape == (len(smiles), len(names)) and X.dtype == np.float64:
+                return X
+            reason = f"shape {X.shape} {X.dtype}, expected {(len(smiles), len(names))} float64"
+        except (OSError, ValueError, EOFError) as e:  # truncated or not a .npy file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("descriptor cache %s is unreadable (%s); recomputing it", path, reason)
 
     log.info(
         "computing %d RDKit descriptors for %d molecules (cached once)", len(names), len(smiles)
@@ -283,6 +307,12 @@ class FeatureScaler:
             filled = np.where(finite, X_train, median)
             std = filled.std(axis=0)
         keep = has_any & (std > 1e-12)
+        if not keep.any():
+            raise DataError(
+                f"no descriptor varies over the {len(X_train)} training molecules (all "
+                f"{X_train.shape[1]} columns constant or missing: are the molecules all the "
+                "same?); there is nothing to learn from"
+            )
         return cls(
             keep=keep,
             median=median[keep],

@@ -17,12 +17,12 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from score_exp.errors import DataError
+from score_exp.io import mkstemp_shared
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def fetch(key: str) -> Path:
 
 def _copy_atomic(src: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    fd, tmp = mkstemp_shared(target.parent, suffix=".part")  # the umask's mode, not 0600
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
@@ -176,7 +176,7 @@ def _copy_atomic(src: Path, target: Path) -> None:
 
 def _download(entry: DataFile, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    fd, tmp = mkstemp_shared(target.parent, suffix=".part")  # the umask's mode, not 0600
     os.close(fd)
     try:
         log.info("downloading %s", entry.url)

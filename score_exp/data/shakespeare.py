@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from score_exp.errors import DataError
+from score_exp.io import mkdtemp_shared
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ TOKENIZERS = ("char", "gpt2")
 GPT2_VOCAB_SIZE = 50257  # 50,000 merges + 256 bytes + <|endoftext|>
 GPT2_EOT = 50256
 # Bump when the on-disk layout or the encoding recipe changes: old cache folders are then ignored.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json holds each split's sha256, checked on every load
 DTYPE = np.uint16  # as nanoGPT; both vocabularies fit (65 and 50,257 < 65,536)
 
 
@@ -172,6 +172,10 @@ class TokenFiles:
         return tokenizer_from_meta(self.meta)
 
 
+def _as_tokens(ids: list[int]) -> np.ndarray:
+    return np.asarray(ids, dtype=DTYPE)
+
+
 def _cache_key(text_sha256: str, tokenizer: str, train_fraction: float) -> str:
     parts = [f"v{FORMAT_VERSION}", text_sha256, tokenizer, repr(float(train_fraction))]
     if tokenizer == "gpt2":  # the encoding is defined by its two files: key on their hashes
@@ -182,14 +186,27 @@ def _cache_key(text_sha256: str, tokenizer: str, train_fraction: float) -> str:
 
 
 def _complete(root: Path) -> dict | None:
-    """The metadata of a finished preparation in ``root``, or None if absent/incomplete."""
+    """The metadata of a finished, intact preparation in ``root``, or None.
+
+    A folder that exists but fails the check (a truncated or altered ``.bin``, an unreadable
+    ``meta.json``) is reported with a warning naming the file; the caller prepares it again.
+    """
+    from score_exp.data.registry import sha256sum
+
+    if not root.exists():
+        return None
+    where = root / "meta.json"
     try:
-        meta = json.loads((root / "meta.json").read_text())
+        meta = json.loads(where.read_text())
         for split in ("train", "val"):
-            if (root / f"{split}.bin").stat().st_size != meta[f"n_{split}"] * DTYPE().itemsize:
-                return None
+            where = root / f"{split}.bin"
+            if where.stat().st_size != meta[f"n_{split}"] * DTYPE().itemsize:
+                raise ValueError(f"{where.stat().st_size} bytes for {meta[f'n_{split}']} tokens")
+            if sha256sum(where) != meta[f"sha256_{split}"]:
+                raise ValueError("its sha256 differs from meta.json's")
         return meta
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("token cache %s is unreadable (%s); preparing it again", where, e)
         return None
 
 
@@ -204,7 +221,9 @@ def prepare_tokens(
     The first ``train_fraction`` of the characters is ``train`` and the rest ``val`` (nanoGPT:
     0.9). Files live in ``cache/tokens/<tokenizer>-<key>/``, where ``key`` hashes the text, the
     tokeniser (and its files) and the split. They are written into a temporary folder that is
-    renamed into place, so a crashed or concurrent preparation never leaves half-written files.
+    renamed into place, so a crashed or concurrent preparation never leaves half-written files;
+    a cached split whose size or sha256 (kept in ``meta.json``) no longer matches is prepared
+    again, with a warning naming the file.
 
     Raises:
         DataError: the text is missing, unreadable or too short to hold both splits, or the
@@ -248,15 +267,19 @@ def prepare_tokens(
         "train_fraction": train_fraction,
         "n_train": len(ids["train"]),
         "n_val": len(ids["val"]),
+        **{
+            f"sha256_{k}": hashlib.sha256(_as_tokens(v).tobytes()).hexdigest()
+            for k, v in ids.items()
+        },
         "dtype": np.dtype(DTYPE).name,
         "format_version": FORMAT_VERSION,
     }
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    tmp = Path(mkdtemp_shared(root.parent, prefix=f".{root.name}.", suffix=".tmp"))
     try:
         for split, tokens in ids.items():
-            np.asarray(tokens, dtype=DTYPE).tofile(tmp / f"{split}.bin")
+            _as_tokens(tokens).tofile(tmp / f"{split}.bin")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if root.exists():  # stale or incomplete (checked above): replace it
             shutil.rmtree(root, ignore_errors=True)

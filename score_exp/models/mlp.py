@@ -5,16 +5,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from score_exp.core import DepthSpec, RecurrentDepth
+from score_exp.errors import check_choice
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Identity()}
 
 
-def _lookup(table: dict, name: str, what: str):
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(table)}") from None
+def _lookup(table: dict, name: str, key: str):
+    return table[check_choice(key, name, tuple(table))]
 
 
 class MLPBlock(nn.Module):
@@ -31,9 +29,9 @@ class MLPBlock(nn.Module):
                  skip: bool = False):  # fmt: skip
         super().__init__()
         self.skip = skip
-        self.norm = _lookup(NORMS, norm, "norm")(hidden)
+        self.norm = _lookup(NORMS, norm, "task.model.norm")(hidden)
         self.linear = nn.Linear(hidden, hidden)
-        self.act = _lookup(ACTIVATIONS, act, "activation")()
+        self.act = _lookup(ACTIVATIONS, act, "task.model.act")()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor) -> Tensor:

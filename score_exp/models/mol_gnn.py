@@ -21,6 +21,7 @@ from torch_geometric.nn import (
 from torch_geometric.utils import scatter
 
 from score_exp.core import DepthSpec, RecurrentDepth
+from score_exp.errors import ConfigError, check_choice, check_int
 
 CONVS = ("mpnn", "dmpnn", "gine", "gat", "gcn")
 READOUTS = ("attentive", "mean", "sum")
@@ -110,7 +111,9 @@ def make_conv(conv: str, hidden: int, edge_dim: int, heads: int = 4) -> nn.Modul
         return GINEConv(mlp, edge_dim=edge_dim, train_eps=True)
     if conv == "gat":
         if hidden % heads:
-            raise ValueError(f"hidden={hidden} must be divisible by heads={heads} for gat")
+            raise ConfigError(
+                f"task.model.hidden={hidden} must be divisible by task.model.heads={heads} for gat"
+            )
         return GATv2Conv(hidden, hidden // heads, heads=heads, edge_dim=edge_dim)
     if conv == "gcn":
         return GCNConv(hidden, hidden)
@@ -223,10 +226,10 @@ class MolGNN(nn.Module):
         block_skip: bool = False,
     ):
         super().__init__()
-        if conv not in CONVS:
-            raise ValueError(f"unknown conv {conv!r}; valid convs: {', '.join(CONVS)}")
-        if readout not in READOUTS:
-            raise ValueError(f"unknown readout {readout!r}; valid readouts: {', '.join(READOUTS)}")
+        # task.model.* are the config keys of these arguments (the message names them).
+        check_choice("task.model.conv", conv, CONVS)
+        check_choice("task.model.readout", readout, READOUTS)
+        check_int("task.model.hidden", hidden, 1)
         if descriptors and descriptor_features <= 0:
             raise ValueError("descriptors=true needs descriptor_features > 0 from the data module")
         self.conv, self.readout_name, self.hidden = conv, readout, hidden

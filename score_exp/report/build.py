@@ -45,6 +45,8 @@ def missing_runs(paths: list[Path]) -> list[Path]:
     for root in paths:
         for hydra_dir in sorted(Path(root).rglob(".hydra")):
             folder = hydra_dir.parent
+            if ".overwritten" in folder.relative_to(root).parts:  # rundir.MOVED_ASIDE
+                continue
             if not (folder / "results.json").exists():
                 out.append(folder)
     return out
@@ -183,13 +185,13 @@ def log_to_wandb(report: Report, project: str = "score_exp", mode: str = "auto")
     """
     import wandb
 
-    from score_exp.wandb_utils import resolve_mode
+    from score_exp.wandb_utils import init_run, resolve_mode
 
     mode = resolve_mode(mode)
     groups = sorted(
         {str(r.get("experiment_name")) for r in report.runs if r.get("experiment_name")}
     )
-    run = wandb.init(
+    run = init_run(  # online within seconds, else offline with one warning
         project=project,
         group=groups[0] if len(groups) == 1 else None,
         job_type="report",

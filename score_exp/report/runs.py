@@ -161,6 +161,8 @@ def scan_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
     runs, unreadable = [], []
     for root in paths:
         for res in sorted(Path(root).rglob("results.json")):
+            if ".overwritten" in res.relative_to(root).parts:  # rundir.MOVED_ASIDE: set aside
+                continue
             try:
                 runs.append(load_run(res.parent))
             except UnreadableRun as e:

@@ -1,16 +1,21 @@
-"""Callbacks every run gets (divergence detection, timing, depth diagnostics) and depth growth."""
+"""Callbacks every run gets (divergence, last checkpoint, timing, depth diagnostics), depth growth,
+and the checkpoint IO (atomic writes, data-only reads)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 
 from score_exp.core import RecurrentDepth
+from score_exp.errors import CheckpointWriteError
 
 log = logging.getLogger("score_exp.train")
 
@@ -24,10 +29,43 @@ def find_depth(module: nn.Module) -> RecurrentDepth | None:
 
 
 class DivergenceDetector(L.Callback):
-    """Stops training cleanly at the first non-finite training loss and remembers where."""
+    """Stops a diverged run cleanly and remembers where; the run is then recorded as ``diverged``.
 
-    def __init__(self) -> None:
+    A run diverges when (a) a training loss is not finite, (b) the monitored validation metric
+    is not finite, or (c) (``mode="min"`` monitors) the monitored metric exceeds ``factor`` times
+    the task's scale of that metric for ``patience`` validations in a row. The scale comes from
+    the LightningModule's ``metric_scale(name)``: the training target's standard deviation for
+    a regression RMSE or MAE (about the error of predicting the training mean), ``ln(vocab)``
+    for a language model's loss (a uniform guess). A module without a scale, or
+    ``factor=None``, leaves only the non-finite checks.
+
+    Args:
+        monitor: the validation metric (``task.monitor``); None checks training losses only.
+        mode: ``min`` or ``max`` (``task.monitor_mode``); (c) applies to ``min`` only.
+        factor: how many times worse than the trivial predictor counts as diverged.
+        patience: consecutive validations beyond the threshold before the run is stopped.
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: str = "min",
+        factor: float | None = 10.0,
+        patience: int = 3,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be min or max, got {mode!r}")
+        if factor is not None and not factor > 0:
+            raise ValueError(f"divergence factor must be > 0 or null, got {factor}")
+        if patience < 1:
+            raise ValueError(f"divergence patience must be >= 1, got {patience}")
+        self.monitor, self.mode, self.factor, self.patience = monitor, mode, factor, patience
         self.diverged_at: dict | None = None
+        self.bad = 0  # consecutive validations beyond the threshold
+
+    def _stop(self, trainer, why: dict) -> None:
+        self.diverged_at = {"epoch": trainer.current_epoch, "step": trainer.global_step, **why}
+        trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -40,16 +78,140 @@ class DivergenceDetector(L.Callback):
             # gradient all-reduce: stop when any rank saw a non-finite loss.
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            self.diverged_at = {
-                "epoch": trainer.current_epoch,
-                "step": trainer.global_step,
-                "loss": str(value),
-            }
-            trainer.should_stop = True
+            self._stop(trainer, {"loss": str(value)})
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Validation metrics are synchronised over ranks, so every rank decides alike.
+        if trainer.sanity_checking or self.monitor is None or self.diverged:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if not math.isfinite(value):
+            self._stop(trainer, {self.monitor: str(value)})
+            return
+        scale_of = getattr(pl_module, "metric_scale", None)
+        scale = scale_of(self.monitor) if callable(scale_of) else None
+        if self.factor is None or self.mode != "min" or not scale:
+            return
+        threshold = self.factor * scale
+        self.bad = self.bad + 1 if value > threshold else 0
+        if self.bad >= self.patience:
+            self._stop(
+                trainer,
+                {
+                    self.monitor: value,
+                    "threshold": threshold,
+                    "rule": f"{self.monitor} > {self.factor:g} x {scale:.4g} "
+                    f"for {self.patience} validations",
+                },
+            )
+
+    def state_dict(self) -> dict:
+        return {"bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad = int(state.get("bad", 0))
 
     @property
     def diverged(self) -> bool:
         return self.diverged_at is not None
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``<dirpath>/last.ckpt``: the latest training state, whatever its metric.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only when a top-k
+    checkpoint is saved, so ``last.ckpt`` is in effect the best one and a killed run resumes
+    from the best epoch, re-training everything after it. This callback saves after every
+    validation (at the end of each epoch, as ModelCheckpoint does; every ``val_check_interval``
+    steps for iteration-based tasks), after the other callbacks (Lightning runs checkpoint callbacks last) so that early
+    stopping and the best checkpoint are included, and at the end of training. A kill loses at
+    most one validation interval, or ``every_n_train_steps`` optimiser steps when set.
+
+    Args:
+        dirpath: the run's checkpoint folder.
+        every_n_train_steps: also save every N optimiser steps (iteration-based tasks; on an
+            epoch-based task a mid-epoch resume does not reproduce the uninterrupted run).
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1 or null, got {every_n_train_steps}")
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_step: int | None = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dirpath, self.FILENAME)
+
+    def _save(self, trainer) -> None:
+        if (
+            trainer.sanity_checking
+            or trainer.fast_dev_run
+            or self._saved_step == trainer.global_step
+        ):
+            return
+        if trainer.global_step == 0:
+            return  # nothing trained yet
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0:
+            self._save(trainer)
+
+    @staticmethod
+    def _at_epoch_end(trainer) -> bool:
+        # ModelCheckpoint's rule: with one validation per epoch, save at the epoch's end (after
+        # its hooks, so a resume starts the next epoch cleanly, with the numbers of an
+        # uninterrupted run); otherwise after each validation.
+        return trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not self._at_epoch_end(trainer):
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._at_epoch_end(trainer):
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically and read as data only.
+
+    Saving serialises to memory, then writes a temporary file next to the target and renames it
+    (:func:`score_exp.io.atomic_write_bytes`), so a kill or a full disk never leaves a truncated
+    checkpoint; a failed write raises :class:`CheckpointWriteError` naming the file and the
+    cause. Loading always uses ``weights_only=True`` (a checkpoint never runs code).
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        import io
+
+        from score_exp.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        try:
+            atomic_write_bytes(path, buf.getbuffer())
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {e.strerror or e} (nothing partial was left)"
+            ) from None
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        from score_exp.rundir import load_checkpoint
+
+        return load_checkpoint(path)
 
 
 class RunTimer(L.Callback):

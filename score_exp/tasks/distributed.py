@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Sampler
 
-from score_exp.errors import ConfigError, DataError
+from score_exp.errors import ConfigError, check_int
 
 
 def per_device_batch(global_batch: int, world_size: int) -> int:
@@ -28,10 +28,8 @@ def per_device_batch(global_batch: int, world_size: int) -> int:
 
 
 def check_num_workers(num_workers) -> int:
-    """``task.data.num_workers`` validated: an integer >= 0 (a DataError otherwise)."""
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
-    return num_workers
+    """``task.data.num_workers`` validated: an integer >= 0 (a ConfigError otherwise)."""
+    return check_int("task.data.num_workers", num_workers, 0)
 
 
 def pin_memory(setting: bool | None) -> bool:

@@ -22,8 +22,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from torchmetrics import MeanMetric
 
 from score_exp.data.registry import fetch
-from score_exp.data.shakespeare import TokenFiles, Tokenizer, prepare_tokens
-from score_exp.errors import ConfigError, DataError
+from score_exp.data.shakespeare import TOKENIZERS, TokenFiles, Tokenizer, prepare_tokens
+from score_exp.errors import (
+    ConfigError,
+    DataError,
+    check_choice,
+    check_int,
+    check_number,
+    check_seed,
+)
 from score_exp.tasks.distributed import (
     check_num_workers,
     eval_sampler,
@@ -134,14 +141,19 @@ class ShakespeareDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
     ):
         super().__init__()
+        # Every value checked here, before the text is read or tokenised.
         check_num_workers(num_workers)
         for name, value in (
             ("block_size", block_size),
             ("batch_size", batch_size),
             ("eval_iters", eval_iters),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DataError(f"data.{name} must be an integer >= 1, got {value!r}")
+            check_int(f"task.data.{name}", value, 1)
+        check_choice("task.data.tokenizer", tokenizer, TOKENIZERS)
+        if not (isinstance(train_fraction, (int, float)) and 0 < train_fraction < 1):
+            raise ConfigError(f"task.data.train_fraction must be in (0, 1), got {train_fraction!r}")
+        check_seed(seed, "task.data.seed")
+        check_seed(eval_seed, "task.data.eval_seed")
         self.path, self.registry_key, self.tokenizer_name = path, registry_key, tokenizer
         self.block_size, self.batch_size, self.eval_iters = block_size, batch_size, eval_iters
         self.train_fraction, self.seed, self.eval_seed = train_fraction, seed, eval_seed
@@ -278,12 +290,13 @@ class LanguageModelModule(L.LightningModule):
         vocab: dict | None = None,
     ):
         super().__init__()
-        if not 0 <= min_lr <= lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={min_lr}, lr={lr}")
-        if warmup_iters < 0 or lr_decay_iters < 0:
-            raise ValueError(
-                f"need warmup_iters, lr_decay_iters >= 0, got {warmup_iters}, {lr_decay_iters}"
-            )
+        check_number("task.module.lr", lr)
+        check_number("task.module.min_lr", min_lr, strict=False)
+        if min_lr > lr:
+            raise ConfigError(f"task.module.min_lr must be <= task.module.lr={lr}, got {min_lr}")
+        check_int("task.module.warmup_iters", warmup_iters, 0)
+        check_int("task.module.lr_decay_iters", lr_decay_iters, 0)
+        check_number("task.module.weight_decay", weight_decay, strict=False)
         # Plain types in the checkpoint (Hydra hands over its own containers): weights_only loads.
         betas = tuple(float(b) for b in betas)
         vocab = _plain(vocab)
@@ -295,6 +308,14 @@ class LanguageModelModule(L.LightningModule):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None):
         return self.model(idx, targets)
+
+    def metric_scale(self, name: str) -> float | None:
+        """The loss of a uniform guess over the vocabulary, ``ln V`` (divergence criterion)."""
+        vocab_size = getattr(self.model, "vocab_size", None)
+        kind = name.rsplit("/", 1)[-1]
+        if not vocab_size or kind not in ("loss", "bpc"):
+            return None
+        return math.log(vocab_size) / (math.log(2) if kind == "bpc" else 1.0)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch  # (B, T), (B, T)

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from score_exp.wandb_utils import resolve_mode
+from score_exp.wandb_utils import INIT_TIMEOUT, bounded_settings, resolve_mode, warn_offline
 
 
 def wandb_logger(
@@ -21,19 +21,23 @@ def wandb_logger(
     tags: list[str] | None = None,
     mode: str = "auto",
     name: str | None = None,
+    init_timeout: float = INIT_TIMEOUT,
     **kwargs,
 ):
     """A :class:`~lightning.pytorch.loggers.WandbLogger` that never prompts and never hangs.
 
     ``mode="auto"`` logs online when an API key is configured (``WANDB_API_KEY`` or
     ``~/.netrc``) and offline otherwise; offline runs are synced later with ``wandb sync``.
+    An online start that does not succeed within ``init_timeout`` seconds (no network, W&B
+    down, a wrong key) continues offline with one warning: the run never waits on W&B.
     """
-    from lightning.pytorch.loggers import WandbLogger
-
     mode = resolve_mode(mode)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")
-    return WandbLogger(
+    if mode == "online":
+        kwargs["settings"] = bounded_settings(init_timeout, kwargs.get("settings"))
+    return _BoundedWandbLogger(
+        init_timeout,
         project=project,
         save_dir=save_dir,
         group=group,
@@ -44,6 +48,25 @@ def wandb_logger(
         mode=mode,
         **kwargs,
     )
+
+
+class _BoundedWandbLogger(WandbLogger):
+    """Lightning's WandbLogger whose failed online start falls back to offline (one warning)."""
+
+    def __init__(self, init_timeout: float, **kwargs):
+        super().__init__(**kwargs)
+        self._init_timeout = init_timeout
+
+    @property
+    def experiment(self):
+        try:
+            return super().experiment  # wandb.init, on rank 0 only (Lightning's decorator)
+        except Exception as e:
+            if self._experiment is not None or self._wandb_init.get("mode") != "online":
+                raise
+            warn_offline(e, self._init_timeout, self._wandb_init.get("dir"))
+            self._wandb_init["mode"], self._offline = "offline", True
+            return super().experiment
 
 
 class AppendingCSVLogger(CSVLogger):

@@ -13,14 +13,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from score_exp.data.molecules import (
     ESOL_SMILES_COLUMN,
     ESOL_TARGET_COLUMN,
+    SPLIT_KINDS,
     FeatureScaler,
     MoleculeTable,
+    check_fractions,
     compute_descriptors,
     make_split,
     read_molecule_csv,
 )
 from score_exp.data.registry import cache_dir, fetch
-from score_exp.errors import DataError
+from score_exp.errors import DataError, check_choice, check_int, check_number, check_seed
 from score_exp.tasks.distributed import (
     GlobalBatchSampler,
     check_num_workers,
@@ -32,6 +34,7 @@ from score_exp.tasks.distributed import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+MIN_SPLIT_SIZE = 2  # molecules per split: R² (and a target std) need two
 
 
 class MoleculeDataModule(L.LightningDataModule):
@@ -71,7 +74,13 @@ class MoleculeDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
     ):
         super().__init__()
+        # Every value checked here, before the CSV is read or a descriptor computed.
         check_num_workers(num_workers)
+        check_int("task.data.batch_size", batch_size, 1)
+        check_choice("task.data.split", split, SPLIT_KINDS)
+        check_fractions(split_fractions, "task.data.split_fractions")
+        check_seed(split_seed, "task.data.split_seed")
+        check_seed(seed, "task.data.seed")
         self.seed, self.pin_memory = seed, pin_memory
         self.path = path
         self.registry_key = registry_key
@@ -98,9 +107,17 @@ class MoleculeDataModule(L.LightningDataModule):
             return  # idempotent: train.py sets up before building the model, Lightning again
         table = read_molecule_csv(self.resolve_path(), self.smiles_column, self.target_column)
         self.indices = make_split(self.split, table.smiles, self.split_seed, self.split_fractions)
-        for name in SPLITS:
-            if len(self.indices[name]) == 0:
-                raise DataError(f"the {name} split is empty ({len(table)} molecules)")
+        # Before any featurisation or training: a split too small to score (R² needs two
+        # molecules) would otherwise fail at the first validation.
+        sizes = {name: len(self.indices[name]) for name in SPLITS}
+        small = [name for name in SPLITS if sizes[name] < MIN_SPLIT_SIZE]
+        if small:
+            raise DataError(
+                f"{table.source}: {len(table)} valid molecules split {self.split} with "
+                f"task.data.split_fractions={list(self.split_fractions)} give "
+                f"{', '.join(f'{sizes[n]} {n}' for n in SPLITS)}; every split needs at least "
+                f"{MIN_SPLIT_SIZE} molecules (R² needs two): use a larger CSV"
+            )
         y_train = table.y[self.indices["train"]]
         self.target_mean, self.target_std = float(y_train.mean()), float(y_train.std() or 1.0)
         self.table = table
@@ -170,7 +187,7 @@ class DescriptorDataModule(MoleculeDataModule):
 
     def __init__(self, *args, clip: float = 10.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.clip = clip
+        self.clip = check_number("task.data.clip", clip)
         self.scaler: FeatureScaler | None = None
 
     def build(self, table, indices):
@@ -203,7 +220,7 @@ class GraphDataModule(MoleculeDataModule):
 
     def __init__(self, *args, descriptors: bool = False, clip: float = 10.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.descriptors, self.clip = descriptors, clip
+        self.descriptors, self.clip = descriptors, check_number("task.data.clip", clip)
         self.scaler: FeatureScaler | None = None
 
     def build(self, table, indices):

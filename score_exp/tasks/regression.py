@@ -7,6 +7,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
+from score_exp.errors import check_choice, check_number
+
+SCHEDULERS = ("none", "cosine", "plateau")
+
 
 class RegressionModule(L.LightningModule):
     """Trains ``model`` with MSE on the standardised target; logs RMSE, MAE, R^2 in original units.
@@ -31,8 +35,10 @@ class RegressionModule(L.LightningModule):
         target_std: float = 1.0,
     ):
         super().__init__()
-        if scheduler not in ("none", "cosine", "plateau"):
-            raise ValueError(f"unknown scheduler {scheduler!r}; valid: none, cosine, plateau")
+        check_number("task.module.lr", lr)
+        check_number("task.module.weight_decay", weight_decay, strict=False)
+        check_number("task.module.min_lr", min_lr, strict=False)
+        check_choice("task.module.scheduler", scheduler, SCHEDULERS)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         metrics = MetricCollection(
@@ -50,6 +56,17 @@ class RegressionModule(L.LightningModule):
         else:  # a PyG Batch carries its own target
             pred, y = self.model(batch), batch.y
         return pred.view(-1), y.view(-1)
+
+    def metric_scale(self, name: str) -> float | None:
+        """The error of a trivial predictor in ``name``'s units (divergence criterion).
+
+        Predicting the training mean errs by about the target's standard deviation (RMSE, MAE
+        in original units; 1 for the MSE loss on the standardised target).
+        """
+        kind = name.rsplit("/", 1)[-1]
+        return {"rmse": self.hparams.target_std, "mae": self.hparams.target_std, "loss": 1.0}.get(
+            kind
+        )
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         pred, y = self(batch)

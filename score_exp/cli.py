@@ -1,0 +1,88 @@
+"""What the command-line doors share: bad input as one line and exit 2, before any work.
+
+Values are validated by the objects that own them (data modules, LightningModules, models raise
+:class:`~score_exp.errors.ConfigError` naming their key). What no object owns is checked here:
+the top-level keys and the Trainer's budget (:func:`check_run_config`), a mandatory value left
+at ``???`` (:func:`require`), and the output folder, which Hydra creates before the task runs
+(:class:`CheckOutputDir`, a Hydra callback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from score_exp.errors import ConfigError, check_int, check_seed
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """The keys of a ``score-train`` config that no constructor owns, before any work.
+
+    Raises:
+        ConfigError: ``seed`` is not a seed, or ``trainer.max_epochs`` / ``trainer.max_steps``
+            is not an integer >= -1 (-1: no limit).
+    """
+    check_seed(cfg.get("seed"))
+    trainer = cfg.get("trainer") or {}
+    for name in ("max_epochs", "max_steps"):
+        if trainer.get(name) is not None:
+            check_int(f"trainer.{name}", trainer.get(name), -1)
+
+
+def require(cfg: DictConfig, key: str, example: str) -> Any:
+    """``cfg[key]``, or a ConfigError saying how to give it when it is missing (``???``)."""
+    if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+        raise ConfigError(f"{key} is required, e.g. {example}")
+    return cfg[key]
+
+
+def check_output_dir(path: str | os.PathLike, key: str) -> Path:
+    """``path`` is a folder this process can write, or one it can create.
+
+    Raises:
+        ConfigError: a file stands where the folder (or one of its parents) should be, or the
+            nearest existing parent is not writable; the message names ``key`` and the value.
+    """
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # False under a file, too
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is a file" if existing == path else f"{existing} is a file"
+        raise ConfigError(f"{key}={path} cannot be a folder: {where}; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "it is" if existing == path else f"{existing} is"
+        raise ConfigError(f"{key}={path} is not writable: {what} read-only; choose another {key}")
+    return path
+
+
+class CheckOutputDir(Callback):
+    """Hydra callback: refuse an unusable output folder in one line (exit 2) before Hydra makes it.
+
+    Hydra creates ``hydra.run.dir`` (``hydra.sweep.dir`` for ``-m``) before the task function
+    runs, so a file in the way or a read-only parent would otherwise end in Hydra's traceback.
+
+    Args:
+        prog: the command's name, for the message (``score-train``).
+    """
+
+    def __init__(self, prog: str):
+        self.prog = prog
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        try:
+            check_output_dir(str(OmegaConf.select(config, key)), key)
+        except ConfigError as e:
+            print(f"{self.prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)  # SystemExit: Hydra turns a callback's Exception into a mere warning
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
