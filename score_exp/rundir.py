@@ -181,6 +181,16 @@ def holds_run(run_dir: Path) -> bool:
     )
 
 
+def _trained(run_dir: Path) -> bool:
+    """True once a run wrote anything of a result: results.json, metrics or a checkpoint."""
+    ckpts = run_dir / "checkpoints"
+    return (
+        (run_dir / RESULTS).exists()
+        or (run_dir / "metrics.csv").exists()
+        or (ckpts.is_dir() and any(ckpts.iterdir()))
+    )
+
+
 def move_aside(run_dir: Path) -> Path:
     """Rename ``run_dir`` to ``<parent>/.overwritten/<name>-<time>``; returns the new path."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -226,6 +236,13 @@ def claim_run_dir(
         identity_then = {k: v for k, v in identity.items() if k in old}  # keys added since
     else:
         identity_then = identity
+    if old is not None and fingerprint(old) != fingerprint(identity_then) and not _trained(run_dir):
+        # A start that failed before training (bad input) left a config but nothing of a
+        # result: the corrected command may take the folder over.
+        log.warning(
+            "%s holds no result of its earlier configuration: re-bound to this one", run_dir
+        )
+        old = None
     if old is not None and fingerprint(old) != fingerprint(identity_then):
         raise RunDirError(
             f"{run_dir} holds a run of another configuration ({differences(old, identity_then)}); "

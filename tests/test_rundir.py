@@ -110,6 +110,16 @@ def test_folder_made_before_fingerprints_is_adopted_or_refused_by_its_config(fin
     assert out.returncode == 0 and "already finished" in out.stderr
 
 
+def test_a_start_refused_for_bad_input_leaves_the_folder_to_the_corrected_command(tmp_path):
+    run_dir = tmp_path / "run"
+    out = train_cli(run_dir, *TINY, "task.module.lr=-1")
+    assert out.returncode == 2 and "task.module.lr" in errors(out.stderr)[0]
+    assert (run_dir / rundir.FINGERPRINT).is_file() and not (run_dir / "results.json").exists()
+    out = train_cli(run_dir, "trainer.max_epochs=1", "task.model.hidden=32")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert load_results(run_dir)["status"] == "ok"
+
+
 def test_overwrite_moves_the_old_run_aside_and_starts_afresh(finished, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
@@ -128,6 +138,7 @@ def test_a_refused_job_fails_alone_in_a_sweep(tmp_path):
     job = sweep_dir / "seed=1,task.model.hidden=32,trainer.max_epochs=1"
     job.mkdir(parents=True)
     (job / rundir.FINGERPRINT).write_text(json.dumps({"fingerprint": "x", "identity": {"seed": 7}}))
+    (job / "metrics.csv").write_text("epoch,val/rmse\n0,1.0\n")  # it trained: a result to keep
     before = snapshot(job)
     out = run_cli(
         "-m", f"hydra.sweep.dir={sweep_dir}", *QUIET, "seed=0,1", "trainer.max_epochs=1",
