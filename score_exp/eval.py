@@ -45,9 +45,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     logging.getLogger("lightning").handlers.clear()
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")
-    run_dir = Path(
-        require(cfg, "run_dir", "score-eval run_dir=outputs/esol_mlp/<run>")
-    ).expanduser()
+    run_dir = (
+        Path(require(cfg, "run_dir", "score-eval run_dir=outputs/esol_mlp/<run>"))
+        .expanduser()
+        .resolve()
+    )  # absolute, as find_checkpoint's path (relative_to below)
     ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)  # a missing one fails before any work
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)

@@ -542,6 +542,22 @@ def test_score_eval_rediscretises_a_trained_run(trained_run):
     assert (trained_run / "multirun.yaml").is_file()  # the sweep's record stays in the run
 
 
+@pytest.mark.slow
+def test_score_eval_takes_a_run_dir_relative_to_the_working_directory(trained_run):
+    from conftest import run_cli
+
+    # cwd is the run's parent, so run_dir=run is relative (PYTHONPATH from cli_env finds the code).
+    out = run_cli(
+        "run_dir=run",
+        "depth.steps=1",
+        module="score_exp.eval",
+        env=cli_env(OMP_NUM_THREADS="1"),
+        cwd=trained_run.parent,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ",checkpoints/" in (trained_run / "eval.csv").read_text()
+
+
 def test_score_eval_reports_bad_input_in_one_line(tmp_path):
     from conftest import run_cli
 
