@@ -406,6 +406,7 @@ def test_cli_trains_every_task_with_the_dial_fields(tmp_path, task, dial):
             rows = list(csv.DictReader(f))
         drawn = {float(x["depth/train_steps"]) for x in rows if x.get("depth/train_steps")}
         assert drawn and drawn <= {1.0, 2.0, 3.0}
+        assert r["nfe"] == 2  # evaluation runs depth.steps, whatever training drew last
     else:
         assert r["depth"]["solver"] == "fixed_point" and r["depth"]["inject"] == "add"
 

@@ -309,6 +309,11 @@ class RecurrentDepth(nn.Module):
         self._drawn_steps = step_count.draw_steps(self.spec, seed, index)
         return self._drawn_steps
 
+    def end_drawn_steps(self) -> None:
+        """``train_steps``: forget the last draw, so ``nfe`` and training-mode forwards after
+        training (the run record, a resumed evaluation) use ``steps`` again."""
+        self._drawn_steps = None
+
     @property
     def steps(self) -> int:
         """The trained (active) number of steps; growth changes it, :meth:`discretised` not."""

@@ -367,6 +367,11 @@ class RandomDepth(L.Callback):
         n = depth.draw_steps(trainer.global_step, self.seed)
         pl_module.log("depth/train_steps", float(n), on_step=True, on_epoch=False, batch_size=1)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        depth = find_depth(pl_module)
+        if depth is not None:
+            depth.end_drawn_steps()  # results.json's nfe is the evaluation's, not the last draw's
+
 
 def _replay_schedulers(trainer) -> None:
     """Bring freshly created LR schedulers to the trainer's current step or epoch."""
