@@ -96,6 +96,7 @@ def test_gpt_compiles_once_for_training_once_for_evaluation(compose, tmp_path):
 def test_gpt_sampling_and_depth_overrides_recompile_only_where_inherent(compose, tmp_path):
     model, datamodule, _ = fit(compose, tmp_path, *GPT_TINY)
     model.eval()
+    depth = model.depth
     x, y = next(iter(datamodule.val_dataloader()))
     torch._dynamo.reset()
     counters.clear()
@@ -114,11 +115,13 @@ def test_gpt_sampling_and_depth_overrides_recompile_only_where_inherent(compose,
         torch._dynamo.reset()
         counters.clear()
         for dt in (0.25, 0.3):
-            model(x, y, dt=dt)
+            with depth.discretised(dt=dt):
+                model(x, y)
         warm = graphs()
         assert warm == 2
         for dt in (0.4, 0.125, 0.7):
-            model(x, y, dt=dt)
+            with depth.discretised(dt=dt):
+                model(x, y)
         assert graphs() == warm
 
         # A new step count or integrator is a new unrolled loop: one graph each (inherent), and
@@ -126,10 +129,12 @@ def test_gpt_sampling_and_depth_overrides_recompile_only_where_inherent(compose,
         torch._dynamo.reset()
         counters.clear()
         for steps in (2, 8, 2, 8):
-            model(x, y, steps=steps)
+            with depth.discretised(steps=steps):
+                model(x, y)
         assert graphs() == 2
         for integrator in ("heun", "rk4", "heun"):
-            model(x, y, integrator=integrator)
+            with depth.discretised(integrator=integrator):
+                model(x, y)
         assert graphs() == 4
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_results, run_cli, train_cli
+from conftest import REPO, cli_env, load_results, run_cli, train_cli
 
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import (
@@ -293,14 +294,16 @@ def test_same_seed_same_numbers_and_resume_continues_the_run(trained_run, tmp_pa
             ]
         return float(rows[0]["val/loss"])
 
-    # The first 20 steps of a shorter run (same seed; warmup lasts 100 steps, so the learning
-    # rates are the same) give the very numbers of the 60-step run.
+    # A 40-step run killed at step 20 (SIGTERM, as a pre-empted job) gives the very numbers of
+    # the 60-step run up to there (same seed; warmup lasts 100 steps, so the learning rates are
+    # the same), and re-running the same command resumes the same training stream to step 40.
     short = tmp_path / "run"
-    proc = train_cli(short, *TINY, "task.max_steps=20")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill = ["+callbacks.kill._target_=sweep_helpers.SigtermAt", "+callbacks.kill.step=20"]
+    env = cli_env(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    proc = train_cli(short, *TINY, "task.max_steps=40", *kill, env=env)
+    assert proc.returncode == 143, proc.stderr[-3000:]
     assert val_at(short, 20) == val_at(trained_run, 20)
-    # Resuming it to 40 steps continues the same training stream from step 20.
-    proc = train_cli(short, *TINY, "task.max_steps=40", "skip_finished=false")
+    proc = train_cli(short, *TINY, "task.max_steps=40", *kill, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout + proc.stderr
     assert val_at(short, 40) == pytest.approx(val_at(trained_run, 40), rel=1e-5)
