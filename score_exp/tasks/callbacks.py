@@ -158,7 +158,9 @@ class LastCheckpoint(Checkpoint):
             return
         if trainer.global_step == 0:
             return  # nothing trained yet
-        trainer.save_checkpoint(self.path, weights_only=False)  # the full training state
+        # Second argument False: save the full training state (optimiser, loops, callbacks), not
+        # only the weights. Loading is always torch.load(weights_only=True): see rundir.
+        trainer.save_checkpoint(self.path, False)
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
