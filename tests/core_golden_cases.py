@@ -2,7 +2,7 @@
 
 Each case builds a :class:`RecurrentDepth` in float64 from seeded blocks, runs it (train-mode
 forward + backward, an evaluation-time re-discretisation, adaptive halting, growth stages, the
-trace) and returns named tensors. ``tests/data/core_golden.pt`` holds what the ORIGINAL core
+trace) and returns named tensors. ``tests/data/core_golden.json`` holds what the ORIGINAL core
 (commit 92c1f43, before the core was split into parts) returned for every case; the test asserts
 that today's core returns the same tensors bit for bit (float64 default dtype). The only thing that differs between the
 two APIs is how an evaluation re-discretises the depth, so that is the ``rediscretise`` argument.
@@ -10,7 +10,9 @@ two APIs is how an evaluation re-discretises the depth, so that is the ``rediscr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,6 +182,12 @@ def pack(tensors: dict[str, Tensor]) -> dict[str, Any]:
     return {"keys": keys, "shapes": [list(tensors[k].shape) for k in keys], "flat": flat}
 
 
+def load_packed(path: Path) -> dict[str, Any]:
+    """The packed reference from its JSON file (Python's float repr round-trips float64 exactly)."""
+    packed = json.loads(path.read_text())
+    return {**packed, "flat": torch.tensor(packed["flat"], dtype=torch.float64)}
+
+
 def unpack(packed: dict[str, Any]) -> dict[str, Tensor]:
     out, i = {}, 0
     for key, shape in zip(packed["keys"], packed["shapes"], strict=True):
@@ -215,9 +223,8 @@ def original_rediscretise(depth: RecurrentDepth, h: Tensor, over: dict[str, Any]
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     torch.set_default_dtype(torch.float64)  # as the test's float64 fixture
-    path = Path(__file__).parent / "data" / "core_golden.pt"
-    torch.save(pack(run_all(original_rediscretise)), path)
+    path = Path(__file__).parent / "data" / "core_golden.json"
+    packed = pack(run_all(original_rediscretise))
+    path.write_text(json.dumps({**packed, "flat": packed["flat"].tolist()}))
     print(f"wrote {path} ({path.stat().st_size} bytes)")

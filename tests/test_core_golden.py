@@ -1,6 +1,6 @@
 """The core against the ORIGINAL core's numbers, bit for bit (see ``core_golden_cases``).
 
-``tests/data/core_golden.pt`` was written by ``tests/core_golden_cases.py`` at commit 92c1f43, before
+``tests/data/core_golden.json`` was written by ``tests/core_golden_cases.py`` at commit 92c1f43, before
 the core was split into parts: forward outputs, gradients of every parameter and of the input,
 traces, re-discretisations, adaptive halting and growth stages of every preset-like spec.
 """
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from core_golden_cases import run_all, unpack
+from core_golden_cases import load_packed, run_all, unpack
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-GOLDEN = Path(__file__).parent / "data" / "core_golden.pt"
+GOLDEN = Path(__file__).parent / "data" / "core_golden.json"
 
 
 def _rediscretise(depth, h, over):
@@ -29,7 +29,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_core_is_bit_identical_to_the_original():
-    ref = unpack(torch.load(GOLDEN, weights_only=True))
+    ref = unpack(load_packed(GOLDEN))
     got = run_all(_rediscretise)
     assert sorted(got) == sorted(ref)
     # Halting now removes finished samples (score_exp.core.halting): the rows still running go
