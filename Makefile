@@ -35,11 +35,14 @@ venv: $(STAMP)  ## create .venv and install the project (pip, torch pinned to 2.
 run: $(STAMP)  ## train the default experiment (MLP on ESOL, depth=score) on CPU
 	$(BIN)/score-train $(ARGS)
 
+# Tests run in TEST_JOBS processes (pytest-xdist; `TEST_JOBS=0` runs them in this one).
+TEST_JOBS ?= auto
+
 test: $(STAMP)  ## run the whole test suite
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) $(ARGS)
 
 test-fast: $(STAMP)  ## tests without the slow (training) ones
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow" $(ARGS)
 
 gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
 	$(BIN)/python -m score_exp.gpu_check $(ARGS)

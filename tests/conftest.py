@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,6 +38,94 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Read when torch (or Python) starts, so a command that sets one of these differently from this
+# process needs a real interpreter; everything else is read at run time (see tests/forkserver.py).
+_IMPORT_TIME_ENV = ("TORCH_", "PYTORCH_", "CUDA_", "NVIDIA_", "PYTHON", "LD_", "MKL_", "KMP_")
+_IMPORT_TIME_OK = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+class _ForkServer:
+    """Client of ``tests/forkserver.py``: one per test process, started on first use."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.ready = False
+
+    def usable(self, env: dict[str, str]) -> bool:
+        if os.environ.get("SCORE_TEST_FORKSERVER", "1") == "0":
+            return False
+        keys = set(env) | set(self.env or cli_env())
+        base = self.env or cli_env()
+        for k in keys:
+            if (
+                env.get(k) != base.get(k)
+                and k.startswith(_IMPORT_TIME_ENV)
+                and k not in _IMPORT_TIME_OK
+            ):
+                return False
+        return True
+
+    def start(self) -> None:
+        """Start the server without waiting for its imports (they overlap with other tests)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.env, self.ready = cli_env(), False
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("forkserver.py"))],
+                cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+
+    def _server(self) -> subprocess.Popen:
+        self.start()
+        if not self.ready:
+            ready = self.proc.stdout.readline()
+            assert ready.startswith('{"ready"'), f"fork server did not start: {ready!r}"
+            self.ready = True
+        return self.proc
+
+    def run(self, module, args, cwd, env, timeout) -> subprocess.CompletedProcess:
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            proc = self._server()
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            req = {"module": module, "args": list(args), "cwd": str(cwd), "env": env,
+                   "stdout": str(out), "stderr": str(err)}  # fmt: skip
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            pid = json.loads(proc.stdout.readline())["pid"]
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            if not ready:  # the child overran: kill it, as subprocess.run would
+                os.kill(pid, signal.SIGKILL)
+                proc.stdout.readline()
+                raise subprocess.TimeoutExpired(
+                    [module, *args], timeout, out.read_text(), err.read_text()
+                )
+            status = json.loads(proc.stdout.readline())["status"]
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            read = lambda p: p.read_bytes().decode(errors="replace") if p.exists() else ""  # noqa: E731
+            return subprocess.CompletedProcess(
+                [sys.executable, "-m", module, *args], code, read(out), read(err)
+            )
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+_FORK_SERVER = _ForkServer()
+atexit.register(_FORK_SERVER.close)
+
+
+def pytest_collection_finish(session) -> None:
+    """Start the fork server early when a collected test runs a command."""
+    files = {Path(str(item.fspath)) for item in session.items}
+    if os.environ.get("SCORE_TEST_FORKSERVER", "1") != "0" and any(
+        "_cli(" in f.read_text() for f in files if f.suffix == ".py"
+    ):
+        _FORK_SERVER.start()
+
+
 def run_cli(
     *args: str,
     module: str = "score_exp.train",
@@ -40,11 +133,18 @@ def run_cli(
     timeout: float = 900,
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> args...`` as a user would (a fresh process, the real configs)."""
+    """Run ``python -m <module> args...`` as a user would (a fresh process, the real configs).
+
+    The process is forked from a server that has the heavy packages imported (tests/forkserver.py);
+    ``SCORE_TEST_FORKSERVER=0`` runs every command in a new interpreter instead.
+    """
+    env = env or cli_env()
+    if _FORK_SERVER.usable(env):
+        return _FORK_SERVER.run(module, args, cwd or REPO, env, timeout)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd or REPO,
-        env=env or cli_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -213,6 +213,7 @@ def _closed_loopback_port() -> int:
         return s.getsockname()[1]  # closed again on exit: connections are refused
 
 
+@pytest.mark.slow  # waits out W&B's bounded start in a real interpreter (about 15 s)
 def test_wandb_without_network_falls_back_to_offline_once(tmp_path):
     """An API key but no W&B server: the run starts offline within the bound and ends ok.
 

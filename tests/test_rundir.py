@@ -359,6 +359,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow  # a real interpreter (file-size limit) training 2 epochs
 def test_full_disk_is_one_line_and_leaves_no_partial_checkpoint(finished, tmp_path):
     # A 128 kB limit on every file this process writes: the 1.4 MB checkpoints cannot be
     # written (the kernel fails the write half-way), the small files can. `finished` built the
@@ -382,6 +383,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_checkpoint(finished, tmp_pa
 # ----------------------------------------------------------------------------- 10. divergence
 
 
+@pytest.mark.slow  # two runs of up to 20 epochs
 def test_a_finite_but_exploding_run_is_recorded_as_diverged(tmp_path):
     bad = ["task.module.lr=1e3", "trainer.max_epochs=20", "task.model.hidden=32"]
     out = train_cli(tmp_path / "div", *bad)

@@ -1,0 +1,135 @@
+"""A fork server for the CLI tests: ``python -m <module> args...`` without paying the imports each time.
+
+Every CLI test runs a command in a fresh process, and most of a short command's time is importing
+torch, Lightning, Hydra, PyG and RDKit (about 5 s on 2 cores). This server imports them once and
+then, per request, forks a child that is set up as ``python -m module args`` would be (argv, cwd,
+environment, stdin/stdout/stderr, signal dispositions, ``__main__``), runs the module with
+``runpy``, shuts down as the interpreter would (non-daemon threads joined, atexit handlers run) and
+exits with the same status. The tests see the same process boundary, exit codes and output.
+
+Only what is read at import time cannot follow a request's environment; ``conftest.run_cli`` falls
+back to a real subprocess when such a variable (e.g. ``TORCH_LOGS``) differs. ``OMP_NUM_THREADS`` is
+applied with ``torch.set_num_threads`` and new ``PYTHONPATH`` entries are put on ``sys.path``.
+
+Protocol (one JSON object per line): the client sends ``{module, args, cwd, env, stdout, stderr}``;
+the server answers ``{"pid": N}`` once forked and ``{"pid": N, "status": S}`` (``os.waitpid``'s) when
+the child is gone. The server never runs a command itself, so it holds no state a child could see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+
+# Everything a command imports anyway; nothing here starts a thread or touches a device.
+PRELOAD = (
+    "torch",
+    "lightning",
+    "hydra",
+    "omegaconf",
+    "torch_geometric",
+    "rdkit.Chem",
+    "scipy.stats",
+    "score_exp.train",
+    "score_exp.eval",
+    "score_exp.sample",
+    "score_exp.bench",
+    "score_exp.tune",
+    "score_exp.report",
+    "score_exp.gpu_check",
+    "score_exp.tasks.molecules",
+    "score_exp.tasks.lm",
+)
+
+
+def _child(req: dict) -> None:
+    """Become ``python -m req['module'] *req['args']`` and never return."""
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, fd)
+            os.close(out)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        for entry in reversed([p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+        import runpy
+
+        sys.argv = [req["module"], *req["args"]]  # runpy sets argv[0] to the module's file
+        # `python -m` executes a module that nothing has imported yet (runpy warns otherwise); its
+        # dependencies stay imported, which is the time saved.
+        sys.modules.pop(req["module"], None)
+        try:
+            runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            if e.code is None:
+                code = 0
+            elif isinstance(e.code, int):
+                code = e.code
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:  # an uncaught exception, printed as the interpreter would
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        # The interpreter's shutdown: wait for non-daemon threads, then atexit handlers.
+        import threading
+
+        threading._shutdown()  # type: ignore[attr-defined]
+        import atexit
+
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code & 0xFF)
+
+
+def main() -> None:
+    import importlib
+    import logging
+
+    # Lightning decides at import whether its loggers propagate (only if the root logger has a
+    # handler then; otherwise it adds its own and stops propagating). The doors import it after
+    # Hydra has set up logging, so they see the first case: preload it under a placeholder handler.
+    placeholder = logging.NullHandler()
+    logging.getLogger().addHandler(placeholder)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    logging.getLogger().removeHandler(placeholder)
+    sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(req)
+        sys.stdout.write(json.dumps({"pid": pid}) + "\n")
+        sys.stdout.flush()
+        _, status = os.waitpid(pid, 0)
+        sys.stdout.write(json.dumps({"pid": pid, "status": status}) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
