@@ -3,6 +3,7 @@
     score-bench --task shakespeare_char_cpu --depth stacked score --integrator euler heun rk4
     score-bench --task esol_mlp --depth score --lightning --json bench.json
     score-bench --task shakespeare_char_cpu --depth score --checkpoint-memory
+    score-bench --task shakespeare_char_cpu --depth score --variant ancre depth.connect=ancre
 
 For every (depth preset, integrator) the model is built exactly as ``score-train`` builds it
 (:func:`score_exp.run.build` on the real configs plus ``--override``), then one fixed training
@@ -12,7 +13,8 @@ per-step scheduler step) ``--warmup`` times untimed and ``--repeats`` x ``--step
 times timed (``score_exp/bench_measure.py``; the tables: ``score_exp/bench_report.py``).
 Reported: median and min/max step time over the repeats, throughput (tokens/s for language models,
 molecules/s for ESOL), peak memory, parameters and NFE, then ratios between variants that differ
-in one setting only (heun/euler within a preset, score/stacked within an integrator).
+in one setting only (heun/euler within a preset, score/stacked within an integrator, a
+``--variant`` over the same preset and integrator without its overrides).
 
 Each variant runs in a fresh subprocess so its peak memory is its own; then all variants are
 built in one more process and timed in round-robin blocks (``interleaved``), and the ratios use
@@ -79,37 +81,43 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
+    named = _named_variants(getattr(args, "variant", None))
     if args.checkpoint_memory:
         grid = [
-            (args.depth[0], args.integrator[0], [f"depth.steps={s}", f"depth.checkpoint={c}"])
+            (args.depth[0], args.integrator[0], "", [f"depth.steps={s}", f"depth.checkpoint={c}"])
             for s in args.checkpoint_steps
             for c in ("false", "true")
         ]
     else:
-        grid = [(p, i, []) for p in args.depth for i in args.integrator]
+        grid = [(p, i, n, o) for p in args.depth for i in args.integrator for n, o in named]
     variants, notes = [], []
-    for preset, integrator, extra in grid:
+    for preset, integrator, name, extra in grid:
         overrides = [f"depth={preset}", f"depth.integrator={integrator}", *args.override, *extra]
         cfg = compose(args.task, overrides)  # ConfigError: bad syntax, unknown key or option
         try:
             spec = run.depth_spec(cfg)
         except ConfigError as e:
-            notes.append(f"skipped {preset}+{integrator}: {e}")
+            notes.append(f"skipped {preset}+{integrator}{'+' + name if name else ''}: {e}")
             continue
         if args.checkpoint_memory and not spec.share:
             raise ConfigError(
                 f"--checkpoint-memory measures a shared model; depth={preset} has share=false"
             )
-        label = f"{preset}+{integrator}" + (
-            f" steps={spec.steps} ckpt={str(spec.checkpoint).lower()}"
-            if args.checkpoint_memory
-            else ""
+        label = (
+            f"{preset}+{integrator}"
+            + (f"+{name}" if name else "")
+            + (
+                f" steps={spec.steps} ckpt={str(spec.checkpoint).lower()}"
+                if args.checkpoint_memory
+                else ""
+            )
         )
         variants.append(
             {
                 "label": label,
                 "preset": preset,
                 "integrator": integrator,
+                "variant": name or "base",
                 "steps": spec.steps,
                 "checkpoint": spec.checkpoint,
                 "overrides": overrides + _no_step_scheduler(cfg),
@@ -118,6 +126,24 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     if not variants:
         raise ConfigError("no valid (depth, integrator) combination: " + "; ".join(notes))
     return variants, notes
+
+
+def _named_variants(given: list[list[str]] | None) -> list[tuple[str, list[str]]]:
+    """``--variant NAME K=V ...`` options -> [("", []), (NAME, [K=V, ...]), ...].
+
+    The unnamed base (no extra overrides) always comes first: it is what ratios compare against.
+    """
+    out: list[tuple[str, list[str]]] = [("", [])]
+    for v in given or []:
+        name, *overrides = v
+        if "=" in name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"--variant takes a NAME first, then overrides; got {name!r}")
+        if name in {n for n, _ in out} or name == "base":
+            raise ConfigError(f"--variant {name!r} is given twice (or is the reserved 'base')")
+        if not overrides or any("=" not in o for o in overrides):
+            raise ConfigError(f"--variant {name} needs overrides k=v after its name")
+        out.append((name, overrides))
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -174,6 +200,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-repeat", type=int, default=10)
     p.add_argument(
         "--override", nargs="+", action="extend", default=[], help="Hydra overrides (k=v)"
+    )
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        metavar=("NAME", "K=V"),
+        help="another variant of every preset: NAME then overrides (repeatable); "
+        "ratios compare it with the preset without them",
     )
     p.add_argument("--lightning", action="store_true", help="also time through Trainer.fit")
     p.add_argument(

@@ -14,25 +14,26 @@ def ratios(results: list[dict]) -> list[dict]:
     With presets (stacked, score) and integrators (euler, heun, rk4): heun/euler and rk4/euler
     within each preset, score/stacked within each integrator; the NFE ratio sits beside each.
     """
-    by_key = {(r["preset"], r["integrator"], r["steps"], r["checkpoint"]): r for r in results}
-    first = {"preset": results[0]["preset"], "integrator": results[0]["integrator"]}
+    dims = ("integrator", "preset", "variant")
+    key = lambda r: (*(r.get(d, "base") for d in dims), r["steps"], r["checkpoint"])  # noqa: E731
+    by_key = {key(r): r for r in results}
+    first = {d: results[0].get(d, "base") for d in dims}
     out = []
     for r in results:
-        for dim in ("integrator", "preset"):
-            if r[dim] == first[dim]:
+        for dim in dims:
+            if r.get(dim, "base") == first[dim]:
                 continue
-            key = (
-                first["preset"] if dim == "preset" else r["preset"],
-                first["integrator"] if dim == "integrator" else r["integrator"],
-                r["steps"],
-                r["checkpoint"],
-            )
-            ref = by_key.get(key)
+            # The same in every other setting, at the first value of this one (a --variant may
+            # change the step count: it is compared with its base whatever the counts).
+            at = tuple(first[d] if d == dim else r.get(d, "base") for d in dims)
+            ref = by_key.get(at + (r["steps"], r["checkpoint"]))
+            if dim == "variant":
+                ref = next((q for q in results if key(q)[:3] == at), None)
             if ref is None:
                 continue
             out.append(
                 {
-                    "name": f"{r[dim]}/{ref[dim]}",
+                    "name": f"{r.get(dim, 'base')}/{ref.get(dim, 'base')}",
                     "at": f"{dim}s compared at "
                     + (f"depth={r['preset']}" if dim == "integrator" else r["integrator"]),
                     "of": r["label"],

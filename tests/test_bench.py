@@ -113,3 +113,57 @@ def test_invalid_combinations_are_skipped_with_a_note():
     variants, notes = plan(args)
     assert [v["label"] for v in variants] == ["stacked_plain+euler", "score+euler", "score+heun"]
     assert len(notes) == 1 and "stacked_plain+heun" in notes[0]
+
+
+def test_a_named_variant_is_measured_beside_its_base_and_compared_with_it():
+    from argparse import Namespace
+
+    from score_exp.bench import plan
+    from score_exp.bench_report import ratios
+
+    args = Namespace(
+        task="esol_mlp", depth=["score"], integrator=["euler"], override=[], repeats=1,
+        warmup=1, steps_per_repeat=1, checkpoint_memory=False, checkpoint_steps=[4, 8],
+        variant=[["ancre", "depth.connect=ancre"], ["deep", "depth.steps=8"]],
+    )  # fmt: skip
+    variants, notes = plan(args)
+    assert [v["label"] for v in variants] == [
+        "score+euler",
+        "score+euler+ancre",
+        "score+euler+deep",
+    ]
+    assert "depth.connect=ancre" in variants[1]["overrides"] and not notes
+    assert [v["steps"] for v in variants] == [4, 4, 8]
+    fake = [{**v, "step_s": [t], "step_s_median": t, "nfe": v["steps"], "params": 1}
+            for v, t in zip(variants, (1.0, 1.5, 2.0), strict=True)]  # fmt: skip
+    got = {(q["name"], q["of"]): (q["step_time"], q["nfe"]) for q in ratios(fake)}
+    assert got == {
+        ("ancre/base", "score+euler+ancre"): (1.5, 1.0),
+        ("deep/base", "score+euler+deep"): (2.0, 2.0),
+    }
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        (["depth.connect=ancre"], "takes a NAME first"),
+        (["ancre"], "needs overrides k=v"),
+        (["base", "depth.steps=2"], "reserved 'base'"),
+        (["ancre", "depth.connect=nope"], "unknown connect 'nope'"),
+    ],
+)
+def test_a_bad_variant_is_one_error_before_measuring(variant, message):
+    from argparse import Namespace
+
+    from score_exp.bench import plan
+    from score_exp.errors import ConfigError
+
+    args = Namespace(
+        task="esol_mlp", depth=["score"], integrator=["euler"], override=[], repeats=1,
+        warmup=1, steps_per_repeat=1, checkpoint_memory=False, checkpoint_steps=[4, 8],
+        variant=[variant],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        variants, notes = plan(args)
+        if notes:  # a combination the depth rules reject is skipped with a note
+            raise ConfigError(notes[0])
