@@ -1,0 +1,81 @@
+"""Tables of ``scripts/measure_depth_dial.sh``'s runs: mean +- std over seeds per scheme.
+
+    python scripts/dial_tables.py [multirun/dial]
+
+Reads only run folders (results.json, eval.csv) and bench JSON (outputs/dial/*.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics as st
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def _ms(xs: list[float]) -> str:
+    return f"{st.mean(xs):.4f} ± {st.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def runs(root: Path) -> None:
+    """Test metric, epochs, wall time and evaluations per scheme (one folder per scheme)."""
+    print(f"{'scheme':<28}{'n':>3}{'test metric':>22}{'epochs':>8}{'wall s':>8}{'nfe spent':>11}")
+    for scheme in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        rows = [json.loads(f.read_text()) for f in scheme.glob("*/results.json")]
+        rows = [r for r in rows if r.get("status") == "ok"]
+        if not rows:
+            continue
+        metric = [next(iter(r["test"].values())) for r in rows]
+        spent = []
+        for f in scheme.glob("*/eval.csv"):
+            first = next(csv.DictReader(f.open()), None)  # the run's own setting comes first
+            if first and first.get("nfe_spent"):
+                spent.append(float(first["nfe_spent"]))
+        print(
+            f"{str(scheme.relative_to(root)):<28}{len(rows):>3}{_ms(metric):>22}"
+            f"{st.mean(r.get('epochs_timed', 0) for r in rows):>8.1f}"
+            f"{st.mean(r['wall_time_s'] for r in rows):>8.0f}"
+            f"{(f'{st.mean(spent):.2f}' if spent else '-'):>11}"
+        )
+
+
+def dial(root: Path) -> None:
+    """Metric at 1x, 2x, 4x the trained steps (dt fixed) per training scheme."""
+    for scheme in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        by_steps: dict[int, list[float]] = defaultdict(list)
+        for f in scheme.glob("*/eval.csv"):
+            for r in csv.DictReader(f.open()):
+                if r["keep_horizon"] == "False" and not r["adaptive_eps"]:
+                    metric = next(k for k in r if k.startswith("test/") or k.startswith("val/"))
+                    by_steps[int(r["steps"])].append(float(r[metric]))
+        if len(by_steps) > 1:
+            cells = "  ".join(
+                f"{k} steps: {_ms(v)} (n={len(v)})" for k, v in sorted(by_steps.items())
+            )
+            print(f"{str(scheme.relative_to(root)):<28}{cells}")
+
+
+def bench(path: Path) -> None:
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    print(f"\n{path}:")
+    for v in data["variants"]:
+        inter = v.get("interleaved", {}).get("step_s_median")
+        print(
+            f"  {v['label']:<30} train MB {v['train_mem_mb'] or 0:8.1f}  step ms "
+            f"{1e3 * v['step_s_median']:8.2f}  interleaved ms {1e3 * inter if inter else 0:8.2f}"
+        )
+    for q in data["ratios"]:
+        print(f"  {q['name']:<18} {q['of']:<30} step time {q['step_time']:.3f}")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "multirun/dial")
+    runs(root)
+    print()
+    dial(root)
+    for name in ("ancre", "fp_memory"):
+        bench(Path("outputs/dial") / f"{name}.json")

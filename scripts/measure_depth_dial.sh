@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The "depth as a dial" measurements on a 2-core CPU (issue 12): each part is a plain CLI command,
+# so any figure in the README can be re-made. Parts: ancre | fp_memory | fixed_point | equal_time |
+# gpt_dial | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
+# JSON to outputs/dial/. Benchmarks (ancre, fp_memory) need a quiet machine.
+#
+#   scripts/measure_depth_dial.sh ancre fp_memory
+#   scripts/measure_depth_dial.sh fixed_point equal_time gpt_dial
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+JOBS=${JOBS:-2}
+SWEEP=(hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS" trainer.enable_progress_bar=false)
+mkdir -p outputs/dial
+
+part_ancre() {  # ANCRe's cost over the chain, interleaved in one process (nanoGPT CPU preset)
+  $BIN/score-bench --task shakespeare_char_cpu --depth score --repeats 9 --warmup 5 \
+    --steps-per-repeat 10 --variant softmax depth.connect=ancre \
+    --variant residual depth.connect=ancre depth.ancre_param=residual --json outputs/dial/ancre.json
+}
+
+part_fp_memory() {  # training memory of the fixed-point solver against its iterations (tol 0:
+  # every iteration runs), beside unrolled SCORE at the same counts
+  $BIN/score-bench --task shakespeare_char_cpu --depth score --repeats 2 --warmup 1 \
+    --steps-per-repeat 2 --override depth.inject=add \
+    --variant fp4 depth.solver=fixed_point depth.solver_tol=0 depth.solver_max_iter=4 \
+    --variant fp16 depth.solver=fixed_point depth.solver_tol=0 depth.solver_max_iter=16 \
+    --variant fp32 depth.solver=fixed_point depth.solver_tol=0 depth.solver_max_iter=32 \
+    --variant unroll16 depth.steps=16 --variant unroll32 depth.steps=32 \
+    --json outputs/dial/fp_memory.json
+}
+
+part_fixed_point() {  # metric of the fixed-point solver (at most 8 evaluations + the gradient
+  # step) against unrolled SCORE at 4 and 8 steps, same budget as paper_esol_gnn_cpu / _shakespeare_cpu
+  OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 \
+    depth.inject=add depth.solver=fixed_point depth.solver_max_iter=8 seed=0,1,2 "${SWEEP[@]}" \
+    hydra.sweep.dir=multirun/dial/fixed_point/gnn_fp
+  OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 \
+    depth.steps=8 seed=0,1,2 "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/fixed_point/gnn_unroll8
+  OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 \
+    seed=0,1,2 "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/fixed_point/gnn_unroll4
+  for d in multirun/dial/fixed_point/gnn_fp/*/; do  # the evaluations actually spent
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "run_dir='${d%/}'"; fi
+  done
+}
+
+part_equal_time() {  # random-depth training against fixed 4-step SCORE for the same wall time
+  local budget=(task.max_epochs=10000 task.early_stopping_patience=10000 +trainer.max_time=00:00:02:00)
+  OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 seed=0,1,2 \
+    "${budget[@]}" "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/equal_time/fixed
+  OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 seed=0,1,2 \
+    depth.inject=add "depth.train_steps='uniform:2,8'" "${budget[@]}" "${SWEEP[@]}" \
+    hydra.sweep.dir=multirun/dial/equal_time/random
+  for d in multirun/dial/equal_time/*/*/; do
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "run_dir='${d%/}'" depth.steps=4,8,16 depth.keep_horizon=false; fi
+  done
+}
+
+part_gpt_dial() {  # nanoGPT CPU preset, fixed vs random depth, then 1x / 2x / 4x the steps
+  OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
+    "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/gpt/fixed
+  OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
+    depth.inject=add "depth.train_steps='uniform:2,8'" "${SWEEP[@]}" \
+    hydra.sweep.dir=multirun/dial/gpt/random
+  for d in multirun/dial/gpt/*/*/; do
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "run_dir='${d%/}'" depth.steps=4,8,16 depth.keep_horizon=false; fi
+  done
+}
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|equal_time|gpt_dial|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(ancre fp_memory fixed_point equal_time gpt_dial)
+for p in "${parts[@]}"; do
+  echo "== $p ($(date +%T))"
+  "part_$p"
+done
