@@ -27,7 +27,8 @@ def runs(root: Path) -> None:
         rows = [r for r in rows if r.get("status") == "ok"]
         if not rows:
             continue
-        metric = [next(iter(r["test"].values())) for r in rows]
+        # The headline: RMSE for ESOL, loss for the language model.
+        metric = [r["test"].get("rmse", r["test"]["loss"]) for r in rows]
         spent = []
         for f in scheme.glob("*/eval.csv"):
             first = next(csv.DictReader(f.open()), None)  # the run's own setting comes first
@@ -48,7 +49,7 @@ def dial(root: Path) -> None:
         for f in scheme.glob("*/eval.csv"):
             for r in csv.DictReader(f.open()):
                 if r["keep_horizon"] == "False" and not r["adaptive_eps"]:
-                    metric = next(k for k in r if k.startswith("test/") or k.startswith("val/"))
+                    metric = "test/rmse" if "test/rmse" in r else "val/loss"
                     by_steps[int(r["steps"])].append(float(r[metric]))
         if len(by_steps) > 1:
             cells = "  ".join(

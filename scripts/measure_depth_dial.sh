@@ -19,13 +19,13 @@ part_ancre() {  # ANCRe's cost over the chain, interleaved in one process (nanoG
     --variant residual depth.connect=ancre depth.ancre_param=residual --json outputs/dial/ancre.json
 }
 
-part_fp_memory() {  # training memory of the fixed-point solver against its iterations (tol 0:
+part_fp_memory() {  # training memory of the fixed-point solver against its iterations (tol 1e-12:
   # every iteration runs), beside unrolled SCORE at the same counts
   $BIN/score-bench --task shakespeare_char_cpu --depth score --repeats 2 --warmup 1 \
     --steps-per-repeat 2 --override depth.inject=add \
-    --variant fp4 depth.solver=fixed_point depth.solver_tol=0 depth.solver_max_iter=4 \
-    --variant fp16 depth.solver=fixed_point depth.solver_tol=0 depth.solver_max_iter=16 \
-    --variant fp32 depth.solver=fixed_point depth.solver_tol=0 depth.solver_max_iter=32 \
+    --variant fp4 depth.solver=fixed_point depth.solver_tol=1e-12 depth.solver_max_iter=4 \
+    --variant fp16 depth.solver=fixed_point depth.solver_tol=1e-12 depth.solver_max_iter=16 \
+    --variant fp32 depth.solver=fixed_point depth.solver_tol=1e-12 depth.solver_max_iter=32 \
     --variant unroll16 depth.steps=16 --variant unroll32 depth.steps=32 \
     --json outputs/dial/fp_memory.json
 }
