@@ -58,6 +58,30 @@ def dial(root: Path) -> None:
             print(f"{str(scheme.relative_to(root)):<28}{cells}")
 
 
+def paired(root: Path, part: str, a: str, b: str) -> None:
+    """Per-seed difference b - a of the headline test metric (same seed = same split), 95% t CI."""
+    from scipy import stats
+
+    def by_seed(scheme: str) -> dict[int, float]:
+        out = {}
+        for f in (root / part / scheme).glob("*/results.json"):
+            r = json.loads(f.read_text())
+            if r.get("status") == "ok":
+                out[r["seed"]] = r["test"].get("rmse", r["test"].get("loss"))
+        return out
+
+    xa, xb = by_seed(a), by_seed(b)
+    d = [xb[k] - xa[k] for k in sorted(set(xa) & set(xb))]
+    if len(d) < 2:
+        return
+    m, se = st.mean(d), st.stdev(d) / len(d) ** 0.5
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=m, scale=se) if se > 0 else (m, m)
+    p = stats.ttest_1samp(d, 0.0).pvalue if se > 0 else float("nan")
+    print(
+        f"{part}: {b} - {a} = {m:+.4f} [{lo:+.4f}, {hi:+.4f}] (paired t p = {p:.3g}, n = {len(d)})"
+    )
+
+
 def bench(path: Path) -> None:
     if not path.exists():
         return
@@ -78,5 +102,10 @@ if __name__ == "__main__":
     runs(root)
     print()
     dial(root)
+    print()
+    paired(root, "equal_time", "fixed", "random")
+    paired(root, "fixed_point", "gnn_unroll4", "gnn_fp")
+    paired(root, "fixed_point", "gnn_unroll8", "gnn_fp")
+    paired(root, "gpt", "fixed", "random")
     for name in ("ancre", "fp_memory"):
         bench(Path("outputs/dial") / f"{name}.json")

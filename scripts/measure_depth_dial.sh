@@ -40,7 +40,7 @@ part_fixed_point() {  # metric of the fixed-point solver (at most 8 evaluations 
   OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 \
     seed=0,1,2 "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/fixed_point/gnn_unroll4
   for d in multirun/dial/fixed_point/gnn_fp/*/; do  # the evaluations actually spent
-    if [ -f "$d/results.json" ]; then $BIN/score-eval "run_dir='${d%/}'"; fi
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")"; fi
   done
 }
 
@@ -52,7 +52,7 @@ part_equal_time() {  # random-depth training against fixed 4-step SCORE for the 
     depth.inject=add "depth.train_steps='uniform:2,8'" "${budget[@]}" "${SWEEP[@]}" \
     hydra.sweep.dir=multirun/dial/equal_time/random
   for d in multirun/dial/equal_time/*/*/; do
-    if [ -f "$d/results.json" ]; then $BIN/score-eval "run_dir='${d%/}'" depth.steps=4,8,16 depth.keep_horizon=false; fi
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")" depth.steps=4,8,16 depth.keep_horizon=false; fi
   done
 }
 
@@ -63,9 +63,13 @@ part_gpt_dial() {  # nanoGPT CPU preset, fixed vs random depth, then 1x / 2x / 4
     depth.inject=add "depth.train_steps='uniform:2,8'" "${SWEEP[@]}" \
     hydra.sweep.dir=multirun/dial/gpt/random
   for d in multirun/dial/gpt/*/*/; do
-    if [ -f "$d/results.json" ]; then $BIN/score-eval "run_dir='${d%/}'" depth.steps=4,8,16 depth.keep_horizon=false; fi
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")" depth.steps=4,8,16 depth.keep_horizon=false; fi
   done
 }
+
+# A run folder as a score-eval override: quoted for Hydra, its own quotes escaped (folders of
+# runs with "depth.train_steps='uniform:2,8'" hold them).
+run_dir() { local d=${1%/}; printf "run_dir='%s'" "${d//\'/\\\'}"; }
 
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|equal_time|gpt_dial|all ..."; exit 2; }
