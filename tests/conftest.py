@@ -5,8 +5,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -89,18 +87,16 @@ class _ForkServer:
             proc = self._server()
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             req = {"module": module, "args": list(args), "cwd": str(cwd), "env": env,
-                   "stdout": str(out), "stderr": str(err)}  # fmt: skip
+                   "stdout": str(out), "stderr": str(err), "timeout": timeout}  # fmt: skip
             proc.stdin.write(json.dumps(req) + "\n")
             proc.stdin.flush()
-            pid = json.loads(proc.stdout.readline())["pid"]
-            ready, _, _ = select.select([proc.stdout], [], [], timeout)
-            if not ready:  # the child overran: kill it, as subprocess.run would
-                os.kill(pid, signal.SIGKILL)
-                proc.stdout.readline()
+            json.loads(proc.stdout.readline())  # forked
+            reply = json.loads(proc.stdout.readline())  # gone (killed past the timeout)
+            status = reply["status"]
+            if reply["timed_out"]:  # as subprocess.run reports an overrun
                 raise subprocess.TimeoutExpired(
                     [module, *args], timeout, out.read_text(), err.read_text()
                 )
-            status = json.loads(proc.stdout.readline())["status"]
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             read = lambda p: p.read_bytes().decode(errors="replace") if p.exists() else ""  # noqa: E731
             return subprocess.CompletedProcess(

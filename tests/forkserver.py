@@ -11,9 +11,9 @@ Only what is read at import time cannot follow a request's environment; ``confte
 back to a real subprocess when such a variable (e.g. ``TORCH_LOGS``) differs. ``OMP_NUM_THREADS`` is
 applied with ``torch.set_num_threads`` and new ``PYTHONPATH`` entries are put on ``sys.path``.
 
-Protocol (one JSON object per line): the client sends ``{module, args, cwd, env, stdout, stderr}``;
-the server answers ``{"pid": N}`` once forked and ``{"pid": N, "status": S}`` (``os.waitpid``'s) when
-the child is gone. The server never runs a command itself, so it holds no state a child could see.
+Protocol (one JSON object per line): the client sends ``{module, args, cwd, env, stdout, stderr,
+timeout}``; the server answers ``{"pid": N}`` once forked and ``{"pid": N, "status": S, "timed_out":
+B}`` (``os.waitpid``'s status) when the child is gone; past ``timeout`` seconds it kills the child. The server never runs a command itself, so it holds no state a child could see.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 # Everything a command imports anyway; nothing here starts a thread or touches a device.
 PRELOAD = (
@@ -126,8 +127,18 @@ def main() -> None:
             _child(req)
         sys.stdout.write(json.dumps({"pid": pid}) + "\n")
         sys.stdout.flush()
-        _, status = os.waitpid(pid, 0)
-        sys.stdout.write(json.dumps({"pid": pid, "status": status}) + "\n")
+        # Wait here, not in the client: only the parent can kill a child it has not yet reaped
+        # without the risk of hitting a recycled pid.
+        deadline, timed_out = time.monotonic() + float(req["timeout"]), False
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if not timed_out and time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                timed_out = True
+            time.sleep(0.01)
+        sys.stdout.write(json.dumps({"pid": pid, "status": status, "timed_out": timed_out}) + "\n")
         sys.stdout.flush()
 
 
