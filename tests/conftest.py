@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 
+import forkserver
 import pytest
 
 from score_exp.run import CONFIG_DIR as _CONFIG_DIR
@@ -36,86 +34,20 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-# Read when torch (or Python) starts, so a command that sets one of these differently from this
-# process needs a real interpreter; everything else is read at run time (see tests/forkserver.py).
-_IMPORT_TIME_ENV = ("TORCH_", "PYTORCH_", "CUDA_", "NVIDIA_", "PYTHON", "LD_", "MKL_", "KMP_")
-_IMPORT_TIME_OK = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+# One per test process, whichever way this file is imported (pytest loads it as a conftest, the
+# tests import it again by name): the client lives in tests/forkserver.py.
+_FORK_SERVER = forkserver.client(cli_env)
 
 
-class _ForkServer:
-    """Client of ``tests/forkserver.py``: one per test process, started on first use."""
+def pytest_configure(config) -> None:
+    """Start the fork server now, so that its imports overlap with collection.
 
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}
-        self.lock = threading.Lock()
-        self.ready = False
-
-    def usable(self, env: dict[str, str]) -> bool:
-        if os.environ.get("SCORE_TEST_FORKSERVER", "1") == "0":
-            return False
-        keys = set(env) | set(self.env or cli_env())
-        base = self.env or cli_env()
-        for k in keys:
-            if (
-                env.get(k) != base.get(k)
-                and k.startswith(_IMPORT_TIME_ENV)
-                and k not in _IMPORT_TIME_OK
-            ):
-                return False
-        return True
-
-    def start(self) -> None:
-        """Start the server without waiting for its imports (they overlap with other tests)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.env, self.ready = cli_env(), False
-            self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("forkserver.py"))],
-                cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-
-    def _server(self) -> subprocess.Popen:
-        self.start()
-        if not self.ready:
-            ready = self.proc.stdout.readline()
-            assert ready.startswith('{"ready"'), f"fork server did not start: {ready!r}"
-            self.ready = True
-        return self.proc
-
-    def run(self, module, args, cwd, env, timeout) -> subprocess.CompletedProcess:
-        with self.lock, tempfile.TemporaryDirectory() as tmp:
-            proc = self._server()
-            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            req = {"module": module, "args": list(args), "cwd": str(cwd), "env": env,
-                   "stdout": str(out), "stderr": str(err), "timeout": timeout}  # fmt: skip
-            proc.stdin.write(json.dumps(req) + "\n")
-            proc.stdin.flush()
-            json.loads(proc.stdout.readline())  # forked
-            reply = json.loads(proc.stdout.readline())  # gone (killed past the timeout)
-            status = reply["status"]
-            if reply["timed_out"]:  # as subprocess.run reports an overrun
-                raise subprocess.TimeoutExpired(
-                    [module, *args], timeout, out.read_text(), err.read_text()
-                )
-            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            read = lambda p: p.read_bytes().decode(errors="replace") if p.exists() else ""  # noqa: E731
-            return subprocess.CompletedProcess(
-                [sys.executable, "-m", module, *args], code, read(out), read(err)
-            )
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-
-
-_FORK_SERVER = _ForkServer()
-atexit.register(_FORK_SERVER.close)
-
-
-def pytest_collection_finish(session) -> None:
-    """Start the fork server early when a collected test runs a command."""
-    files = {Path(str(item.fspath)) for item in session.items}
+    Not for a run that selects only test files that run no command (``tests/test_core.py``...).
+    """
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # the pytest-xdist controller runs no test: its workers start their own
+    paths = [Path(a.split("::")[0]) for a in config.args]
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("test_*.py"))]
     if os.environ.get("SCORE_TEST_FORKSERVER", "1") != "0" and any(
         "_cli(" in f.read_text() for f in files if f.suffix == ".py"
     ):

@@ -18,12 +18,17 @@ B}`` (``os.waitpid``'s status) when the child is gone; past ``timeout`` seconds 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 # Everything a command imports anyway; nothing here starts a thread or touches a device.
 PRELOAD = (
@@ -140,6 +145,95 @@ def main() -> None:
             time.sleep(0.01)
         sys.stdout.write(json.dumps({"pid": pid, "status": status, "timed_out": timed_out}) + "\n")
         sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- the client
+
+# Read when torch (or Python) starts, so a command that sets one of these differently from this
+# process needs a real interpreter; everything else is read at run time (see tests/forkserver.py).
+_IMPORT_TIME_ENV = ("TORCH_", "PYTORCH_", "CUDA_", "NVIDIA_", "PYTHON", "LD_", "MKL_", "KMP_")
+_IMPORT_TIME_OK = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+class Client:
+    """The tests' side: starts the server and runs commands in it (``conftest.run_cli``)."""
+
+    def __init__(self, default_env) -> None:
+        self.default_env = default_env  # the environment the server starts with
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.ready = False
+
+    def usable(self, env: dict[str, str]) -> bool:
+        if os.environ.get("SCORE_TEST_FORKSERVER", "1") == "0":
+            return False
+        # Against this process's environment now: what a test asked for beyond the default.
+        base = self.default_env()
+        keys = set(env) | set(base)
+        for k in keys:
+            if (
+                env.get(k) != base.get(k)
+                and k.startswith(_IMPORT_TIME_ENV)
+                and k not in _IMPORT_TIME_OK
+            ):
+                return False
+        return True
+
+    def start(self) -> None:
+        """Start the server without waiting for its imports (they overlap with other tests)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.env, self.ready = self.default_env(), False
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__],
+                cwd=Path(__file__).parents[1], env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+
+    def _server(self) -> subprocess.Popen:
+        self.start()
+        if not self.ready:
+            ready = self.proc.stdout.readline()
+            assert ready.startswith('{"ready"'), f"fork server did not start: {ready!r}"
+            self.ready = True
+        return self.proc
+
+    def run(self, module, args, cwd, env, timeout) -> subprocess.CompletedProcess:
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            proc = self._server()
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            req = {"module": module, "args": list(args), "cwd": str(cwd), "env": env,
+                   "stdout": str(out), "stderr": str(err), "timeout": timeout}  # fmt: skip
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            json.loads(proc.stdout.readline())  # forked
+            reply = json.loads(proc.stdout.readline())  # gone (killed past the timeout)
+            status = reply["status"]
+            if reply["timed_out"]:  # as subprocess.run reports an overrun
+                raise subprocess.TimeoutExpired(
+                    [module, *args], timeout, out.read_text(), err.read_text()
+                )
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            read = lambda p: p.read_bytes().decode(errors="replace") if p.exists() else ""  # noqa: E731
+            return subprocess.CompletedProcess(
+                [sys.executable, "-m", module, *args], code, read(out), read(err)
+            )
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+_CLIENT: Client | None = None
+
+
+def client(default_env) -> Client:
+    """The test process's one client (``default_env()``: the environment the server starts with)."""
+    global _CLIENT
+    if _CLIENT is None:
+        _CLIENT = Client(default_env)
+        atexit.register(_CLIENT.close)
+    return _CLIENT
 
 
 if __name__ == "__main__":

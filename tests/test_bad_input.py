@@ -180,6 +180,7 @@ def _without_dac_override() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+@pytest.mark.slow  # a new interpreter (it drops a capability before starting)
 def test_a_read_only_output_folder(tmp_path):
     """``chmod 555`` stops writes, for root too once it runs without CAP_DAC_OVERRIDE."""
     ro = tmp_path / "ro"

@@ -9,6 +9,7 @@ import pytest
 from conftest import _FORK_SERVER, REPO, cli_env, run_cli
 
 
+@pytest.mark.slow  # one command in a new interpreter (5 s)
 def test_a_forked_command_exits_and_prints_as_a_new_interpreter_does(tmp_path):
     args = (f"hydra.run.dir={tmp_path / 'run'}", "seed=abc")
     forked = run_cli(*args)
@@ -24,7 +25,7 @@ def test_a_forked_command_exits_and_prints_as_a_new_interpreter_does(tmp_path):
 def test_an_overrunning_command_is_killed_and_reported_as_a_timeout():
     assert _FORK_SERVER.usable(cli_env())
     with pytest.raises(subprocess.TimeoutExpired):  # a server that never exits by itself
-        run_cli("0", "--bind", "127.0.0.1", module="http.server", timeout=2)
+        run_cli("0", "--bind", "127.0.0.1", module="http.server", timeout=1)
     assert run_cli("--help").returncode == 0  # the server still serves
 
 

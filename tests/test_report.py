@@ -131,6 +131,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "--out" in out.stderr
 
 
+@pytest.mark.slow  # starts an offline W&B run (about 6 s)
 def test_report_logs_to_an_offline_wandb_run(tmp_path):
     from conftest import cli_env
 
