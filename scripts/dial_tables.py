@@ -49,7 +49,7 @@ def dial(root: Path) -> None:
         for f in scheme.glob("*/eval.csv"):
             for r in csv.DictReader(f.open()):
                 if r["keep_horizon"] == "False" and not r["adaptive_eps"]:
-                    metric = "test/rmse" if "test/rmse" in r else "val/loss"
+                    metric = "test/rmse" if "test/rmse" in r else "test/loss"
                     by_steps[int(r["steps"])].append(float(r[metric]))
         if len(by_steps) > 1:
             cells = "  ".join(
