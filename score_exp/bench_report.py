@@ -12,7 +12,9 @@ def ratios(results: list[dict]) -> list[dict]:
     """Each variant over the variant that differs from it in one setting, at its first value.
 
     With presets (stacked, score) and integrators (euler, heun, rk4): heun/euler and rk4/euler
-    within each preset, score/stacked within each integrator; the NFE ratio sits beside each.
+    within each preset, score/stacked within each integrator, and each ``--variant`` over the
+    same preset and integrator without its overrides (``NAME/base``, whatever its step count);
+    the NFE ratio sits beside each.
     """
     dims = ("integrator", "preset", "variant")
     key = lambda r: (*(r.get(d, "base") for d in dims), r["steps"], r["checkpoint"])  # noqa: E731

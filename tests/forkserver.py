@@ -7,13 +7,14 @@ environment, stdin/stdout/stderr, signal dispositions, ``__main__``), runs the m
 ``runpy``, shuts down as the interpreter would (non-daemon threads joined, atexit handlers run) and
 exits with the same status. The tests see the same process boundary, exit codes and output.
 
-Only what is read at import time cannot follow a request's environment; ``conftest.run_cli`` falls
-back to a real subprocess when such a variable (e.g. ``TORCH_LOGS``) differs. ``OMP_NUM_THREADS`` is
+Only what is read at import time cannot follow a request's environment; ``Client.usable`` sends
+``conftest.run_cli`` to a real subprocess when such a variable (e.g. ``TORCH_LOGS``) differs. ``OMP_NUM_THREADS`` is
 applied with ``torch.set_num_threads`` and new ``PYTHONPATH`` entries are put on ``sys.path``.
 
 Protocol (one JSON object per line): the client sends ``{module, args, cwd, env, stdout, stderr,
 timeout}``; the server answers ``{"pid": N}`` once forked and ``{"pid": N, "status": S, "timed_out":
-B}`` (``os.waitpid``'s status) when the child is gone; past ``timeout`` seconds it kills the child. The server never runs a command itself, so it holds no state a child could see.
+B}`` (``os.waitpid``'s status) when the child is gone; past ``timeout`` seconds it kills the child.
+The server never runs a command itself, so it holds no state a child could see.
 """
 
 from __future__ import annotations
@@ -96,11 +97,7 @@ def _child(req: dict) -> None:
             traceback.print_exc()
             code = 1
         # The interpreter's shutdown: wait for non-daemon threads, then atexit handlers.
-        import threading
-
         threading._shutdown()  # type: ignore[attr-defined]
-        import atexit
-
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -150,7 +147,7 @@ def main() -> None:
 # ----------------------------------------------------------------------------- the client
 
 # Read when torch (or Python) starts, so a command that sets one of these differently from this
-# process needs a real interpreter; everything else is read at run time (see tests/forkserver.py).
+# process needs a real interpreter; everything else is read at run time.
 _IMPORT_TIME_ENV = ("TORCH_", "PYTORCH_", "CUDA_", "NVIDIA_", "PYTHON", "LD_", "MKL_", "KMP_")
 _IMPORT_TIME_OK = ("PYTHONPATH", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
@@ -161,7 +158,6 @@ class Client:
     def __init__(self, default_env) -> None:
         self.default_env = default_env  # the environment the server starts with
         self.proc: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}
         self.lock = threading.Lock()
         self.ready = False
 
@@ -183,11 +179,15 @@ class Client:
     def start(self) -> None:
         """Start the server without waiting for its imports (they overlap with other tests)."""
         if self.proc is None or self.proc.poll() is not None:
-            self.env, self.ready = self.default_env(), False
+            self.ready = False
             self.proc = subprocess.Popen(
                 [sys.executable, __file__],
-                cwd=Path(__file__).parents[1], env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
+                cwd=Path(__file__).parents[1],
+                env=self.default_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
 
     def _server(self) -> subprocess.Popen:
         self.start()
