@@ -116,7 +116,9 @@ def main() -> None:
     placeholder = logging.NullHandler()
     logging.getLogger().addHandler(placeholder)
     for name in PRELOAD:
-        importlib.import_module(name)
+        # a speed-up only: a command that needs a missing package fails there as it would anyway
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     logging.getLogger().removeHandler(placeholder)
     sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
     sys.stdout.flush()
@@ -162,7 +164,7 @@ class Client:
         self.ready = False
 
     def usable(self, env: dict[str, str]) -> bool:
-        if os.environ.get("SCORE_TEST_FORKSERVER", "1") == "0":
+        if os.environ.get("SCORE_TEST_FORKSERVER", "1") == "0" or _cuda_machine():
             return False
         # Against this process's environment now: what a test asked for beyond the default.
         base = self.default_env()
@@ -222,6 +224,17 @@ class Client:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
+
+
+def _cuda_machine() -> bool:
+    """Whether this machine has a GPU: then every command gets a real interpreter.
+
+    Importing the stack may touch the CUDA driver (``torch.cuda.is_available()`` initialises it),
+    and a child forked from such a process fails its first CUDA call ("initialization error").
+    """
+    import torch
+
+    return torch.cuda.is_available()
 
 
 _CLIENT: Client | None = None

@@ -5,8 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import forkserver
 import pytest
+import torch
 from conftest import _FORK_SERVER, REPO, cli_env, run_cli
+
+# On a GPU machine every command gets a real interpreter (see the last test), so there is no
+# server to test: these run in CI, which has no GPU.
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="no fork server on a GPU machine")
 
 
 @pytest.mark.slow  # one command in a new interpreter (5 s)
@@ -22,6 +28,7 @@ def test_a_forked_command_exits_and_prints_as_a_new_interpreter_does(tmp_path):
     assert "RuntimeWarning" not in forked.stderr  # runpy ran a module nothing had imported
 
 
+@no_gpu
 def test_an_overrunning_command_is_killed_and_reported_as_a_timeout():
     assert _FORK_SERVER.usable(cli_env())
     with pytest.raises(subprocess.TimeoutExpired):  # a server that never exits by itself
@@ -29,6 +36,14 @@ def test_an_overrunning_command_is_killed_and_reported_as_a_timeout():
     assert run_cli("--help").returncode == 0  # the server still serves
 
 
+@no_gpu
 def test_an_import_time_variable_gets_a_real_interpreter():
     assert not _FORK_SERVER.usable(cli_env(TORCH_LOGS="recompiles"))
     assert _FORK_SERVER.usable(cli_env(OMP_NUM_THREADS="1", SCORE_EXP_TRUSTED_TARGETS="x."))
+
+
+def test_a_gpu_machine_gets_real_interpreters(monkeypatch):
+    # A child forked from a process that touched the CUDA driver fails its first CUDA call
+    # ("initialization error"): seen on an H200 in the CLI test of tests/test_cuda.py.
+    monkeypatch.setattr(forkserver, "_cuda_machine", lambda: True)
+    assert not _FORK_SERVER.usable(cli_env())

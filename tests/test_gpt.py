@@ -342,3 +342,41 @@ def test_score_sample_reports_a_missing_run_or_checkpoint(tmp_path):
     (tmp_path / "config.yaml").write_text("task: {}\n")
     proc = run_cli(f"run_dir={tmp_path}", module="score_exp.sample")
     assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
+
+
+class _FusedAdamW(LanguageModelModule):
+    """The optimizer ``configure_optimizers`` picks on CUDA (fused AdamW), here on CPU."""
+
+    def configure_optimizers(self):
+        out = super().configure_optimizers()
+        opt = out["optimizer"]
+        fused = torch.optim.AdamW(opt.param_groups, fused=True)
+        out["lr_scheduler"]["scheduler"].optimizer = fused
+        return {**out, "optimizer": fused}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_clips_the_gradient_norm_with_fused_adamw(compose, fused):
+    # Lightning's mixed-precision plugin refuses to clip for fused AdamW (nanoGPT's optimizer on
+    # CUDA): `trainer=gpu` failed at its first step on an H200 until the module clipped itself.
+    import lightning as L
+
+    cfg = compose("task=shakespeare_char_cpu", "depth=stacked")
+    module = (_FusedAdamW if fused else LanguageModelModule)(build_model(cfg))
+    batches = torch.randint(0, 65, (2, 2, 4, 16), generator=torch.Generator().manual_seed(1))
+    norms = []
+
+    class GradNorm(L.Callback):  # after the optimiser step: the gradients it used
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", gradient_clip_val=0.01, max_steps=2,
+        callbacks=[GradNorm()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(list(batches), batch_size=None))  # 2 x (x, y)
+    assert isinstance(trainer.optimizers[0], torch.optim.AdamW)
+    assert trainer.optimizers[0].defaults["fused"] is fused
+    assert len(norms) == 2 and all(n == pytest.approx(0.01, rel=1e-3) for n in norms)

@@ -378,6 +378,28 @@ class LanguageModelModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip as nanoGPT does, also for its fused AdamW on CUDA.
+
+        Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales its
+        gradients itself (fused AdamW), even in bf16 where nothing is scaled. nanoGPT unscales
+        (fp16 only: a scaler exists) and then clips the global norm, which is what happens here.
+        """
+        if not gradient_clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
