@@ -31,7 +31,8 @@ log = logging.getLogger("score_exp.eval")
 
 EVAL_CSV = "eval.csv"
 # Columns printed by the table (eval.csv keeps every metric of the split).
-SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "steps_used", "nfe", "nfe_spent", "seconds")
+SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
+         "seconds")  # fmt: skip
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -79,6 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             integrator=over.integrator,
             keep_horizon=bool(over.keep_horizon),
             adaptive_eps=over.adaptive_eps,
+            halt=over.halt,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -106,6 +108,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "dt": round(float(sum(float(v) for v in d.dts) / len(d.dts)), 8),
         "keep_horizon": bool(over.keep_horizon),
         "adaptive_eps": d.adaptive_eps if d.adaptive_eps is not None else "",
+        "halt": d.halt if d.adaptive_eps is not None else "",
         "steps_used": round(float(torch.cat(used).mean()), 4) if used else d.steps,
         "nfe": d.nfe,
         # Evaluations of F actually spent per sample (halting stops samples early; the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The "depth as a dial" measurements on a 2-core CPU (issue 12): each part is a plain CLI command,
 # so any figure in the README can be re-made. Parts: ancre | fp_memory | fixed_point | equal_time |
-# gpt_dial | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
+# gpt_dial | gpt_fixed_point | gpt_deep | gpt_halting | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
 # JSON to outputs/dial/. Benchmarks (ancre, fp_memory) need a quiet machine.
 #
 #   scripts/measure_depth_dial.sh ancre fp_memory
@@ -67,13 +67,43 @@ part_gpt_dial() {  # nanoGPT CPU preset, fixed vs random depth, then 1x / 2x / 4
   done
 }
 
+part_gpt_fixed_point() {  # nanoGPT CPU preset: the fixed-point solver at 3 iterations + the
+  # gradient step = 4 evaluations, as unrolled SCORE's 4 steps (gpt_dial's fixed runs)
+  OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
+    depth.inject=add depth.solver=fixed_point depth.solver_max_iter=3 "${SWEEP[@]}" \
+    hydra.sweep.dir=multirun/dial/gpt/fixed_point
+  for d in multirun/dial/gpt/fixed_point/*/; do
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")"; fi
+  done
+}
+
+part_gpt_deep() {  # nanoGPT CPU preset: Huginn-style deeper draws (2..16 steps) with gradients
+  # through the last 4 only, evaluated at 4 / 8 / 16 steps
+  OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
+    depth.inject=add "depth.train_steps='uniform:2,16'" depth.backprop_steps=4 "${SWEEP[@]}" \
+    hydra.sweep.dir=multirun/dial/gpt/deep
+  for d in multirun/dial/gpt/deep/*/; do
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")" depth.steps=4,8,16 depth.keep_horizon=false; fi
+  done
+}
+
+part_gpt_halting() {  # per-sequence halting of the random-depth models (KL between successive
+  # next-token distributions, Huginn's criterion), bounded by 8 and 16 steps
+  for d in multirun/dial/gpt/random/*/ multirun/dial/gpt/deep/*/; do
+    if [ -f "$d/results.json" ]; then
+      $BIN/score-eval "$(run_dir "$d")" depth.steps=8,16 depth.keep_horizon=false depth.halt=kl \
+        depth.adaptive_eps=0.01,0.03,0.1
+    fi
+  done
+}
+
 # A run folder as a score-eval override: quoted for Hydra, its own quotes escaped (folders of
 # runs with "depth.train_steps='uniform:2,8'" hold them).
 run_dir() { local d=${1%/}; printf "run_dir='%s'" "${d//\'/\\\'}"; }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|equal_time|gpt_dial|all ..."; exit 2; }
-[ "${parts[0]}" = all ] && parts=(ancre fp_memory fixed_point equal_time gpt_dial)
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|equal_time|gpt_dial|gpt_fixed_point|gpt_deep|gpt_halting|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(ancre fp_memory fixed_point equal_time gpt_dial gpt_fixed_point gpt_deep gpt_halting)
 for p in "${parts[@]}"; do
   echo "== $p ($(date +%T))"
   "part_$p"

@@ -304,6 +304,26 @@ def test_kl_halting_compares_successive_readouts():
         depth(h)
 
 
+def test_the_halting_criterion_is_chosen_at_evaluation():
+    torch.manual_seed(0)
+    trained = RecurrentDepth(Contractive, DepthSpec(steps=30, dt=0.5)).eval()  # halt="state"
+    kl = RecurrentDepth(Contractive, DepthSpec(steps=30, dt=0.5, adaptive_eps=1e-6, halt="kl"))
+    kl.load_state_dict(trained.state_dict())
+    head = nn.Linear(5, 7)
+    h = _scaled_rows().reshape(2, 3, 5)  # (B, T, C)
+    with torch.no_grad():
+        ref = kl.eval()(h, readout=head)
+        with trained.discretised(adaptive_eps=1e-6, halt="kl") as d:
+            out = trained(h, readout=head)
+        assert d.halt == "kl" and torch.equal(out, ref)
+        assert torch.equal(trained.last_steps_used, kl.last_steps_used)
+        with trained.discretised(adaptive_eps=1e-6) as d:  # None: the spec's
+            trained(h)
+        assert d.halt == "state"
+    with pytest.raises(ValueError, match="halt must be one of state, kl, got 'kll'"):
+        trained.discretised(adaptive_eps=1e-6, halt="kll")
+
+
 def test_halting_via_discretised_and_evaluations_spent():
     depth = RecurrentDepth(Contractive, DepthSpec(steps=30, dt=0.5)).eval()
     with torch.no_grad(), depth.discretised(adaptive_eps=1e-3) as d:
@@ -428,6 +448,28 @@ def test_score_eval_records_the_evaluations_spent_when_halting(tmp_path):
     assert float(rows[1e-9]["nfe_spent"]) == 8  # nobody stops
     assert float(rows[10.0]["nfe_spent"]) == 1  # everybody stops after one step
     assert "nfe_spent" in out.stdout
+
+
+@pytest.mark.slow
+def test_score_eval_halts_a_language_model_on_kl(tmp_path):
+    import csv
+
+    from conftest import cli_env, run_cli, train_cli
+
+    run, env = tmp_path / "run", cli_env(OMP_NUM_THREADS="1")
+    out = train_cli(run, *TASKS["shakespeare_char_cpu"], env=env)  # trained with halt=state
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli(f"run_dir={run}", "depth.steps=8", "depth.halt=kl",
+                  "depth.adaptive_eps=1e-12,100", module="score_exp.eval", env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(run / "eval.csv", newline="") as f:
+        rows = {float(r["adaptive_eps"]): r for r in csv.DictReader(f)}
+    assert {r["halt"] for r in rows.values()} == {"kl"}
+    assert float(rows[1e-12]["nfe_spent"]) == 8  # nobody stops
+    assert float(rows[100.0]["nfe_spent"]) == 1  # all stop after one step (KL vs the input's)
+    out = run_cli(f"run_dir={run}", "depth.adaptive_eps=0.1", "depth.halt=kll",
+                  module="score_exp.eval", env=env)  # fmt: skip
+    assert out.returncode == 2 and "halt must be one of state, kl, got 'kll'" in out.stderr
 
 
 # ----------------------------------------------------------------------------- ANCRe, residual

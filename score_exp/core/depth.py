@@ -147,9 +147,9 @@ class RecurrentDepth(nn.Module):
             h = self._integrate(h, e, d, ctx, observer)
             self.last_steps_used = observer.steps_used
             return h
-        if self.spec.halt == "kl" and readout is None:
+        if d.halt == "kl" and readout is None:
             raise ValueError("halt='kl' compares readouts: the model must pass readout=")
-        kl = readout if self.spec.halt == "kl" else None
+        kl = readout if d.halt == "kl" else None
         h, used, spent = integrate_halting(self, h, e, d, ctx, group, select, kl)
         self.last_steps_used, self.last_nfe = used, spent / len(used)
         return h
@@ -242,13 +242,16 @@ class RecurrentDepth(nn.Module):
                 if spec.train_dt == "horizon"
                 else step_size.fixed_dt(spec, n, False)
             )
-            return Discretisation(n, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step)
+            return Discretisation(
+                n, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step, spec.halt
+            )
         return Discretisation(
             steps=self._steps,
             dt=None if learned else step_size.fixed_dt(spec, self._steps, self.keep_horizon),
             integrator=spec.integrator,
             adaptive_eps=spec.adaptive_eps,
             evals_per_step=spec.evals_per_step,
+            halt=spec.halt,
         )
 
     def discretised(
@@ -258,6 +261,7 @@ class RecurrentDepth(nn.Module):
         integrator: str | None = None,
         keep_horizon: bool = True,
         adaptive_eps: float | None = None,
+        halt: str | None = None,
     ) -> contextlib.AbstractContextManager[Discretisation]:
         """Run a trained depth with another discretisation inside the ``with`` block.
 
@@ -275,14 +279,17 @@ class RecurrentDepth(nn.Module):
                 ``T = steps * dt`` (``dt = T / steps``); False keeps the spec's ``dt``
                 (``1 / steps`` when it is None). A learned dt always keeps the learned horizon
                 (and is the learned dt at the trained step count).
-            adaptive_eps: halt samples whose relative change falls below it (None: the spec's).
+            adaptive_eps: halt samples whose criterion falls below it (None: the spec's).
+            halt: the criterion, ``state`` or ``kl`` (None: the spec's).
 
         Returns:
             a context manager whose ``as`` target is the resolved :class:`Discretisation`
             (``steps``, ``dts``, ``integrator``, ``nfe``). The request is checked here, before
             the ``with`` block starts.
         """
-        return self._activated(resolve(self, steps, dt, integrator, keep_horizon, adaptive_eps))
+        return self._activated(
+            resolve(self, steps, dt, integrator, keep_horizon, adaptive_eps, halt)
+        )
 
     @contextlib.contextmanager
     def _activated(self, d: Discretisation) -> Iterator[Discretisation]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from score_exp.core import step_size
 from score_exp.core.integrators import get_integrator
+from score_exp.core.spec import HALTS
 
 if TYPE_CHECKING:
     from score_exp.core.depth import RecurrentDepth
@@ -27,6 +28,7 @@ class Discretisation:
         dt: one step size for every step, or None for the learned dt (recomputed each forward).
         integrator: integrator name.
         adaptive_eps: halting threshold at inference (None: every sample runs every step).
+        halt: the halting criterion, ``state`` or ``kl`` (:data:`~score_exp.core.spec.HALTS`).
         evals_per_step: evaluations of ``F`` per step.
         dts: the step size of each step, filled in by :meth:`RecurrentDepth.discretised`.
     """
@@ -36,6 +38,7 @@ class Discretisation:
     integrator: str
     adaptive_eps: float | None
     evals_per_step: int
+    halt: str = "state"
     dts: list[Any] = field(default_factory=list)
 
     @property
@@ -51,6 +54,7 @@ def resolve(
     integrator: str | None,
     keep_horizon: bool,
     adaptive_eps: float | None,
+    halt: str | None = None,
 ) -> Discretisation:
     """Check a re-discretisation request against ``depth`` and resolve its step size.
 
@@ -101,5 +105,8 @@ def resolve(
         raise ValueError(f"adaptive_eps must be > 0, got {adaptive_eps!r}")
     else:
         adaptive_eps = float(adaptive_eps)
+    halt = spec.halt if halt is None else halt
+    if halt not in HALTS:
+        raise ValueError(f"halt must be one of {', '.join(HALTS)}, got {halt!r}")
     evals = 1 if spec.update == "none" else method.evals_per_step
-    return Discretisation(n, dt, method.name, adaptive_eps, evals)
+    return Discretisation(n, dt, method.name, adaptive_eps, evals, halt)
