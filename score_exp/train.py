@@ -52,6 +52,7 @@ BEYOND_FIELDS = (
     "train_dt",
     "backprop_steps",
     "solver",
+    "solver_grad",
     "halt",
 )
 

@@ -26,6 +26,8 @@ part_fp_memory() {  # training memory of the fixed-point solver against its iter
     --variant fp4 depth.solver=fixed_point depth.solver_tol=1e-12 depth.solver_max_iter=4 \
     --variant fp16 depth.solver=fixed_point depth.solver_tol=1e-12 depth.solver_max_iter=16 \
     --variant fp32 depth.solver=fixed_point depth.solver_tol=1e-12 depth.solver_max_iter=32 \
+    --variant fp32_implicit depth.solver=fixed_point depth.solver_tol=1e-12 depth.solver_max_iter=32 \
+    depth.solver_grad=implicit \
     --variant unroll16 depth.steps=16 --variant unroll32 depth.steps=32 \
     --json outputs/dial/fp_memory.json
 }

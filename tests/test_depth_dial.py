@@ -3,6 +3,8 @@ halting that removes finished samples, and the fixed-point solver (README "Beyon
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -377,6 +379,39 @@ def test_fixed_point_solver_output_and_jacobian_free_gradient():
         assert torch.allclose(unrolled(e), out, atol=1e-9)
 
 
+def test_implicit_gradient_agrees_with_finite_differences_in_float64():
+    def solve(depth, e):  # the output at the fixed point h* = F(h* + e), to the last bits
+        return depth(e)
+
+    spec = DepthSpec(steps=4, dt=0.5, inject="add", solver="fixed_point", solver_tol=1e-13,
+                     solver_max_iter=200, solver_grad="implicit")  # fmt: skip
+    depth = RecurrentDepth(Contractive, spec).double()
+    jfb = RecurrentDepth(Contractive, dataclasses.replace(spec, solver_grad="jfb")).double()
+    jfb.load_state_dict(depth.state_dict())
+    assert "solver_grad='implicit'" in repr(depth)
+    e = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    params = [e, *depth.parameters()]
+    g = torch.autograd.grad((solve(depth, e) * w).sum(), params)
+    g_jfb = torch.autograd.grad((solve(jfb, e) * w).sum(), [e, *jfb.parameters()])
+    # Central differences of the loss, every entry of e, A and b.
+    eps = 1e-6
+    for p, gp, gj in zip(params, g, g_jfb, strict=True):
+        fd = torch.zeros_like(p)
+        with torch.no_grad():
+            for i in range(p.numel()):
+                p.view(-1)[i] += eps
+                up = (solve(depth, e) * w).sum()
+                p.view(-1)[i] -= 2 * eps
+                down = (solve(depth, e) * w).sum()
+                p.view(-1)[i] += eps
+                fd.view(-1)[i] = (up - down) / (2 * eps)
+        assert torch.allclose(gp, fd, rtol=1e-6, atol=1e-8), (gp - fd).abs().max()
+        assert not torch.allclose(gj, fd, rtol=1e-2, atol=1e-3)  # JFB is another gradient
+    with pytest.raises(ValueError, match="solver_grad=implicit .* needs solver=fixed_point"):
+        DepthSpec(solver_grad="implicit")
+
+
 # ----------------------------------------------------------------------------- the real CLI
 
 TASKS = {
@@ -414,6 +449,9 @@ def test_cli_trains_every_task_with_the_dial_fields(tmp_path, task, dial):
     over = UNROLLED if dial == "unrolled" else FIXED_POINT
     if task == "shakespeare_char_cpu" and dial == "unrolled":
         over = [*over, "depth.halt=kl"]
+    implicit = task != "esol_mlp" and dial == "fixed_point"  # the MLP keeps the default, jfb
+    if implicit:
+        over = [*over, "depth.solver_grad=implicit"]
     run = tmp_path / "run"
     out = train_cli(run, *TASKS[task], *over, env=cli_env(OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -429,6 +467,7 @@ def test_cli_trains_every_task_with_the_dial_fields(tmp_path, task, dial):
         assert r["nfe"] == 2  # evaluation runs depth.steps, whatever training drew last
     else:
         assert r["depth"]["solver"] == "fixed_point" and r["depth"]["inject"] == "add"
+        assert r["depth"].get("solver_grad", "jfb") == ("implicit" if implicit else "jfb")
 
 
 @pytest.mark.slow

@@ -205,7 +205,13 @@ class RecurrentDepth(nn.Module):
         )
         self.last_nfe = evals + 1
         self.last_steps_used = None
-        return F(h_star, **ctx)  # Jacobian-free backprop: one step carries the gradient
+        if spec.solver_grad == "jfb" or not torch.is_grad_enabled():
+            return F(h_star, **ctx)  # Jacobian-free backprop: one step carries the gradient
+        h_star.requires_grad_()  # a leaf: the vector-Jacobian products below differentiate to it
+        out = F(h_star, **ctx)
+        if out.requires_grad:
+            solver.implicit_backward(out, h_star, spec.solver_tol, spec.solver_max_iter)
+        return out
 
     def _update(
         self, block: Callable[..., Tensor], h: Tensor, dt: Any, integrator: str, **ctx: Any
@@ -420,4 +426,9 @@ class RecurrentDepth(nn.Module):
             text += f", adaptive_eps={s.adaptive_eps}"
         if s.growth is not None:
             text += f", growth={s.growth}, keep_horizon={s.keep_horizon}"
+        if s.solver != "unroll":
+            text += (
+                f", solver={s.solver!r}, solver_grad={s.solver_grad!r}, "
+                f"solver_tol={s.solver_tol}, solver_max_iter={s.solver_max_iter}"
+            )
         return text

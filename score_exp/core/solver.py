@@ -2,9 +2,11 @@
 
 SCORE's contractive update ``h <- (1 - dt) h + dt F(h)`` is a damped fixed-point iteration, so a
 converged depth sits at ``h* = F(h*)``. The solve runs without a graph (memory constant in the
-iterations); the gradient is Jacobian-free (JFB, Fung et al., arXiv 2103.12803): the output is
-one differentiable ``F`` step at the fixed point, ``F(h*)``, so back-propagation sees one
-application of ``F`` (the implicit gradient's ``(I - dF/dh)^-1`` replaced by ``I``).
+iterations); the output is one differentiable ``F`` step at the fixed point, ``F(h*)``. Its
+gradient is either Jacobian-free (JFB, Fung et al., arXiv 2103.12803: back-propagation sees that
+one application of ``F``, the implicit gradient's ``(I - dF/dh)^-1`` replaced by ``I``) or the
+implicit one (DEQ, Bai et al., arXiv 1909.01377: :func:`implicit_backward` solves
+``g = J^T g + dL/dh*`` for the gradient that enters that step, with the same solver).
 """
 
 from __future__ import annotations
@@ -70,3 +72,31 @@ def anderson(
 
 def _residual(x: Tensor, fx: Tensor) -> float:
     return float((fx - x).norm() / fx.norm().clamp_min(1e-30))
+
+
+def implicit_backward(out: Tensor, h_star: Tensor, tol: float, max_iter: int) -> None:
+    """Make the gradient that reaches ``out = F(h_star)`` the implicit (DEQ) one.
+
+    With ``h* = F(h*)`` and ``J = dF/dh`` at ``h*``, ``dL/dtheta = g^T dF/dtheta`` where
+    ``g = (I - J^T)^-1 dL/dh*``. A hook on ``out`` replaces the incoming ``dL/dh*`` by ``g``,
+    found by Anderson acceleration of ``g <- J^T g + dL/dh*`` (vector-Jacobian products through
+    ``out``'s one-step graph: memory constant in the iterations); the backward pass then carries
+    ``g`` through that step to the parameters and the injected input.
+
+    Args:
+        out: ``F(h_star)``, built with gradients; ``h_star`` a leaf that requires grad.
+        tol, max_iter: the backward solve's tolerance and budget (the forward's).
+    """
+    handle = None
+
+    def hook(grad: Tensor) -> Tensor:
+        handle.remove()  # the products below run through out's graph: no recursion
+
+        def step(g: Tensor) -> Tensor:
+            (jtg,) = torch.autograd.grad(out, h_star, g, retain_graph=True)
+            return jtg + grad
+
+        g, _, _ = anderson(step, grad, tol, max_iter)
+        return g
+
+    handle = out.register_hook(hook)

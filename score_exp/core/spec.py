@@ -22,6 +22,7 @@ INIT_STATES = ("input", "zeros", "random")
 TRAIN_STEPS = ("fixed", "uniform", "lognormal_poisson")
 TRAIN_DT = ("fixed", "horizon")
 SOLVERS = ("unroll", "fixed_point")
+SOLVER_GRADS = ("jfb", "implicit")
 HALTS = ("state", "kl")
 
 
@@ -79,7 +80,10 @@ class DepthSpec:
         solver: ``unroll`` (the steps) or ``fixed_point``: solve ``h = F(h)`` (contractive
             update, shared block, with ``inject``) by Anderson acceleration to ``solver_tol``
             within ``solver_max_iter`` iterations without a graph, then one differentiable
-            ``F`` step at the fixed point (Jacobian-free backprop, arXiv 2103.12803).
+            ``F`` step at the fixed point.
+        solver_grad: the fixed point's gradient: ``jfb`` (Jacobian-free, arXiv 2103.12803: the
+            gradient of that one step) or ``implicit`` (DEQ's, arXiv 1909.01377: the backward
+            pass solves ``g = J^T g + dL/dh*`` with the same solver, ``J = dF/dh`` at ``h*``).
         solver_tol: relative residual ``||F(h) - h|| / ||F(h)||`` at which the solver stops.
         solver_max_iter: the solver's iteration budget; >= 2.
         halt: the halting criterion of ``adaptive_eps``: ``state`` (relative state change) or
@@ -110,6 +114,7 @@ class DepthSpec:
     solver: str = "unroll"
     solver_tol: float = 1e-4
     solver_max_iter: int = 30
+    solver_grad: str = "jfb"
     halt: str = "state"
 
     def __post_init__(self) -> None:
@@ -184,6 +189,7 @@ class DepthSpec:
             ("init_state", INIT_STATES),
             ("train_dt", TRAIN_DT),
             ("solver", SOLVERS),
+            ("solver_grad", SOLVER_GRADS),
             ("halt", HALTS),
         ):
             if getattr(self, name) not in valid:
@@ -220,6 +226,10 @@ class DepthSpec:
                     "solver=fixed_point runs no steps: it cannot be combined with connect, "
                     "learn_dt, growth, train_steps or backprop_steps"
                 )
+        if self.solver_grad == "implicit" and self.solver != "fixed_point":
+            raise ValueError(
+                "solver_grad=implicit is the fixed point's gradient: it needs solver=fixed_point"
+            )
         if not _is_number(self.solver_tol) or not self.solver_tol > 0:
             raise ValueError(f"solver_tol must be > 0, got {self.solver_tol!r}")
         self.solver_tol = float(self.solver_tol)
