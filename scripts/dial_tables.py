@@ -58,6 +58,36 @@ def dial(root: Path) -> None:
             print(f"{str(scheme.relative_to(root)):<28}{cells}")
 
 
+def halting(root: Path) -> None:
+    """Halting rows of eval.csv against the same run's full evaluation at the same bound:
+    evaluations of F spent, metric and wall time, mean over the runs that have both."""
+    print(f"{'scheme':<22}{'bound':>6}{'halt':>6}{'eps':>7}{'n':>3}{'nfe spent':>11}{'fewer':>7}"
+          f"{'metric':>9}{'full':>9}{'worse':>8}{'s':>7}{'full s':>8}")  # fmt: skip
+    for scheme in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        rows: dict[tuple, list[tuple[float, ...]]] = defaultdict(list)
+        for f in scheme.glob("*/eval.csv"):
+            full: dict[int, tuple[float, float]] = {}
+            halted: dict[tuple, tuple[float, float, float]] = {}
+            for r in csv.DictReader(f.open()):
+                if r["keep_horizon"] != "False":
+                    continue
+                metric, secs = float(r.get("test/rmse") or r["test/loss"]), float(r["seconds"])
+                steps = int(r["steps"])
+                if r["adaptive_eps"]:  # the first row of each setting
+                    key = (steps, r.get("halt") or "state", float(r["adaptive_eps"]))
+                    halted.setdefault(key, (float(r["nfe_spent"]), metric, secs))
+                else:
+                    full.setdefault(steps, (metric, secs))
+            for key, v in halted.items():
+                if key[0] in full:
+                    rows[key].append((*v, *full[key[0]]))
+        for (steps, halt, eps), v in sorted(rows.items()):
+            nfe, m, s, fm, fs = (st.mean(x[i] for x in v) for i in range(5))
+            print(f"{str(scheme.relative_to(root)):<22}{steps:>6}{halt:>6}{eps:>7.3g}{len(v):>3}"
+                  f"{nfe:>11.2f}{1 - nfe / steps:>7.0%}{m:>9.4f}{fm:>9.4f}{m / fm - 1:>+8.2%}"
+                  f"{s:>7.2f}{fs:>8.2f}")  # fmt: skip
+
+
 def paired(root: Path, part: str, a: str, b: str) -> None:
     """Per-seed difference b - a of the headline test metric (same seed = same split), 95% t CI."""
     from scipy import stats
@@ -106,6 +136,13 @@ if __name__ == "__main__":
     paired(root, "equal_time", "fixed", "random")
     paired(root, "fixed_point", "gnn_unroll4", "gnn_fp")
     paired(root, "fixed_point", "gnn_unroll8", "gnn_fp")
+    paired(root, "fixed_point", "gnn_fp", "gnn_fp_implicit")
     paired(root, "gpt", "fixed", "random")
+    paired(root, "gpt", "fixed", "deep")
+    paired(root, "gpt", "random", "deep")
+    paired(root, "gpt", "fixed", "fixed_point")
+    paired(root, "gpt", "fixed_point", "fixed_point_implicit")
+    print()
+    halting(root)
     for name in ("ancre", "fp_memory"):
         bench(Path("outputs/dial") / f"{name}.json")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The "depth as a dial" measurements on a 2-core CPU (issue 12): each part is a plain CLI command,
-# so any figure in the README can be re-made. Parts: ancre | fp_memory | fixed_point | equal_time |
-# gpt_dial | gpt_fixed_point | gpt_deep | gpt_halting | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
+# so any figure in the README can be re-made. Parts: ancre | fp_memory | fixed_point |
+# fixed_point_implicit | equal_time | gpt_dial | gpt_fixed_point | gpt_fixed_point_implicit |
+# gpt_deep | gpt_halting | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
 # JSON to outputs/dial/. Benchmarks (ancre, fp_memory) need a quiet machine.
 #
 #   scripts/measure_depth_dial.sh ancre fp_memory
@@ -46,6 +47,15 @@ part_fixed_point() {  # metric of the fixed-point solver (at most 8 evaluations 
   done
 }
 
+part_fixed_point_implicit() {  # as fixed_point's solver runs, with DEQ's implicit gradient
+  OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 \
+    depth.inject=add depth.solver=fixed_point depth.solver_max_iter=8 depth.solver_grad=implicit \
+    seed=0,1,2 "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/fixed_point/gnn_fp_implicit
+  for d in multirun/dial/fixed_point/gnn_fp_implicit/*/; do
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")"; fi
+  done
+}
+
 part_equal_time() {  # random-depth training against fixed 4-step SCORE for the same wall time
   local budget=(task.max_epochs=10000 task.early_stopping_patience=10000 +trainer.max_time=00:00:02:00)
   OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 seed=0,1,2 \
@@ -79,6 +89,15 @@ part_gpt_fixed_point() {  # nanoGPT CPU preset: the fixed-point solver at 3 iter
   done
 }
 
+part_gpt_fixed_point_implicit() {  # gpt_fixed_point with DEQ's implicit gradient
+  OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
+    depth.inject=add depth.solver=fixed_point depth.solver_max_iter=3 depth.solver_grad=implicit \
+    "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/gpt/fixed_point_implicit
+  for d in multirun/dial/gpt/fixed_point_implicit/*/; do
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")"; fi
+  done
+}
+
 part_gpt_deep() {  # nanoGPT CPU preset: Huginn-style deeper draws (2..16 steps) with gradients
   # through the last 4 only, evaluated at 4 / 8 / 16 steps
   OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
@@ -104,8 +123,9 @@ part_gpt_halting() {  # per-sequence halting of the random-depth models (KL betw
 run_dir() { local d=${1%/}; printf "run_dir='%s'" "${d//\'/\\\'}"; }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|equal_time|gpt_dial|gpt_fixed_point|gpt_deep|gpt_halting|all ..."; exit 2; }
-[ "${parts[0]}" = all ] && parts=(ancre fp_memory fixed_point equal_time gpt_dial gpt_fixed_point gpt_deep gpt_halting)
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|fixed_point_implicit|equal_time|gpt_dial|gpt_fixed_point|gpt_fixed_point_implicit|gpt_deep|gpt_halting|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(ancre fp_memory fixed_point fixed_point_implicit equal_time gpt_dial gpt_fixed_point
+  gpt_fixed_point_implicit gpt_deep gpt_halting)
 for p in "${parts[@]}"; do
   echo "== $p ($(date +%T))"
   "part_$p"
