@@ -107,6 +107,39 @@ def test_integrator_table_ratios_and_dt_steps_grid(tmp_path):
     assert (tmp_path / "out" / "toy_sweep_toy_vs_dt.png").exists()
 
 
+def write_eval(run: Path, rows: list[tuple]) -> None:
+    """``<run>/eval.csv`` as score-eval writes it: (steps, adaptive_eps, halt, nfe_spent, rmse)."""
+    with open(run / "eval.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["steps", "integrator", "dt", "keep_horizon", "adaptive_eps", "halt",
+                    "steps_used", "nfe", "nfe_spent", "seconds", "checkpoint", "test/rmse"])  # fmt: skip
+        for steps, eps, halt, spent, rmse in rows:
+            w.writerow([steps, "euler", 0.5, False, eps, halt, spent, steps, spent, 0.1, "c", rmse])
+
+
+def test_metric_against_inference_nfe_per_training_scheme(tmp_path):
+    for seed in (0, 1):
+        fixed = write_run(tmp_path, f"fixed{seed}", seed=seed, curve=[1.0])
+        # The third row repeats the first setting: a run's first row per setting counts.
+        write_eval(
+            fixed,
+            [(4, "", "", 4, 0.5 + seed / 10), (8, "", "", 8, 2.0 + seed / 10), (4, "", "", 4, 9.9)],
+        )
+        random = write_run(tmp_path, f"random{seed}", preset="score_random", seed=seed, curve=[1.0])
+        write_eval(random, [(8, "", "", 8, 0.6), (8, 0.1, "kl", 4 + seed, 0.62 + seed / 100)])
+    write_run(tmp_path, "no_eval", preset="stacked", share=False, curve=[1.0])  # no eval.csv
+    rep = build_report([tmp_path], tmp_path / "out")
+    table = next(t for t in rep.tables if "inference NFE" in t.title)
+    by = {(r["variant"], r["setting"]): r for r in table.records}
+    assert len(by) == 4 and not any(v == "stacked" for v, _ in by)
+    assert by[("score", "4 x euler, dt 0.5")]["mean"] == pytest.approx(0.55)
+    assert by[("score", "8 x euler, dt 0.5")]["n"] == 2
+    halted = by[("score_random", "8 x euler, dt 0.5, halt kl < 0.1")]
+    assert halted["nfe"] == pytest.approx(4.5) and halted["mean"] == pytest.approx(0.625)
+    assert (tmp_path / "out" / "toy_sweep_toy_vs_inference_nfe.png").exists()
+    assert "metric against inference NFE" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_read_curve_drops_resumed_repeats_and_the_final_evaluation(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text(

@@ -18,6 +18,7 @@ from score_exp.report.tables import (
     Table,
     by_task,
     dt_steps_table,
+    inference_table,
     integrator_table,
     variant_table,
     variants,
@@ -95,12 +96,19 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
             tables.append(pt)
             report.paired += pt.records
         tables += [
-            t for t in (integrator_table(task, task_runs), dt_steps_table(task, task_runs)) if t
+            t
+            for t in (
+                integrator_table(task, task_runs),
+                dt_steps_table(task, task_runs),
+                inference_table(task, vs),
+            )
+            if t
         ]
         figs = plots.val_curves(task, vs, out, slug)
         figs += plots.metric_vs_dt(task, task_runs, out, slug)
         figs += plots.metric_vs_params(task, vs, out, slug)
         figs += plots.metric_vs_wall_time(task, vs, out, slug)
+        figs += plots.metric_vs_inference_nfe(task, vs, out, slug)
         figs += plots.connection_heatmaps(task, vs, out, slug)
         figs += plots.diagnostics(task, vs, out, slug)
         report.tables += tables

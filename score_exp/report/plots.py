@@ -126,6 +126,53 @@ def metric_vs_dt(task: str, runs: list[Run], out: Path, slug: str) -> list[Path]
     return _save(fig, out, f"{slug}_vs_dt")
 
 
+def metric_vs_inference_nfe(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]:
+    """Test metric against the evaluations of F spent at inference (``score-eval``'s rows), one
+    colour per training scheme: lines through the full step counts (one per integrator and
+    horizon rule), open markers for halting thresholds."""
+    from score_exp.report.tables import eval_settings
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drew, headline = False, ""
+    for v in vs:
+        settings = eval_settings(v)
+        if not settings:
+            continue
+        headline = v.ok_runs[0].headline
+        color = None
+        lines: dict[tuple, list[tuple[float, float, float]]] = {}
+        halted = []
+        for key, xs in settings.items():
+            point = (statistics.fmean(x["nfe"] for x in xs),
+                     statistics.fmean(x["metric"] for x in xs),
+                     statistics.stdev(x["metric"] for x in xs) if len(xs) > 1 else 0.0)  # fmt: skip
+            if key[4]:
+                halted.append(point)
+            else:
+                lines.setdefault((key[1], key[3]), []).append(point)
+        for (integrator, keep_horizon), pts in sorted(lines.items()):
+            pts.sort()
+            label = f"{v.label}: {integrator}" + (", horizon kept" if keep_horizon else "")
+            bar = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                              marker="o", capsize=3, color=color, label=label)  # fmt: skip
+            color = bar.lines[0].get_color()
+        if halted:
+            ax.scatter([p[0] for p in halted], [p[1] for p in halted], facecolors="none",
+                       edgecolors=color, label=f"{v.label}: halting")  # fmt: skip
+        drew = True
+    if not drew:
+        plt.close(fig)
+        return []
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluations of F per sample at inference (NFE spent)")
+    ax.set_ylabel(f"test {headline}")
+    ax.set_title(f"{task}: metric vs inference NFE")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, f"{slug}_vs_inference_nfe")
+
+
 def connection_heatmaps(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]:
     """ANCRe: the learned mixture weights of each variant (mean over seeds) as heat maps."""
     import numpy as np

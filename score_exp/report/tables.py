@@ -309,6 +309,67 @@ def dt_steps_table(task: str, runs: list[Run]) -> Table | None:
     return Table(f"{task}: dt x steps (shared depth)", header, rows, note, records)
 
 
+def eval_settings(v: Variant) -> dict[tuple, list[dict]]:
+    """``score-eval``'s rows (``<run>/eval.csv``) of a variant's runs, by inference setting.
+
+    A setting is ``(steps, integrator, dt, keep_horizon, adaptive_eps, halt)``; each run gives
+    its first row per setting (a repeated evaluation is the same setting again). Rows carry
+    ``nfe`` (evaluations of F spent per sample), ``metric`` (the test headline) and ``seconds``.
+    """
+    import csv
+
+    out: dict[tuple, list[dict]] = {}
+    for r in v.ok_runs:
+        path = r.path / "eval.csv"
+        if not path.is_file():
+            continue
+        seen = set()
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                metric = row.get(f"test/{r.headline}")
+                if not metric:
+                    continue  # evaluated on the val split
+                key = (int(row["steps"]), row["integrator"], float(row["dt"]),
+                       row["keep_horizon"] == "True", row.get("adaptive_eps") or "",
+                       row.get("halt") or ("state" if row.get("adaptive_eps") else ""))  # fmt: skip
+                if key in seen:
+                    continue
+                seen.add(key)
+                nfe = row.get("nfe_spent") or row["nfe"]
+                out.setdefault(key, []).append(
+                    {"nfe": float(nfe), "metric": float(metric), "seconds": float(row["seconds"])}
+                )
+    return out
+
+
+def setting_label(key: tuple) -> str:
+    steps, integrator, dt, keep_horizon, eps, halt = key
+    text = f"{steps} x {integrator}, dt {dt:g}"
+    return text + (f", halt {halt} < {float(eps):g}" if eps else "")
+
+
+def inference_table(task: str, vs: list[Variant]) -> Table | None:
+    """The metric against the evaluations spent at inference, per training scheme (variant),
+    from ``score-eval``'s rows: other step counts, integrators, halting thresholds."""
+    rows, records = [], []
+    for v in vs:
+        for key, xs in sorted(eval_settings(v).items(), key=lambda kv: (kv[0][0], str(kv[0]))):
+            s = stat([x["metric"] for x in xs])
+            nfe = statistics.fmean(x["nfe"] for x in xs)
+            secs = statistics.fmean(x["seconds"] for x in xs)
+            rows.append([v.label, setting_label(key), str(s.n), f"{nfe:.2f}", s.fmt(),
+                         f"{secs:.2f}"])  # fmt: skip
+            records.append({"variant": v.label, "setting": setting_label(key), "n": s.n,
+                            "nfe": nfe, "mean": s.mean, "std": s.std, "seconds": secs})  # fmt: skip
+    if not rows:
+        return None
+    headline = vs[0].ok_runs[0].headline if vs[0].ok_runs else "metric"
+    header = ["variant (training)", "inference", "n", "NFE spent", f"test {headline}", "eval s"]
+    note = ("From `score-eval` (`<run>/eval.csv`): NFE spent = evaluations of F per sample "
+            "(fewer than steps x integrator evaluations when samples halt); mean ± std over runs.")  # fmt: skip
+    return Table(f"{task}: metric against inference NFE", header, rows, note, records)
+
+
 def _mean(xs) -> float | None:
     xs = [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
     return statistics.fmean(xs) if xs else None
