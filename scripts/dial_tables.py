@@ -137,6 +137,8 @@ if __name__ == "__main__":
     paired(root, "fixed_point", "gnn_unroll4", "gnn_fp")
     paired(root, "fixed_point", "gnn_unroll8", "gnn_fp")
     paired(root, "fixed_point", "gnn_fp", "gnn_fp_implicit")
+    paired(root, "fixed_point", "gnn_unroll4", "gnn_deep")
+    paired(root, "gpt_equal_time", "fixed", "random")
     paired(root, "gpt", "fixed", "random")
     paired(root, "gpt", "fixed", "deep")
     paired(root, "gpt", "random", "deep")

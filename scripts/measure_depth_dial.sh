@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The "depth as a dial" measurements on a 2-core CPU (issue 12): each part is a plain CLI command,
 # so any figure in the README can be re-made. Parts: ancre | fp_memory | fixed_point |
-# fixed_point_implicit | equal_time | gpt_dial | gpt_fixed_point | gpt_fixed_point_implicit |
-# gpt_deep | gpt_halting | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
+# fixed_point_implicit | gnn_deep | equal_time | gpt_equal_time | gpt_dial | gpt_fixed_point |
+# gpt_fixed_point_implicit | gpt_deep | gpt_halting | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
 # JSON to outputs/dial/. Benchmarks (ancre, fp_memory) need a quiet machine.
 #
 #   scripts/measure_depth_dial.sh ancre fp_memory
@@ -68,6 +68,30 @@ part_equal_time() {  # random-depth training against fixed 4-step SCORE for the 
   done
 }
 
+part_gnn_deep() {  # ESOL-GNN: gpt_deep's deeper draws (2..16, gradients through the last 4)
+  OMP_NUM_THREADS=1 $BIN/score-train -m experiment=paper_esol_gnn_cpu depth=score025 seed=0,1,2 \
+    depth.inject=add "depth.train_steps='uniform:2,16'" depth.backprop_steps=4 "${SWEEP[@]}" \
+    hydra.sweep.dir=multirun/dial/fixed_point/gnn_deep
+  for d in multirun/dial/fixed_point/gnn_deep/*/; do
+    if [ -f "$d/results.json" ]; then $BIN/score-eval "$(run_dir "$d")" depth.steps=4,8,16 depth.keep_horizon=false; fi
+  done
+  for d in multirun/dial/fixed_point/gnn_unroll4/*/; do  # the fixed-step baseline's dial
+    if [ -f "$d/results.json" ] && [ ! -f "$d/eval.csv" ]; then
+      $BIN/score-eval "$(run_dir "$d")" depth.steps=4,8,16 depth.keep_horizon=false
+    fi
+  done
+}
+
+part_gpt_equal_time() {  # nanoGPT: random depth (uniform:2,8: 5 steps on average) for 1600
+  # iterations against fixed 4 steps for 2000: the same evaluations of F; two sweeps of the same
+  # shape run one after the other on a quiet machine, so their wall times compare
+  OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
+    "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/gpt_equal_time/fixed
+  OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
+    depth.inject=add "depth.train_steps='uniform:2,8'" task.max_steps=1600 "${SWEEP[@]}" \
+    hydra.sweep.dir=multirun/dial/gpt_equal_time/random
+}
+
 part_gpt_dial() {  # nanoGPT CPU preset, fixed vs random depth, then 1x / 2x / 4x the steps
   OMP_NUM_THREADS=1 $BIN/score-train -m task=shakespeare_char_cpu depth=score seed=0,1,2 \
     "${SWEEP[@]}" hydra.sweep.dir=multirun/dial/gpt/fixed
@@ -123,9 +147,9 @@ part_gpt_halting() {  # per-sequence halting of the random-depth models (KL betw
 run_dir() { local d=${1%/}; printf "run_dir='%s'" "${d//\'/\\\'}"; }
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|fixed_point_implicit|equal_time|gpt_dial|gpt_fixed_point|gpt_fixed_point_implicit|gpt_deep|gpt_halting|all ..."; exit 2; }
-[ "${parts[0]}" = all ] && parts=(ancre fp_memory fixed_point fixed_point_implicit equal_time gpt_dial gpt_fixed_point
-  gpt_fixed_point_implicit gpt_deep gpt_halting)
+[ ${#parts[@]} -eq 0 ] && { echo "usage: $0 ancre|fp_memory|fixed_point|fixed_point_implicit|gnn_deep|equal_time|gpt_equal_time|gpt_dial|gpt_fixed_point|gpt_fixed_point_implicit|gpt_deep|gpt_halting|all ..."; exit 2; }
+[ "${parts[0]}" = all ] && parts=(ancre fp_memory fixed_point fixed_point_implicit gnn_deep equal_time gpt_equal_time
+  gpt_dial gpt_fixed_point gpt_fixed_point_implicit gpt_deep gpt_halting)
 for p in "${parts[@]}"; do
   echo "== $p ($(date +%T))"
   "part_$p"
