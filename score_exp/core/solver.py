@@ -81,7 +81,9 @@ def implicit_backward(out: Tensor, h_star: Tensor, tol: float, max_iter: int) ->
     ``g = (I - J^T)^-1 dL/dh*``. A hook on ``out`` replaces the incoming ``dL/dh*`` by ``g``,
     found by Anderson acceleration of ``g <- J^T g + dL/dh*`` (vector-Jacobian products through
     ``out``'s one-step graph: memory constant in the iterations); the backward pass then carries
-    ``g`` through that step to the parameters and the injected input.
+    ``g`` through that step to the parameters and the injected input. The hook removes itself
+    when it runs (its products go through ``out``'s graph), so a second backward through a
+    retained graph gets the Jacobian-free gradient.
 
     Args:
         out: ``F(h_star)``, built with gradients; ``h_star`` a leaf that requires grad.

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from score_exp.report.runs import Run
-from score_exp.report.tables import Variant, iteration_based
+from score_exp.report.tables import Variant, eval_settings, iteration_based
 
 
 def _plt():
@@ -130,8 +130,6 @@ def metric_vs_inference_nfe(task: str, vs: list[Variant], out: Path, slug: str) 
     """Test metric against the evaluations of F spent at inference (``score-eval``'s rows), one
     colour per training scheme: lines through the full step counts (one per integrator and
     horizon rule), open markers for halting thresholds."""
-    from score_exp.report.tables import eval_settings
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drew, headline = False, ""

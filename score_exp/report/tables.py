@@ -6,6 +6,7 @@ the report and never averaged in.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -316,8 +317,6 @@ def eval_settings(v: Variant) -> dict[tuple, list[dict]]:
     its first row per setting (a repeated evaluation is the same setting again). Rows carry
     ``nfe`` (evaluations of F spent per sample), ``metric`` (the test headline) and ``seconds``.
     """
-    import csv
-
     out: dict[tuple, list[dict]] = {}
     for r in v.ok_runs:
         path = r.path / "eval.csv"
