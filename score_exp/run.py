@@ -192,10 +192,9 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from hydra.core.global_hydra import GlobalHydra
 
     check_depth_overrides(overrides)
     # Inside a Hydra app (score-eval rebuilding a run from the project's configs), Hydra is

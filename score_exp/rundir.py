@@ -44,7 +44,13 @@ from omegaconf import DictConfig, OmegaConf
 from score_exp.errors import ConfigError, DataError, ScoreExpError
 from score_exp.io import atomic_write_json, atomic_write_text, flatten
 from score_exp.runs import fingerprint as inputs
-from score_exp.runs.files import check_move_aside, load_yaml, read_json, refuse_links
+from score_exp.runs.files import (
+    UnsafeRunFile,
+    check_move_aside,
+    load_yaml,
+    read_json,
+    refuse_links,
+)
 from score_exp.runs.safe_load import TRUSTED_ENV, load_run_config, trusted_targets  # noqa: F401
 
 log = logging.getLogger("score_exp.rundir")
@@ -75,6 +81,7 @@ COSMETIC_KEYS = (
     "callbacks.model_checkpoint.save_last",
     "callbacks.last_checkpoint",
 )
+
 
 class RunDirError(ConfigError):
     """The run folder cannot be used as asked (another config, in use, unknown origin)."""
@@ -178,7 +185,10 @@ def _trained(run_dir: Path) -> bool:
 
 def move_aside(run_dir: Path) -> Path:
     """Rename ``run_dir`` to ``<parent>/.overwritten/<name>-<time>``; returns the new path."""
-    check_move_aside(run_dir, MOVED_ASIDE)  # never moves anything outside the run's parent
+    try:
+        check_move_aside(run_dir, MOVED_ASIDE)  # never moves anything outside the run's parent
+    except UnsafeRunFile as e:
+        raise RunDirError(str(e)) from None
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     target = run_dir.parent / MOVED_ASIDE / f"{run_dir.name}-{stamp}"
     n = 1
@@ -210,7 +220,10 @@ def claim_run_dir(
             folder is left exactly as it was.
     """
     run_dir = Path(run_dir)
-    refuse_links(run_dir)  # nothing of a run is written through a link
+    try:
+        refuse_links(run_dir)  # nothing of a run is written through a link (the log included)
+    except UnsafeRunFile as e:
+        raise RunDirError(str(e)) from None  # RunDirError: reported, never logged into the folder
     identity = {**run_identity(resolved, run_dir), **inputs.input_hashes(resolved)}
     if overwrite and holds_run(run_dir):
         with RunLock(run_dir, record=False):  # never move a folder another process trains in

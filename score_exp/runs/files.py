@@ -13,6 +13,7 @@ is never written through a link to somewhere else. Every refusal is one line
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from pathlib import Path
@@ -94,6 +95,12 @@ def read_text(path: str | os.PathLike, limit: int | None = None) -> str:
         raise UnsafeRunFile(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def yaml_loader() -> type:
+    """A safe YAML loader (OmegaConf's scalars) that refuses an alias bomb (:func:`load_yaml`)."""
+    return _loader()
+
+
+@functools.cache
 def _loader() -> type:
     from omegaconf._utils import get_yaml_loader
 

@@ -13,9 +13,9 @@ A task that is not the project's (your own package, README "Add a task") is trus
 name: ``SCORE_EXP_TRUSTED_TARGETS=mypkg.data.MyData,mypkg.models.MyModel`` (comma-separated
 dotted names, never prefixes). This module holds the one allow-list (:func:`allowed_targets`).
 
-An Optuna study's database is data too: :func:`check_study_overrides` lets through only values
-for keys the composed config has (or options of its config groups), never a ``_target_``, a
-``hydra.`` key, an added or deleted key, an interpolation or a path of the run folder.
+An Optuna study's database is data too: :func:`study_overrides` lets through only values
+for keys the composed config has (or options of its config groups), never a ``_target_``, an added
+or deleted key, an interpolation or a path of the run folder.
 """
 
 from __future__ import annotations
@@ -227,13 +227,15 @@ def _own_task(task: dict, where: str, name: str) -> dict:
 # ----------------------------------------------------------------------------- Optuna studies
 
 
-def check_study_overrides(overrides: list[str], where: str) -> None:
-    """Refuse anything but values for known keys among the overrides a study stored.
+def study_overrides(overrides: list[str], where: str) -> list[str]:
+    """The overrides a study stored, checked as values for known keys; Hydra's own dropped.
 
     Each ``key=value`` must change a key the composed ``score-train`` config has (or choose an
     existing option of a config group), with a plain value: no ``+``/``~`` prefix, no
-    ``_target_`` or other ``_``-key, no ``hydra.`` key, no interpolation, no sweep, and no key
-    whose default is a path of the run folder (``${hydra:...}``: where checkpoints and logs go).
+    ``_target_`` or other ``_``-key, no interpolation, no sweep, and no key whose default is a
+    path of the run folder (``${hydra:...}``: where checkpoints and logs go). ``hydra.*`` and
+    ``hydra/*`` overrides (the study's own sweep settings, launcher) are left out: a re-trained
+    run sets its own.
 
     Raises:
         ConfigError: one line naming the study and the override.
@@ -250,19 +252,22 @@ def check_study_overrides(overrides: list[str], where: str) -> None:
         )
 
     parser = OverridesParser.create()
-    groups = []
+    kept, groups = [], []
     for text in overrides:
         try:
             (o,) = parser.parse_overrides([text])
         except Exception as e:
-            refuse(text, str(e).splitlines()[0] if str(e) else "not an override")
+            refuse(text, str(e).strip().splitlines()[0] if str(e).strip() else "not an override")
         key = o.key_or_group
+        parts = re.split(r"[./@]", key)
+        if o.type == OverrideType.CHANGE and o.package is None and parts[0] == "hydra":
+            continue  # the study's sweep settings: not the run's configuration
         if o.type != OverrideType.CHANGE or o.package is not None:
             refuse(text, "a study may only change values of existing keys")
         if o.is_sweep_override() or "${" in text:
             refuse(text, "a sweep or an interpolation, not a value")
-        if key.split(".")[0].split("/")[0] == "hydra" or any(p.startswith("_") for p in re.split(r"[./]", key)):  # fmt: skip
-            refuse(text, "Hydra's own settings and instantiation keys are not values")
+        if any(p.startswith("_") for p in parts):
+            refuse(text, "instantiation keys are not values")
         value = o.value()
         if key in STUDY_GROUPS:
             options = [p.stem for p in (_config_dir() / key).glob("*.yaml") if p.stem[0] != "_"]
@@ -273,8 +278,9 @@ def check_study_overrides(overrides: list[str], where: str) -> None:
             refuse(text, "not a key of the config")
         elif not _plain(value):
             refuse(text, "not a plain value")
+        kept.append(text)
     composed = OmegaConf.to_container(compose(*groups), resolve=False)
-    for text in overrides:
+    for text in kept:
         key = text.split("=", 1)[0]
         if key in STUDY_GROUPS:
             continue
@@ -283,10 +289,14 @@ def check_study_overrides(overrides: list[str], where: str) -> None:
             if not isinstance(node, dict) or part not in node:
                 refuse(text, "no such key")
             node = node[part]
-        defaults = [v for _, _, v in _walk(node, "")] if isinstance(node, dict) else [node]
+        defaults = [v for _, _, v in _walk(node, "")] if isinstance(node, (dict, list)) else [node]
         if any(isinstance(v, str) and "${hydra:" in v for v in defaults):
             refuse(text, "a path of the run folder")
-    compose(*overrides)  # types and values the schema refuses: one line from compose
+    try:
+        compose(*kept)  # types and values the schema refuses
+    except ConfigError as e:
+        raise UnsafeRunConfig(f"{where}: {e}") from None
+    return kept
 
 
 def _plain(value: Any) -> bool:
