@@ -149,15 +149,19 @@ def test_a_dangling_lock_link_creates_nothing(tmp_path):
     assert not victim.exists()
 
 
-def test_eval_writes_no_eval_csv_through_a_link(finished, tmp_path):
+@pytest.mark.parametrize(
+    "name, sweep", [("eval.csv", []), ("multirun.yaml", ["depth.steps=2,4"])], ids=["run", "sweep"]
+)
+def test_eval_writes_nothing_through_a_link(finished, tmp_path, name, sweep):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
-    victim = tmp_path / "victim.csv"
+    victim = tmp_path / "victim"
     victim.write_text("a\n1\n")
-    (run_dir / "eval.csv").symlink_to(victim)
-    line = one_line(run_cli(f"run_dir={run_dir}", module="score_exp.eval"), "score-eval")
-    assert "eval.csv is a symbolic link" in line
-    assert (run_dir / "eval.csv").is_symlink() and victim.read_text() == "a\n1\n"
+    (run_dir / name).symlink_to(victim)
+    out = run_cli(f"run_dir={run_dir}", *sweep, module="score_exp.eval")
+    assert f"{name} is a symbolic link" in one_line(out, "score-eval")
+    assert (run_dir / name).is_symlink() and victim.read_text() == "a\n1\n"
+    assert not (run_dir / "eval.csv").exists() or (run_dir / "eval.csv").is_symlink()
 
 
 @pytest.mark.parametrize("link", ["aside", "run"])
@@ -282,11 +286,11 @@ def test_a_moved_run_resumes_to_the_numbers_of_an_in_place_resume(tmp_path):
     assert train_cli(here, *args, env=env).returncode == 0
     out = train_cli(tmp_path / "run2", *args, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "dirpath has changed" not in out.stderr
     in_place, moved = load_results(here), load_results(tmp_path / "run2")
     assert in_place["best_val"]["epoch"] < 2
+    assert (moved["best_val"], moved["test"]) == (in_place["best_val"], in_place["test"])
     assert moved["best_checkpoint"] == in_place["best_checkpoint"]
-    assert moved["best_val"] == in_place["best_val"] and moved["test"] == in_place["test"]
+    assert "dirpath has changed" not in out.stderr
 
 
 # ----------------------------------------------------------------------------- the allow-list

@@ -196,3 +196,34 @@ def check_move_aside(run_dir: str | os.PathLike, aside: str) -> None:
                 f"{path} is a symbolic link: overwrite=true moves a run folder only within its "
                 "parent; remove the link or use another folder"
             )
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra-core always provides it
+    _HydraCallback = object
+
+
+class RefuseLinkedRunDir(_HydraCallback):
+    """Hydra callback of ``score-eval``: :func:`refuse_links` on ``run_dir`` before a sweep
+    writes its ``multirun.yaml`` there (one line, exit 2).
+
+    Args:
+        prog: the command's name, for the message.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        import sys
+
+        from omegaconf import OmegaConf
+
+        run_dir = OmegaConf.select(config, "run_dir", default=None, throw_on_missing=False)
+        try:
+            if isinstance(run_dir, str) and run_dir:
+                refuse_links(Path(run_dir).expanduser())
+        except UnsafeRunFile as e:
+            print(f"{self.prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)  # SystemExit: Hydra turns a callback's Exception into a warning
