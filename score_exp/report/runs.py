@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from score_exp.io import flatten
-from score_exp.runs.files import UnsafeRunFile, read_text, yaml_loader
+from score_exp.runs.files import UnsafeRunFile, read_bytes, yaml_loader
 
 # Config keys that identify a run but not a variant (seeds, paths, bookkeeping).
 NOT_A_VARIANT = ("seed", "task.data.split_seed", "task.data.seed", "run_dir", "experiment_name", "skip_finished",
@@ -84,7 +84,7 @@ def read_curve(path: Path, metric: str) -> list[dict]:
     """
     if not path.exists():
         return []
-    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode(), newline="")))
     trained = {
         row.get("epoch")
         for row in rows
@@ -117,7 +117,7 @@ _MAPPING_FIELDS = ("depth", "best_val", "val", "test")
 def _read(path: Path, parse) -> Any:
     """``parse(text)`` of a run folder's file: bounded, never through a link (runs.files)."""
     try:
-        return parse(read_text(path))
+        return parse(read_bytes(path).decode())
     except UnsafeRunFile as e:
         raise UnreadableRun(f"{path.name}: {str(e).replace(str(path), 'the file')}") from None
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
@@ -207,7 +207,7 @@ def last_values(path: Path, prefix: str) -> dict[str, float]:
     if not path.exists():
         return {}
     out: dict[str, float] = {}
-    for row in csv.DictReader(io.StringIO(read_text(path), newline="")):
+    for row in csv.DictReader(io.StringIO(read_bytes(path).decode(), newline="")):
         for k, v in row.items():
             if k and k.startswith(prefix) and v:
                 out[k] = float(v)
