@@ -45,9 +45,11 @@ from score_exp.errors import ConfigError, DataError, ScoreExpError
 from score_exp.io import atomic_write_json, atomic_write_text, flatten
 from score_exp.runs import fingerprint as inputs
 from score_exp.runs.files import (
+    CHECKPOINT_LIMIT,
     UnsafeRunFile,
     check_move_aside,
     load_yaml,
+    open_regular,
     read_json,
     refuse_links,
 )
@@ -345,8 +347,11 @@ def load_checkpoint(path: Path) -> dict:
     """
     import torch
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a regular file, not a link or a device, of a sane size (runs.files)
+        with open_regular(path, CHECKPOINT_LIMIT) as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except ScoreExpError:
+        raise
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), OSError, EOFError

@@ -302,3 +302,21 @@ def test_trusted_targets_are_exact_names_not_prefixes(monkeypatch):
     monkeypatch.setenv(safe_load.TRUSTED_ENV, "toy_task.")
     with pytest.raises(ConfigError, match="names exact targets"):
         safe_load.trusted_targets()
+
+
+def test_run_folder_reads_take_regular_files_only_never_a_link_a_fifo_or_a_device(tmp_path):
+    from score_exp.runs import files
+
+    real = tmp_path / "results.json"
+    real.write_text("{}")
+    (tmp_path / "link.json").symlink_to(real)
+    os.mkfifo(tmp_path / "fifo.json")  # a reader would block on it forever
+    for path, why in ((tmp_path / "link.json", "symbolic link"), (tmp_path / "fifo.json",
+                      "not a regular file"), (Path("/dev/zero"), "not a regular file")):  # fmt: skip
+        with pytest.raises(files.UnsafeRunFile, match=why):
+            files.read_bytes(path)
+    with pytest.raises(files.UnsafeRunFile, match="over the 1-byte limit"):
+        files.read_bytes(real, limit=1)
+    with pytest.raises(ConfigError, match="symbolic link"):  # checkpoints too (weights_only)
+        rundir.load_checkpoint(tmp_path / "link.json")
+    assert files.read_json(real) == {}

@@ -17,7 +17,7 @@ import functools
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -32,6 +32,8 @@ LIMITS = {
     "metrics.csv": 512 * MiB,
     "eval.csv": 64 * MiB,
 }
+#: Size limit of a checkpoint (a GPT-2-sized run with its optimiser state is about 1.5 GB).
+CHECKPOINT_LIMIT = 64 << 30
 MAX_BYTES = 64 * MiB
 #: Nodes a YAML document may hold once its aliases are expanded (score-train writes none).
 MAX_YAML_NODES = 100_000
@@ -43,11 +45,11 @@ class UnsafeRunFile(ConfigError):
     """A run-folder file that is a link, not a regular file, too large or not plain YAML."""
 
 
-def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
-    """The bytes of a regular file, opened without following a link, at most ``limit`` of them.
+def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
+    """A regular file opened for reading without following a link, at most ``limit`` bytes.
 
     Raises:
-        FileNotFoundError: no such file (callers say what that means).
+        FileNotFoundError: no such file.
         UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit`` (default: by name).
     """
     path = Path(path)
@@ -71,15 +73,27 @@ def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
             raise UnsafeRunFile(f"{path} is not a regular file")
         if st.st_size > limit:
             raise UnsafeRunFile(_too_large(path, st.st_size, limit))
-        chunks, size = [], 0
-        while chunk := os.read(fd, min(1 * MiB, limit + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:  # it grew while read
-                raise UnsafeRunFile(_too_large(path, size, limit))
-        return b"".join(chunks)
-    finally:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, opened without following a link, at most ``limit`` of them.
+
+    Raises:
+        FileNotFoundError: no such file (callers say what that means).
+        UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit`` (default: by name).
+    """
+    path = Path(path)
+    limit = LIMITS.get(path.name, MAX_BYTES) if limit is None else limit
+    with open_regular(path, limit) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew while read
+        raise UnsafeRunFile(_too_large(path, len(data), limit))
+    return data
 
 
 def _too_large(path: Path, size: int, limit: int) -> str:
