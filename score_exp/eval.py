@@ -26,6 +26,7 @@ from score_exp.cli import require
 from score_exp.errors import ConfigError, user_error
 from score_exp.io import atomic_write_text
 from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
+from score_exp.runs.files import read_text, refuse_links
 
 log = logging.getLogger("score_exp.eval")
 
@@ -52,6 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         .resolve()
     )  # absolute, as find_checkpoint's path (relative_to below)
     ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)  # a missing one fails before any work
+    refuse_links(run_dir)  # eval.csv is never written through a link
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
     over = cfg.depth
@@ -127,9 +129,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def append_row(path: Path, row: dict[str, Any]) -> list[dict[str, str]]:
     """Append ``row`` to the CSV at ``path`` (columns: the union, in first-seen order)."""
     rows: list[dict[str, Any]] = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+    if path.exists():
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     rows.append(row)
     fields: list[str] = []
     for r in rows:
@@ -144,8 +145,7 @@ def append_row(path: Path, row: dict[str, Any]) -> list[dict[str, str]]:
 
 def format_table(path: Path, metric: str) -> str:
     """The eval.csv at ``path`` as an aligned text table of the shown columns and ``metric``."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     cols = [c for c in (*SHOWN, metric) if rows and c in rows[0]]
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols}
     lines = ["  ".join(c.rjust(widths[c]) for c in cols)]

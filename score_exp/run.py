@@ -192,10 +192,15 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     check_depth_overrides(overrides)
+    # Inside a Hydra app (score-eval rebuilding a run from the project's configs), Hydra is
+    # already initialised: compose beside it and give it back as it was.
+    running = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return hydra_compose(config_name, overrides=list(overrides))
@@ -204,6 +209,10 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = " ".join(ln for ln in lines if not ln.startswith(skip)) or type(e).__name__
         raise ConfigError(f"cannot compose {' '.join(overrides)}: {why}") from None
+    finally:
+        if running is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(running)
 
 
 def check_depth_overrides(overrides: Sequence[str]) -> None:
@@ -368,10 +377,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def run_config(run_dir: Path) -> DictConfig:
-    """The resolved config a run folder names (``config.yaml``, written by ``score-train``).
+    """The config of a run folder, rebuilt: the project's task config with the folder's values.
 
-    Only ``score_exp.*`` targets (and an allow-list) may appear in it, at any depth, so that
-    building it runs nothing but this package's code (:func:`score_exp.rundir.load_run_config`).
+    Only plain values for the project's keys are taken from ``config.yaml`` (no ``_target_``,
+    no interpolation), so that building it runs nothing but the project's (and the explicitly
+    trusted) classes (:func:`score_exp.runs.safe_load.load_run_config`).
     """
     return rundir.load_run_config(Path(run_dir))
 

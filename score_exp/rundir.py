@@ -12,8 +12,11 @@ edited, corrupted or shared in between:
   ``<run>/.lock``, released by the kernel when the process dies, so a stale lock of a dead
   process is simply taken over).
 - **Safe loading** (:func:`load_checkpoint`, :func:`load_run_config`): checkpoints load with
-  ``weights_only=True``; a run folder's ``config.yaml`` may only instantiate ``score_exp.*``
-  targets and :data:`ALLOWED_TARGETS`.
+  ``weights_only=True``; a run is rebuilt from the project's configs with plain values from its
+  ``config.yaml`` (:mod:`score_exp.runs.safe_load`); files are read bounded, without following
+  links, and nothing is written through a link (:mod:`score_exp.runs.files`).
+- **Data** (:mod:`score_exp.runs.fingerprint`): the fingerprint holds the sha256 of every input
+  file, so edited data is another configuration.
 - **Resume** (:func:`resume_checkpoint`): an unreadable ``last.ckpt`` is moved aside with a warning
   and the run resumes from the newest readable checkpoint, or starts afresh.
 - **Sweeps**: job folder names never escape the sweep folder (:func:`safe_dirname`, the
@@ -24,6 +27,7 @@ edited, corrupted or shared in between:
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -35,10 +39,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from score_exp.errors import ConfigError, DataError, ScoreExpError
-from score_exp.io import atomic_write_json, atomic_write_text, flatten, read_json
+from score_exp.io import atomic_write_json, atomic_write_text, flatten
+from score_exp.runs import fingerprint as inputs
+from score_exp.runs.files import (
+    CHECKPOINT_LIMIT,
+    UnsafeRunFile,
+    check_move_aside,
+    load_yaml,
+    open_regular,
+    read_json,
+    refuse_links,
+)
+from score_exp.runs.safe_load import TRUSTED_ENV, load_run_config, trusted_targets  # noqa: F401
 
 log = logging.getLogger("score_exp.rundir")
 
@@ -68,27 +83,6 @@ COSMETIC_KEYS = (
     "callbacks.model_checkpoint.save_last",
     "callbacks.last_checkpoint",
 )
-
-# ``_target_``s outside ``score_exp`` that a run folder's config.yaml may name (the Lightning
-# objects score-train's own configs use; score-sample and score-eval instantiate none of them).
-ALLOWED_TARGETS = frozenset(
-    {
-        "lightning.pytorch.Trainer",
-        "lightning.pytorch.callbacks.ModelCheckpoint",
-        "lightning.pytorch.callbacks.EarlyStopping",
-        "lightning.pytorch.loggers.CSVLogger",
-    }
-)
-
-
-# Your own task package (outside score_exp) is trusted explicitly: module prefixes, comma-separated.
-TRUSTED_ENV = "SCORE_EXP_TRUSTED_TARGETS"
-
-
-def trusted_prefixes() -> tuple[str, ...]:
-    """``score_exp.`` and the prefixes named in ``$SCORE_EXP_TRUSTED_TARGETS`` (e.g. ``mytask.``)."""
-    extra = os.environ.get(TRUSTED_ENV, "")
-    return ("score_exp.", *(p.strip() for p in extra.split(",") if p.strip()))
 
 
 class RunDirError(ConfigError):
@@ -152,19 +146,19 @@ def stored_identity(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / FINGERPRINT
     if path.is_file():
         try:
-            return read_json(path)["identity"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            return dict(read_json(path)["identity"])
+        except (OSError, ValueError, KeyError, TypeError, ScoreExpError) as e:
             raise RunDirError(
                 f"{path} is unreadable ({e}); pass overwrite=true to start afresh"
             ) from None
     config = run_dir / "config.yaml"
     if config.is_file():
         try:
-            resolved = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
-        except Exception as e:  # a YAML error: one line, not a traceback
-            raise RunDirError(
-                f"{config} is unreadable ({e}); pass overwrite=true to start afresh"
-            ) from None
+            resolved = load_yaml(config)  # bounded, alias-limited, nothing resolved
+        except ScoreExpError as e:  # one line, not a traceback
+            raise RunDirError(f"{e}; pass overwrite=true to start afresh") from None
+        if not isinstance(resolved, dict):
+            raise RunDirError(f"{config} is not a mapping; pass overwrite=true to start afresh")
         return {**run_identity(resolved, run_dir), LEGACY: True}
     if (run_dir / RESULTS).exists() or (run_dir / "checkpoints").exists():
         raise RunDirError(
@@ -193,6 +187,10 @@ def _trained(run_dir: Path) -> bool:
 
 def move_aside(run_dir: Path) -> Path:
     """Rename ``run_dir`` to ``<parent>/.overwritten/<name>-<time>``; returns the new path."""
+    try:
+        check_move_aside(run_dir, MOVED_ASIDE)  # never moves anything outside the run's parent
+    except UnsafeRunFile as e:
+        raise RunDirError(str(e)) from None
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     target = run_dir.parent / MOVED_ASIDE / f"{run_dir.name}-{stamp}"
     n = 1
@@ -224,7 +222,11 @@ def claim_run_dir(
             folder is left exactly as it was.
     """
     run_dir = Path(run_dir)
-    identity = run_identity(resolved, run_dir)
+    try:
+        refuse_links(run_dir)  # nothing of a run is written through a link (the log included)
+    except UnsafeRunFile as e:
+        raise RunDirError(str(e)) from None  # RunDirError: reported, never logged into the folder
+    identity = {**run_identity(resolved, run_dir), **inputs.input_hashes(resolved)}
     if overwrite and holds_run(run_dir):
         with RunLock(run_dir, record=False):  # never move a folder another process trains in
             pass
@@ -236,6 +238,8 @@ def claim_run_dir(
         identity_then = {k: v for k, v in identity.items() if k in old}  # keys added since
     else:
         identity_then = identity
+    if old is not None and not inputs.has_inputs(old):  # made before data was fingerprinted
+        identity_then = inputs.without_inputs(identity_then)
     if old is not None and fingerprint(old) != fingerprint(identity_then) and not _trained(run_dir):
         # A start that failed before training (bad input) left a config but nothing of a
         # result: the corrected command may take the folder over.
@@ -245,13 +249,15 @@ def claim_run_dir(
         old = None
     if old is not None and fingerprint(old) != fingerprint(identity_then):
         raise RunDirError(
-            f"{run_dir} holds a run of another configuration ({differences(old, identity_then)}); "
+            inputs.changed_data(run_dir, old, identity_then)
+            or f"{run_dir} holds a run of another configuration "
+            f"({differences(inputs.without_inputs(old), inputs.without_inputs(identity_then))}); "
             "use another folder, or overwrite=true to move the old run aside"
         )
     if skip_finished and old is not None and (run_dir / RESULTS).is_file():
         try:
             previous = read_json(run_dir / RESULTS)
-        except (OSError, ValueError):
+        except (OSError, ValueError, ScoreExpError):
             previous = None
         if isinstance(previous, dict) and previous.get("status") == "ok":
             return previous, None
@@ -291,7 +297,15 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a crafted .lock link never gets its target overwritten
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise RunDirError(
+                f"{self.path} is a symbolic link: a run folder's lock is never written through "
+                "a link; remove it"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -333,8 +347,11 @@ def load_checkpoint(path: Path) -> dict:
     """
     import torch
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # a regular file, not a link or a device, of a sane size (runs.files)
+        with open_regular(path, CHECKPOINT_LIMIT) as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except ScoreExpError:
+        raise
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), OSError, EOFError
@@ -342,52 +359,6 @@ def load_checkpoint(path: Path) -> dict:
         raise DataError(
             f"checkpoint {path} is unreadable (truncated?) or not plain data: {reason}"
         ) from None
-
-
-def check_targets(node: Any, where: str, path: str = "") -> None:
-    """Refuse any ``_target_`` outside ``score_exp.``, :data:`ALLOWED_TARGETS` and the prefixes
-    the user trusts (:func:`trusted_prefixes`), at any depth.
-
-    Raises:
-        ConfigError: names the key, the target and where it was found.
-    """
-    prefixes = trusted_prefixes()
-    if isinstance(node, (DictConfig, dict)):
-        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
-        for key, value in items:
-            key_path = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                target = str(value)
-                if not (target.startswith(prefixes) or target in ALLOWED_TARGETS):
-                    raise ConfigError(
-                        f"{where}: {key_path} = {target!r} is not allowed: a run folder may only "
-                        f"instantiate score_exp.* (and the Lightning Trainer, callbacks, CSVLogger; "
-                        f"trust your own package with {TRUSTED_ENV}=mypackage.)"
-                    )
-            else:
-                check_targets(value, where, key_path)
-    elif isinstance(node, (ListConfig, list, tuple)):
-        for i, value in enumerate(node):
-            check_targets(value, where, f"{path}[{i}]")
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    """A run folder's ``config.yaml``, checked so that instantiating it runs only our code.
-
-    Raises:
-        ConfigError: unreadable YAML or a disallowed ``_target_``.
-    """
-    path = Path(run_dir) / "config.yaml"
-    try:
-        cfg = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{run_dir} is not a score-train run folder (no config.yaml)") from None
-    except Exception as e:
-        raise ConfigError(f"{path} is unreadable: {e}".splitlines()[0]) from None
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{path} is not a score-train config (a mapping)")
-    check_targets(cfg, str(path))
-    return cfg
 
 
 def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
@@ -410,7 +381,7 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     if (run_dir / RESULTS).is_file():
         try:
             best = read_json(run_dir / RESULTS).get("best_checkpoint")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, ScoreExpError):
             best = None
         if isinstance(best, str) and best:
             path = (run_dir / best).resolve()

@@ -35,6 +35,7 @@ from score_exp.run import (
     depth_spec,
     trainable_params,
 )
+from score_exp.runs.files import read_json
 from score_exp.tasks.distributed import per_device_batch
 
 log = logging.getLogger("score_exp.train")
@@ -162,6 +163,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         RunTimer,
         find_depth,
     )
+    from score_exp.tasks.relocation import RelativeBestCheckpoint
 
     # Lightning adds its own stderr handler on import; Hydra's handlers (stderr + run log) suffice.
     logging.getLogger("lightning").handlers.clear()
@@ -175,6 +177,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         divergence = DivergenceDetector()
         callbacks.append(divergence)
     callbacks += [timer, RNGStateCheckpoint()]
+    # A moved or copied run folder resumes with its best checkpoint (found relative to it).
+    callbacks.append(RelativeBestCheckpoint())
     # One no-grad pass of the depth on one validation batch per epoch (cheap; a model without a
     # RecurrentDepth is left alone).
     callbacks.append(DepthDiagnostics())
@@ -255,6 +259,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
                 "test/",
             )
     elif record["status"] == "ok":
+        _keep_a_finished_result(run_dir)
         record["status"] = "failed"
         record["error"] = "no best checkpoint: the monitored metric was never logged"
     _record_learned_depth(record, find_depth(model))
@@ -266,6 +271,24 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
             _log_summary(lg, record)
         atomic_write_json(run_dir / RESULTS, record)
     return record
+
+
+def _keep_a_finished_result(run_dir: Path) -> None:
+    """A re-run never downgrades an ``ok`` results.json: one line instead of ``failed``.
+
+    Raises:
+        RunDirError: the folder's results.json says ``ok`` (a re-run with skip_finished=false
+            that found no best checkpoint, e.g. one deleted by hand).
+    """
+    try:
+        previous = read_json(run_dir / RESULTS)
+    except (OSError, ValueError, ScoreExpError):
+        return
+    if isinstance(previous, dict) and previous.get("status") == "ok":
+        raise rundir.RunDirError(
+            f"{run_dir}: the re-run found no best checkpoint; its results.json (status ok) "
+            "is kept. Use overwrite=true to train it afresh"
+        )
 
 
 def is_rank_zero() -> bool:

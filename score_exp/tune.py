@@ -28,6 +28,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 
 from score_exp.errors import DataError, ScoreExpError
 from score_exp.io import atomic_write_json
+from score_exp.runs.safe_load import study_overrides
 
 log = logging.getLogger("hydra_plugins.score_exp_sweeper")  # shown with the sweeper's [HYDRA] lines
 
@@ -101,7 +102,12 @@ def best_trial(db: Path) -> dict:
 
     Returns ``{"study", "db", "value", "number", "n_complete", "overrides"}``, where
     ``overrides`` are the ``key=value`` overrides the trial ran with (its sampled parameters and
-    the study's fixed overrides, as Hydra's Optuna sweeper passed them).
+    the study's fixed overrides, as Hydra's Optuna sweeper passed them), checked as values for the
+    project's keys (:func:`score_exp.runs.safe_load.study_overrides`; ``hydra.*`` left out).
+
+    Raises:
+        DataError: no single study or no finished trial.
+        ConfigError: a stored override that is not a value of a known key (one line).
     """
     import optuna
     from optuna.trial import TrialState
@@ -123,13 +129,17 @@ def best_trial(db: Path) -> dict:
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     best = min(complete, key=lambda t: (sign * t.value, t.number))
     params = {**best.params, **best.user_attrs}  # user_attrs: the fixed overrides
+    # The database is data: values for the project's keys only, never code or paths.
+    overrides = study_overrides(
+        [f"{k}={v}" for k, v in params.items()], f"{db} (trial {best.number})"
+    )
     return {
         "study": study.study_name,
         "db": str(db),
         "value": best.value,
         "number": best.number,
         "n_complete": len(complete),
-        "overrides": [f"{k}={v}" for k, v in params.items()],
+        "overrides": overrides,
     }
 
 

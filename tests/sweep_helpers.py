@@ -26,3 +26,19 @@ class SigtermAt(L.Callback):
         at_step = self.step is not None and trainer.global_step == self.step
         if at_epoch or at_step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class ZeroWeightsFrom(L.Callback):
+    """Zeroes every parameter at the start of each epoch from ``epoch`` on (fresh or resumed):
+    later epochs are then worse than the earlier best, whatever the machine's rounding."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import torch
+
+        if trainer.current_epoch >= self.epoch:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.zero_()

@@ -42,10 +42,14 @@ def test_a_task_outside_the_framework_trains_and_loads_through_the_extension_poi
     assert r["params"] == 8 * 16 + 16 + 16 * 16 + 16 + 16 + 1
     assert (run_dir / "splits.json").is_file()
 
-    # A run folder may name only score_exp targets unless the user trusts their own package.
+    # A run folder may name only the project's classes unless the user trusts their own, by
+    # exact name (a prefix would reach every module the package imports).
     with pytest.raises(ConfigError, match="'toy_task.ToyRegressionData' is not allowed"):
         run.load_run(run_dir)
-    monkeypatch.setenv("SCORE_EXP_TRUSTED_TARGETS", "toy_task.")
+    monkeypatch.setenv("SCORE_EXP_TRUSTED_TARGETS", "toy_task.ToyRegressionData")
+    with pytest.raises(ConfigError, match="'toy_task.ToyModel' is not allowed"):
+        run.load_run(run_dir)
+    monkeypatch.setenv("SCORE_EXP_TRUSTED_TARGETS", "toy_task.ToyRegressionData,toy_task.ToyModel")
     loaded = run.load_run(run_dir)  # the same builder, in this process
     assert loaded.cfg.task.name == "toy" and loaded.checkpoint.name.startswith("best-")
     saved = run.load_checkpoint(loaded.checkpoint)["state_dict"]

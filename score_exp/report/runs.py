@@ -6,6 +6,7 @@ The report reads run folders only (never task internals): ``results.json`` is th
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from score_exp.io import flatten
+from score_exp.runs.files import UnsafeRunFile, read_bytes, yaml_loader
 
 # Config keys that identify a run but not a variant (seeds, paths, bookkeeping).
 NOT_A_VARIANT = ("seed", "task.data.split_seed", "task.data.seed", "run_dir", "experiment_name", "skip_finished",
@@ -82,8 +84,7 @@ def read_curve(path: Path, metric: str) -> list[dict]:
     """
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode(), newline="")))
     trained = {
         row.get("epoch")
         for row in rows
@@ -114,11 +115,18 @@ _MAPPING_FIELDS = ("depth", "best_val", "val", "test")
 
 
 def _read(path: Path, parse) -> Any:
+    """``parse(text)`` of a run folder's file: bounded, never through a link (runs.files)."""
     try:
-        return parse(path.read_text())
+        return parse(read_bytes(path).decode())
+    except UnsafeRunFile as e:
+        raise UnreadableRun(f"{path.name}: {str(e).replace(str(path), 'the file')}") from None
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UnreadableRun(f"{path.name}: {type(e).__name__}: {reason}") from None
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=yaml_loader())  # noqa: S506 (safe, alias-limited)
 
 
 def load_run(folder: Path) -> Run:
@@ -140,13 +148,17 @@ def load_run(folder: Path) -> Run:
                 raise UnreadableRun(f"results.json: {key}.{name} is {v!r}, not a number")
     config: dict = {}
     if (folder / "config.yaml").exists():
-        raw = _read(folder / "config.yaml", yaml.safe_load) or {}
+        raw = _read(folder / "config.yaml", _yaml) or {}
         if not isinstance(raw, dict):
             raise UnreadableRun(f"config.yaml: a YAML {type(raw).__name__}, not a mapping")
         config = flatten(raw)
     metric = results.get("best_val", {}).get("metric") or config.get("task.monitor", "val/loss")
     try:
         curve = read_curve(folder / "metrics.csv", metric)
+    except UnsafeRunFile as e:
+        raise UnreadableRun(
+            f"metrics.csv: {str(e).replace(str(folder / 'metrics.csv'), 'the file')}"
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as e:
         raise UnreadableRun(f"metrics.csv: {type(e).__name__}: {e}") from None
     return Run(folder, results, config, curve)
@@ -195,9 +207,8 @@ def last_values(path: Path, prefix: str) -> dict[str, float]:
     if not path.exists():
         return {}
     out: dict[str, float] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            for k, v in row.items():
-                if k and k.startswith(prefix) and v:
-                    out[k] = float(v)
+    for row in csv.DictReader(io.StringIO(read_bytes(path).decode(), newline="")):
+        for k, v in row.items():
+            if k and k.startswith(prefix) and v:
+                out[k] = float(v)
     return out

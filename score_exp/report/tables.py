@@ -7,12 +7,14 @@ the report and never averaged in.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
 from dataclasses import dataclass, field
 
 from score_exp.report.runs import Run, varied_keys
+from score_exp.runs.files import read_text
 
 # Keys that vary between variants but never name one (seeds and what follows from the preset).
 SEED_KEYS = ("seed",)
@@ -323,7 +325,7 @@ def eval_settings(v: Variant) -> dict[tuple, list[dict]]:
         if not path.is_file():
             continue
         seen = set()
-        with open(path, newline="") as f:
+        with io.StringIO(read_text(path), newline="") as f:  # bounded, never through a link
             for row in csv.DictReader(f):
                 metric = row.get(f"test/{r.headline}")
                 if not metric:

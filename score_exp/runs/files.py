@@ -1,0 +1,243 @@
+"""A run folder's files as data: bounded reads, YAML without resolvers, no symbolic links.
+
+A folder may have been crafted, copied from someone else or corrupted. Reading one of its files
+never follows a symbolic link (``O_NOFOLLOW``), never reads past a size limit
+(:data:`LIMITS`), never blocks on a FIFO, and YAML is parsed by a safe loader that resolves
+nothing and refuses a document whose aliases expand past :data:`MAX_YAML_NODES` nodes (an
+"alias bomb"). Before a command writes into a folder, :func:`refuse_links` refuses one that
+holds a symbolic link where a run writes (its top level, ``checkpoints/``, ``.hydra/``): a file
+is never written through a link to somewhere else. Every refusal is one line
+(:class:`UnsafeRunFile`, a :class:`~score_exp.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import yaml
+
+from score_exp.errors import ConfigError
+
+MiB = 1 << 20
+#: Size limits of the files a reader takes from a run folder (bytes; others: :data:`MAX_BYTES`).
+LIMITS = {
+    "config.yaml": 4 * MiB,
+    "fingerprint.json": 16 * MiB,
+    "results.json": 16 * MiB,
+    "metrics.csv": 512 * MiB,
+    "eval.csv": 64 * MiB,
+}
+#: Size limit of a checkpoint (a GPT-2-sized run with its optimiser state is about 1.5 GB).
+CHECKPOINT_LIMIT = 64 << 30
+MAX_BYTES = 64 * MiB
+#: Nodes a YAML document may hold once its aliases are expanded (score-train writes none).
+MAX_YAML_NODES = 100_000
+#: Where a run writes besides its top level: a symbolic link there is refused.
+WRITTEN_SUBDIRS = ("checkpoints", ".hydra")
+
+
+class UnsafeRunFile(ConfigError):
+    """A run-folder file that is a link, not a regular file, too large or not plain YAML."""
+
+
+def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
+    """A regular file opened for reading without following a link, at most ``limit`` bytes.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit`` (default: by name).
+    """
+    path = Path(path)
+    limit = LIMITS.get(path.name, MAX_BYTES) if limit is None else limit
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeRunFile(
+                f"{path} is a symbolic link: a run folder's files are read only as regular files"
+            ) from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):
+            raise UnsafeRunFile(f"{path} is not a regular file") from None
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise UnsafeRunFile(f"{path} is unreadable: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeRunFile(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise UnsafeRunFile(_too_large(path, st.st_size, limit))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, opened without following a link, at most ``limit`` of them.
+
+    Raises:
+        FileNotFoundError: no such file (callers say what that means).
+        UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit`` (default: by name).
+    """
+    path = Path(path)
+    limit = LIMITS.get(path.name, MAX_BYTES) if limit is None else limit
+    with open_regular(path, limit) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew while read
+        raise UnsafeRunFile(_too_large(path, len(data), limit))
+    return data
+
+
+def _too_large(path: Path, size: int, limit: int) -> str:
+    return f"{path} is {size:,} bytes, over the {limit:,}-byte limit for a run folder's {path.name}"
+
+
+def read_text(path: str | os.PathLike, limit: int | None = None) -> str:
+    """:func:`read_bytes` decoded as UTF-8 (one line naming the file otherwise)."""
+    data = read_bytes(path, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnsafeRunFile(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def yaml_loader() -> type:
+    """A safe YAML loader (OmegaConf's scalars) that refuses an alias bomb (:func:`load_yaml`)."""
+    return _loader()
+
+
+@functools.cache
+def _loader() -> type:
+    from omegaconf._utils import get_yaml_loader
+
+    class BoundedLoader(get_yaml_loader()):  # OmegaConf's safe loader: the same scalars
+        def compose_document(self):
+            node = super().compose_document()
+            _count(node, {}, set(), [0])
+            return node
+
+    return BoundedLoader
+
+
+def _count(node: yaml.Node, done: dict[int, int], open_: set[int], total: list[int]) -> int:
+    """Nodes under ``node`` with aliases expanded (each shared node counted once per use)."""
+    key = id(node)
+    if key in done:
+        n = done[key]
+    elif key in open_:
+        raise yaml.YAMLError("a recursive alias")
+    else:
+        open_.add(key)
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            n += sum(_count(k, done, open_, total) + _count(v, done, open_, total) for k, v in node.value)  # fmt: skip
+        elif isinstance(node, yaml.SequenceNode):
+            n += sum(_count(v, done, open_, total) for v in node.value)
+        open_.discard(key)
+        done[key] = n
+    if n > MAX_YAML_NODES:
+        raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} nodes once its aliases are expanded")
+    return n
+
+
+def load_yaml(path: str | os.PathLike, limit: int | None = None) -> Any:
+    """A YAML file of a run folder as plain Python values: bounded, no resolvers, alias-limited.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeRunFile: as :func:`read_bytes`, or not YAML, or an alias bomb: one line.
+    """
+    text = read_text(path, limit)
+    try:
+        return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
+    except (yaml.YAMLError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).strip()
+        why = " ".join(why.split())[:300] or type(e).__name__
+        raise UnsafeRunFile(f"{path} is not plain YAML: {why}") from None
+
+
+def read_json(path: str | os.PathLike, limit: int | None = None) -> Any:
+    """A JSON file of a run folder (bounded; ``ValueError`` when it is not JSON)."""
+    import json
+
+    return json.loads(read_text(path, limit))
+
+
+def refuse_links(run_dir: str | os.PathLike) -> None:
+    """Refuse a run folder holding a symbolic link where a run writes, before writing anything.
+
+    Its top level and :data:`WRITTEN_SUBDIRS` are checked (W&B's own links inside ``wandb/`` are
+    W&B's): the lock, ``results.json``, the logs, checkpoints and ``eval.csv`` are then never
+    written through a link to a file outside the folder.
+
+    Raises:
+        UnsafeRunFile: names the link.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for folder in (run_dir, *(run_dir / s for s in WRITTEN_SUBDIRS)):
+        if not folder.is_dir() or (folder != run_dir and folder.is_symlink()):
+            continue  # a linked subfolder is itself an entry of run_dir: refused below
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    raise UnsafeRunFile(
+                        f"{entry.path} is a symbolic link: files of a run folder are never "
+                        "written through links; remove it or use another folder"
+                    )
+
+
+def check_move_aside(run_dir: str | os.PathLike, aside: str) -> None:
+    """``overwrite=true`` moves only a real folder, into a real ``<parent>/<aside>`` folder.
+
+    Raises:
+        UnsafeRunFile: the run folder or ``<parent>/<aside>`` is a symbolic link (a move through
+            it would put a folder outside the run's parent).
+    """
+    run_dir = Path(run_dir)
+    for path in (run_dir, run_dir.parent / aside):
+        if path.is_symlink():
+            raise UnsafeRunFile(
+                f"{path} is a symbolic link: overwrite=true moves a run folder only within its "
+                "parent; remove the link or use another folder"
+            )
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra-core always provides it
+    _HydraCallback = object
+
+
+class RefuseLinkedRunDir(_HydraCallback):
+    """Hydra callback of ``score-eval``: :func:`refuse_links` on ``run_dir`` before a sweep
+    writes its ``multirun.yaml`` there (one line, exit 2).
+
+    Args:
+        prog: the command's name, for the message.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        import sys
+
+        from omegaconf import OmegaConf
+
+        run_dir = OmegaConf.select(config, "run_dir", default=None, throw_on_missing=False)
+        try:
+            if isinstance(run_dir, str) and run_dir:
+                refuse_links(Path(run_dir).expanduser())
+        except UnsafeRunFile as e:
+            print(f"{self.prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)  # SystemExit: Hydra turns a callback's Exception into a warning
