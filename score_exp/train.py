@@ -205,7 +205,9 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         # A field-standard peer (task/model=attentivefp): no depth, so no NFE; the report shows
         # it as a reference row beside the depth variants, never as one of them.
         record.update(reference=reference, nfe=None)
-    what = f"reference {reference} (no depth)" if reference else f"nfe {record['nfe']}, depth {spec}"
+    what = (
+        f"reference {reference} (no depth)" if reference else f"nfe {record['nfe']}, depth {spec}"
+    )
     log.info("model: %s params, %s", f"{record['params']:,}", what)
 
     for lg in loggers:

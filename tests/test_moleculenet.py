@@ -123,8 +123,8 @@ def test_attentivefp_is_pygs_model_with_the_example_settings(compose):
     task = build(cfg)
     net = task.model.net
     assert type(net) is AttentiveFP and isinstance(task.module, RegressionModule)
-    assert (net.in_channels, net.hidden_channels, net.out_channels, net.edge_dim) == (39, 200, 1, 10)
-    assert (net.num_layers, net.num_timesteps, net.dropout) == (2, 2, 0.2)
+    assert (net.in_channels, net.hidden_channels, net.edge_dim) == (39, 200, 10)
+    assert (net.out_channels, net.num_layers, net.num_timesteps, net.dropout) == (1, 2, 2, 0.2)
     torch.manual_seed(0)
     peer = AttentiveFP(39, 200, 1, edge_dim=10, num_layers=2, num_timesteps=2, dropout=0.2)
     assert trainable_params(task.model) == trainable_params(peer)
