@@ -62,7 +62,7 @@ class Claim:
 
 
 def _is_shared_contractive(v: Variant) -> bool:
-    return bool(v.get("depth.share")) and v.get("depth.update") == "contractive"
+    return not v.reference and bool(v.get("depth.share")) and v.get("depth.update") == "contractive"
 
 
 def _sign(runs: list[Run]) -> int:
@@ -276,6 +276,7 @@ def deep_stability(name: str, vs: list[Variant]) -> list[Claim]:
 def claims(runs: list[Run]) -> list[Claim]:
     """Every claim row the given runs can test, one per experiment (and setting)."""
     out: list[Claim] = []
+    runs = [r for r in runs if not r.reference]  # a reference model is no depth variant
     for name, task_runs in sorted(by_task(runs).items()):
         vs = variants(task_runs)
         has_base = any(v.get("depth_preset") == BASELINE for v in vs)
