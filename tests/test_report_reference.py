@@ -73,3 +73,43 @@ def test_the_reference_is_a_row_with_its_paired_differences(runs):
     assert sum(r["baseline"] == "attentivefp (reference)" for r in paired) == 2
     by_run = {r["run_dir"].rsplit("/", 1)[1]: r for r in csv.DictReader((runs / "out" / "runs.csv").open())}  # fmt: skip
     assert by_run["afp0"]["reference"] == "attentivefp" and by_run["score0"]["reference"] == ""
+
+
+# ----------------------------------------------------------------------------- across datasets
+
+
+def test_claims_md_sums_each_claim_up_across_datasets(tmp_path):
+    """Three datasets, 3 seeds each: SCORE has fewer parameters than stacked on two of them and
+    more on the third; SCORE reaches stacked's best val sooner on every one (epochs known)."""
+    from score_exp.report.claims import across_datasets
+
+    setups = {"esol": 100, "freesolv": 100, "lipophilicity": 500}  # score params; stacked: 400
+    for dataset, score_params in setups.items():
+        task = f"{dataset}_gnn"
+        for seed in range(3):
+            for preset, params, curve in (("stacked", 400, [1.0, 0.9, 0.8, 0.7]),
+                                          ("score", score_params, [0.9, 0.7, 0.6, 0.6])):  # fmt: skip
+                run = write_run(tmp_path, f"{task}/{preset}{seed}", preset=preset, seed=seed,
+                                share=preset == "score", rmse=curve[-1], params=params,
+                                curve=curve)  # fmt: skip
+                res = json.loads((run / "results.json").read_text())
+                (run / "results.json").write_text(json.dumps({**res, "task": task}))
+                cfg = yaml.safe_load((run / "config.yaml").read_text())
+                cfg["task"].update(name=task, data={"registry_key": dataset, "path": None},
+                                   model={"_target_": "score_exp.models.mol_gnn.MolGNN"})  # fmt: skip
+                (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rep = build_report([tmp_path], tmp_path / "out")
+    summary = {s["claim"]: s for s in across_datasets(rep.claims)}
+    params = summary["fewer parameters"]
+    assert params["model"] == "MolGNN" and params["datasets"] == 3
+    assert (params["supported"], params["contradicted"], params["inconclusive"]) == (2, 1, 0)
+    assert params["per_dataset"] == {"esol": "supported", "freesolv": "supported",
+                                     "lipophilicity": "contradicted"}  # fmt: skip
+    assert params["verdict"] == "inconclusive"  # not the same on every dataset
+    # score reaches stacked's best (0.7) at epoch 2, stacked at epoch 4, on every dataset and seed
+    speed = summary["faster convergence"]
+    assert (speed["supported"], speed["datasets"], speed["verdict"]) == (3, 3, "supported")
+    md = (tmp_path / "out" / "claims.md").read_text()
+    assert "## Across datasets" in md
+    assert ("| fewer parameters | MolGNN | 3 | 2 | 1 | 0 | 0 | esol: supported; freesolv: "
+            "supported; lipophilicity: contradicted | inconclusive |") in md  # fmt: skip

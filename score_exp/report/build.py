@@ -11,7 +11,13 @@ from pathlib import Path
 
 from score_exp.io import atomic_write_text
 from score_exp.report import plots
-from score_exp.report.claims import claims, claims_markdown, claims_table
+from score_exp.report.claims import (
+    across_datasets,
+    across_table,
+    claims,
+    claims_markdown,
+    claims_table,
+)
 from score_exp.report.runs import Run, scan_runs, varied_keys
 from score_exp.report.stats import paired_table, reference_table
 from score_exp.report.tables import (
@@ -123,6 +129,8 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
     claims_md = claims_markdown(report.claims)
     if report.claims:
         report.tables.append(claims_table(report.claims))
+        if summary := across_datasets(report.claims):
+            report.tables.append(across_table(summary))
     sections.append("## Claims of the paper\n\n" + claims_md.split("\n", 2)[2])
     md = [
         "# score_exp report",
