@@ -147,3 +147,34 @@ def test_attentivefp_trains_through_the_cli_as_a_reference(tmp_path):
     assert r["status"] == "ok" and r["task"] == "freesolv_gnn" and r["test"]["rmse"] > 0
     assert r["reference"] == "attentivefp" and r["nfe"] is None and 0 < r["params"] < 100_000
     assert "reference attentivefp (no depth)" in out.stderr + out.stdout
+
+
+# ----------------------------------------------------------------------------- make claims-datasets-cpu
+
+
+@pytest.mark.slow
+def test_the_cross_dataset_sweeps_run_and_report_the_reference_row(tmp_path):
+    """The experiment files of `make claims-datasets-cpu`, cut to one dataset, 2 seeds, 1 epoch."""
+    from conftest import QUIET, run_cli
+
+    tiny = {
+        "claims_moleculenet_mlp_cpu": ["task=freesolv_mlp", "seed=0", "task.model.hidden=16"],
+        "claims_moleculenet_gnn_cpu": ["task=freesolv_gnn", "seed=0,1", "task.model.hidden=16"],
+        "claims_moleculenet_gnn_reference_cpu": ["task=freesolv_gnn", "seed=0,1",
+                                                 "task.model.hidden_channels=16"],
+    }  # fmt: skip
+    for experiment, overrides in tiny.items():
+        out = run_cli("-m", f"experiment={experiment}", f"hydra.sweep.dir={tmp_path / experiment}",
+                      *QUIET, "trainer.max_epochs=1", *overrides)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*/*/results.json")]
+    assert len(results) == 2 + 4 + 2 and all(r["status"] == "ok" for r in results)
+    peers = [r for r in results if r.get("reference")]
+    assert len(peers) == 2 and {r["experiment"] for r in peers} == {"claims_moleculenet_gnn_cpu"}
+    out = run_cli(str(tmp_path), "--out", str(tmp_path / "report"), module="score_exp.report")
+    assert out.returncode == 0, out.stderr[-3000:]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## claims_moleculenet_gnn_cpu / freesolv_gnn" in md
+    assert "### claims_moleculenet_gnn_cpu / freesolv_gnn: paired differences against the reference" in md  # fmt: skip
+    assert "| score025 | attentivefp (reference) | 2 |" in md and "| attentivefp (reference) | 2/2 |" in md  # fmt: skip
+    assert "## claims_moleculenet_mlp_cpu / freesolv_mlp" in md
