@@ -178,3 +178,24 @@ def test_the_cross_dataset_sweeps_run_and_report_the_reference_row(tmp_path):
     assert "### claims_moleculenet_gnn_cpu / freesolv_gnn: paired differences against the reference" in md  # fmt: skip
     assert "| score025 | attentivefp (reference) | 2 |" in md and "| attentivefp (reference) | 2/2 |" in md  # fmt: skip
     assert "## claims_moleculenet_mlp_cpu / freesolv_mlp" in md
+
+
+@pytest.mark.parametrize(
+    "exp, model",
+    [("claims_moleculenet_mlp_cpu", "mlp"), ("claims_moleculenet_gnn_cpu", "gnn"),
+     ("claims_moleculenet_gnn_reference_cpu", "gnn")],
+)  # fmt: skip
+def test_the_cross_dataset_grids_pair_three_datasets_over_five_seeds(compose, exp, model):
+    from conftest import REPO
+
+    cfg = compose(f"experiment={exp}", return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert str(params.seed) == "0,1,2,3,4"
+    assert str(params.task).split(",") == [f"esol_{model}", f"freesolv_{model}", f"lipo_{model}"]
+    assert cfg.experiment_name == exp.replace("_reference", "")  # the peer shares the GNN tables
+    makefile = (REPO / "Makefile").read_text()
+    assert exp in makefile.split("CLAIMS_DATASETS_CPU :=", 1)[1].split("claims-datasets-cpu:", 1)[0]
+    if "reference" in exp:
+        assert cfg.task.model._target_.endswith("AttentiveFPReference") and "depth" not in params
+    else:
+        assert str(params.depth) == ("score,stacked" if model == "mlp" else "score025,stacked")
