@@ -17,7 +17,7 @@ export WANDB_SILENT ?= true
 ARGS ?=
 
 .PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
-	gpu-check
+	gpu-check claims-datasets-cpu tune-gnn-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -63,16 +63,30 @@ REPRO_GPU := paper_esol_mlp paper_esol_gnn paper_shakespeare paper_integrators p
 	claims_esol_gnn_deep claims_esol_gnn_deep_skip
 JOBS ?= 2
 
-reproduce-cpu: $(STAMP)  ## reduced paper sweeps + report on a CPU (JOBS parallel runs, 1 thread each)
-	@failed=""; start=$$(date +%s); for e in $(REPRO_CPU); do \
+# $(call sweeps_cpu,EXPERIMENTS,FOLDER): each experiment's sweep into FOLDER/<experiment> (JOBS
+# parallel runs, 1 thread each), then the report of FOLDER and the wall time.
+define sweeps_cpu
+	@failed=""; start=$$(date +%s); for e in $(1); do \
 	  echo "== $$e"; \
 	  OMP_NUM_THREADS=1 $(BIN)/score-train -m experiment=$$e hydra/launcher=joblib \
 	    hydra.launcher.n_jobs=$(JOBS) trainer.enable_progress_bar=false \
-	    hydra.sweep.dir=multirun/reproduce_cpu/$$e $(ARGS) || failed="$$failed $$e"; \
+	    hydra.sweep.dir=$(2)/$$e $(ARGS) || failed="$$failed $$e"; \
 	done; \
-	$(BIN)/score-report multirun/reproduce_cpu || exit $$?; \
-	echo "reproduce-cpu: $$(( ($$(date +%s) - start) / 60 )) min"; \
+	$(BIN)/score-report $(2) || exit $$?; \
+	echo "$@: $$(( ($$(date +%s) - start) / 60 )) min"; \
 	if [ -n "$$failed" ]; then echo "sweeps with failed runs:$$failed (see the report)"; exit 1; fi
+endef
+
+reproduce-cpu: $(STAMP)  ## reduced paper sweeps + report on a CPU (JOBS parallel runs, 1 thread each)
+	$(call sweeps_cpu,$(REPRO_CPU),multirun/reproduce_cpu)
+
+# The claims on three MoleculeNet sets: MLP and GNN (score, stacked; + PyG's AttentiveFP as the
+# reference row) on ESOL, FreeSolv and Lipophilicity x 5 seeds; claims.md sums up across datasets.
+CLAIMS_DATASETS_CPU := claims_moleculenet_mlp_cpu claims_moleculenet_gnn_cpu \
+	claims_moleculenet_gnn_reference_cpu
+
+claims-datasets-cpu: $(STAMP)  ## the claims on ESOL, FreeSolv, Lipophilicity (MLP, GNN, AttentiveFP; CPU-sized) + report
+	$(call sweeps_cpu,$(CLAIMS_DATASETS_CPU),multirun/claims_datasets_cpu)
 
 reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hydra/launcher=slurm ...')
 	@failed=""; for e in $(REPRO_GPU); do \
@@ -84,22 +98,27 @@ reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hyd
 
 # Tuning: one Optuna study per depth variant (same trial budget, best val metric; SQLite in the
 # study folder, so re-running resumes), then each variant's best configuration over SEEDS seeds
-# (stage 2) and the report of those runs (paired statistics, claims). CPU-sized: the MLP task.
+# (stage 2) and the report of those runs (paired statistics, claims). CPU-sized: the MLP task
+# (tune-cpu) or the GNN (tune-gnn-cpu: TUNE_TASK=esol_gnn, SCORE = score025 and stacked).
 TUNE_VARIANTS ?= score stacked stacked_plain skip05
+TUNE_TASK ?= esol_mlp
 SEEDS ?= 5
 
 tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget), re-train the best over 5 seeds, report
 	@start=$$(date +%s); for v in $(TUNE_VARIANTS); do \
-	  echo "== study esol_mlp / $$v"; \
-	  OMP_NUM_THREADS=1 $(BIN)/score-train -m experiment=tune_esol_mlp_cpu depth=$$v \
+	  echo "== study $(TUNE_TASK) / $$v"; \
+	  OMP_NUM_THREADS=1 $(BIN)/score-train -m experiment=tune_$(TUNE_TASK)_cpu depth=$$v \
 	    hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweeper.n_jobs=$(JOBS) \
-	    trainer.enable_progress_bar=false hydra.sweep.dir=multirun/tune_cpu/esol_mlp/$$v $(ARGS) \
+	    trainer.enable_progress_bar=false hydra.sweep.dir=multirun/tune_cpu/$(TUNE_TASK)/$$v $(ARGS) \
 	    || exit $$?; \
 	done; \
-	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.tune retrain multirun/tune_cpu/esol_mlp \
+	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.tune retrain multirun/tune_cpu/$(TUNE_TASK) \
 	  --seeds $(SEEDS) --jobs $(JOBS) || exit $$?; \
-	$(BIN)/score-report multirun/tune_cpu/esol_mlp/retrain || exit $$?; \
-	echo "tune-cpu: $$(( ($$(date +%s) - start) / 60 )) min"
+	$(BIN)/score-report multirun/tune_cpu/$(TUNE_TASK)/retrain || exit $$?; \
+	echo "$@ ($(TUNE_TASK)): $$(( ($$(date +%s) - start) / 60 )) min"
+
+tune-gnn-cpu: $(STAMP)  ## the same for the ESOL GNN (score025, stacked; tune_esol_gnn_cpu's budget)
+	$(MAKE) tune-cpu TUNE_TASK=esol_gnn TUNE_VARIANTS="$(if $(filter command line,$(origin TUNE_VARIANTS)),$(TUNE_VARIANTS),score025 stacked)"
 
 tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-training + report
 	@for t in esol_mlp esol_gnn; do \

@@ -13,8 +13,11 @@ and the others still run:
    logged intervals after the first, which holds the compilation), model FLOPs per token
    (:mod:`score_exp.flops`), MFU against the device's bf16 dense peak, and the number of
    recompilations (``TORCH_LOGS=recompiles``; 1 is inherent: training -> validation).
-3. ``bench``: ``score-bench`` on CUDA (stacked vs score, bf16, compiled), with MFU.
-4. ``ddp``: a 2-GPU DDP smoke run of the CPU preset when 2+ GPUs exist (skipped otherwise).
+3. ``esol_mlp``, ``esol_gnn``, ``esol_attentivefp``: the molecule tasks on CUDA for a few epochs
+   (:data:`MOLECULE_EPOCHS`): the MLP (``depth=score``), the MPNN (PyG on CUDA, ``score025``) and
+   PyG's AttentiveFP reference (``task/model=attentivefp``): best val, test RMSE, wall time.
+4. ``bench``: ``score-bench`` on CUDA (stacked vs score, bf16, compiled), with MFU.
+5. ``ddp``: a 2-GPU DDP smoke run of the CPU preset when 2+ GPUs exist (skipped otherwise).
 
 Writes ``<out>/gpu_check.json`` and ``<out>/gpu_check.md``. Without CUDA (and without
 ``--dry-run``) it exits with one line and code 2. ``--dry-run`` runs every step on CPU with tiny
@@ -44,6 +47,13 @@ TARGET_VAL, TARGET_WALL_S = 1.50, 180.0
 # score-bench's per-variant fields kept in the summary
 BENCH_FIELDS = ("label", "params", "nfe", "step_s_median", "throughput", "unit",
                 "achieved_tflops", "mfu", "mfu_note")  # fmt: skip
+# The molecule tasks: (step name, overrides). A few epochs each on the GPU (1 in a dry run).
+MOLECULES = (
+    ("esol_mlp", ["task=esol_mlp", "depth=score"]),
+    ("esol_gnn", ["task=esol_gnn", "depth=score025"]),
+    ("esol_attentivefp", ["task=esol_gnn", "task/model=attentivefp"]),
+)
+MOLECULE_EPOCHS = 20
 
 
 def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
@@ -57,6 +67,9 @@ def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
         ddp = ["trainer=ddp_cpu", "task.max_steps=10", "task.val_check_interval=5",
                "task.data.eval_iters=4"]  # fmt: skip
         tests = ["tests/test_cuda.py"]
+        molecules = ["trainer.max_epochs=1"]
+        width = {"esol_mlp": "task.model.hidden=16", "esol_gnn": "task.model.hidden=16",
+                 "esol_attentivefp": "task.model.hidden_channels=16"}  # fmt: skip
     else:
         train = ["task=shakespeare_char", "trainer=gpu", "task.model.compile=true"]
         if max_steps is not None:
@@ -66,6 +79,8 @@ def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
         ddp = ["trainer=ddp", "trainer.devices=2", "task.max_steps=200",
                "task.val_check_interval=100", "task.data.eval_iters=4"]  # fmt: skip
         tests = ["tests"]
+        molecules = ["trainer=gpu", f"trainer.max_epochs={MOLECULE_EPOCHS}"]
+        width = {}
     quiet = ["trainer.enable_progress_bar=false"]
     steps = [{"name": "tests", "kind": "tests", "cmd": [*py, "pytest", "-m", "cuda", "-q", *tests]}]
     for preset in ("stacked", "score"):
@@ -75,6 +90,16 @@ def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
                 "kind": "train",
                 "cmd": [*py, "score_exp.train", *train, f"depth={preset}", *quiet],
                 "run_dir": f"runs/{preset}",
+            }
+        )
+    for name, overrides in MOLECULES:
+        extra = [width[name]] if name in width else []
+        steps.append(
+            {
+                "name": name,
+                "kind": "molecules",
+                "cmd": [*py, "score_exp.train", *overrides, *molecules, *extra, *quiet],
+                "run_dir": f"runs/{name}",
             }
         )
     steps.append(
@@ -165,13 +190,12 @@ def _flops_per_token(run_dir: Path) -> dict:
     return gpt_flops_per_token(model, cfg.task.data.block_size)
 
 
-def read_train(result: dict, run_dir: Path, device_type: str, device_name: str) -> None:
-    """Add a training run's figures (best val, wall time, tokens/s, FLOPs, MFU) to ``result``."""
-    from score_exp.flops import mfu
-
+def read_run(result: dict, run_dir: Path) -> dict | None:
+    """Add a run's status, params, nfe, best val, test metrics and wall time to ``result``;
+    return its ``results.json`` (None when it wrote none)."""
     path = run_dir / "results.json"
     if not path.exists():
-        return
+        return None
     r = json.loads(path.read_text())
     result["run_status"] = r.get("status")
     if r.get("status") != "ok":
@@ -181,9 +205,19 @@ def read_train(result: dict, run_dir: Path, device_type: str, device_name: str) 
         params=r.get("params"),
         nfe=r.get("nfe"),
         best_val=(r.get("best_val") or {}).get("value"),
+        test=r.get("test"),
         wall_time_s=r.get("wall_time_s"),
-        tokens_per_s=_tokens_per_s(run_dir),
     )
+    return r
+
+
+def read_train(result: dict, run_dir: Path, device_type: str, device_name: str) -> None:
+    """Add a training run's figures (best val, wall time, tokens/s, FLOPs, MFU) to ``result``."""
+    from score_exp.flops import mfu
+
+    if read_run(result, run_dir) is None:
+        return
+    result["tokens_per_s"] = _tokens_per_s(run_dir)
     flops = _flops_per_token(run_dir)
     result["flops_per_token"] = flops["train"]
     if result["tokens_per_s"] is not None:
@@ -230,6 +264,16 @@ def markdown(summary: dict) -> str:
     for name, r in s.items():
         note = r.get("skipped") or r.get("error") or r.get("summary") or ""
         lines.append(f"| {name} | {r['status']} | {_f(r.get('seconds'), '.0f')} | {note} |")
+    mols = {k: v for k, v in s.items() if k in dict(MOLECULES) and "best_val" in v}
+    if mols:
+        lines += ["", "| molecules | params | nfe | best val rmse | test rmse | wall s |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in mols.items():
+            lines.append(
+                f"| {name} | {_f(r.get('params'), ',')} | {r.get('nfe')} | "
+                f"{_f(r.get('best_val'), '.4f')} | {_f((r.get('test') or {}).get('rmse'), '.4f')} "
+                f"| {_f(r.get('wall_time_s'), '.0f')} |"
+            )
     train = {k: v for k, v in s.items() if k.startswith("train_") and "best_val" in v}
     if train:
         lines += [
@@ -275,8 +319,9 @@ def markdown(summary: dict) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpu-check",
-        description="Run the CUDA tests, nanoGPT's GPU preset (stacked and SCORE), score-bench and "
-        "a 2-GPU DDP smoke run; write gpu_check.json and gpu_check.md (see score_exp/gpu_check.py).",
+        description="Run the CUDA tests, nanoGPT's GPU preset (stacked and SCORE), the ESOL MLP, "
+        "GNN and AttentiveFP for a few epochs, score-bench and a 2-GPU DDP smoke run; write "
+        "gpu_check.json and gpu_check.md (see score_exp/gpu_check.py).",
     )
     p.add_argument("--dry-run", action="store_true", help="every step on CPU with tiny budgets")
     p.add_argument("--out", type=Path, default=None, help="default: outputs/gpu_check/<time>")
@@ -337,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(step, out, args.timeout)
         if step["kind"] == "train":
             read_train(result, out / step["run_dir"], device_type, device_name)
+        elif step["kind"] == "molecules":
+            read_run(result, out / step["run_dir"])
         elif step["kind"] == "ddp":
             read_train(result, out / step["run_dir"], "cpu", "cpu")  # a smoke run: no MFU
         elif step["kind"] == "bench":

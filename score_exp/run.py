@@ -168,7 +168,7 @@ def register_configs() -> None:
 
 
 HELP_GROUPS = (
-    "task", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher", "hydra/sweeper"
+    "task", "task/model", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher", "hydra/sweeper"
 )  # fmt: skip
 
 

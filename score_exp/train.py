@@ -205,7 +205,14 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         atomic_write_json(run_dir / "splits.json", datamodule.split_record())
     record["params"] = trainable_params(model)
     record["nfe"] = model.depth.nfe if hasattr(model, "depth") else spec.nfe
-    log.info("model: %s params, nfe %d, depth %s", f"{record['params']:,}", record["nfe"], spec)
+    if reference := getattr(model, "reference", None):
+        # A field-standard peer (task/model=attentivefp): no depth, so no NFE; the report shows
+        # it as a reference row beside the depth variants, never as one of them.
+        record.update(reference=reference, nfe=None)
+    what = (
+        f"reference {reference} (no depth)" if reference else f"nfe {record['nfe']}, depth {spec}"
+    )
+    log.info("model: %s params, %s", f"{record['params']:,}", what)
 
     for lg in loggers:
         lg.log_hyperparams(flatten(resolved))  # rank 0 only (Lightning's loggers check)

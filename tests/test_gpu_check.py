@@ -46,7 +46,8 @@ def test_dry_run_runs_every_step_on_cpu_and_writes_both_summaries(tmp_path, comp
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = summary["steps"]
-    assert list(steps) == ["tests", "train_stacked", "train_score", "bench", "ddp"]
+    assert list(steps) == ["tests", "train_stacked", "train_score", "esol_mlp", "esol_gnn",
+                           "esol_attentivefp", "bench", "ddp"]  # fmt: skip
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert "skipped" in steps["tests"]["summary"]  # the CUDA tests skip on CPU
     from score_exp.flops import gpt_flops_per_token
@@ -65,7 +66,12 @@ def test_dry_run_runs_every_step_on_cpu_and_writes_both_summaries(tmp_path, comp
     assert steps["train_score"]["flops_per_token"] == steps["train_stacked"]["flops_per_token"]
     assert steps["train_score"]["params"] < steps["train_stacked"]["params"]
     assert [v["label"] for v in steps["bench"]["variants"]] == ["stacked+euler", "score+euler"]
+    for name, nfe in (("esol_mlp", 4), ("esol_gnn", 4), ("esol_attentivefp", None)):
+        s = steps[name]
+        assert s["run_status"] == "ok" and s["nfe"] == nfe and s["test"]["rmse"] > 0, s
+    assert "task/model=attentivefp" in steps["esol_attentivefp"]["command"]
     assert steps["ddp"]["run_status"] == "ok"
     assert summary["targets"]["met"] is None
     md = (tmp_path / "gpu_check.md").read_text()
     assert md == markdown(summary) and "| train_score | ok |" in md and "| ddp | ok |" in md
+    assert "| esol_attentivefp | " in md.split("| molecules |", 1)[1]

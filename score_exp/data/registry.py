@@ -53,6 +53,22 @@ REGISTRY: dict[str, DataFile] = {
             "ESOL (Delaney 2004) aqueous solubility, 1,128 molecules (MoleculeNet)",
         ),
         DataFile(
+            "freesolv",
+            "freesolv/SAMPL.csv",
+            "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/SAMPL.csv",
+            "ab5895d914ee87cb563bd7b9611e869527bba45bec6b014d34dc495a0f9dcb72",
+            32_060,
+            "FreeSolv hydration free energies, 642 molecules (MoleculeNet)",
+        ),
+        DataFile(
+            "lipophilicity",
+            "lipophilicity/Lipophilicity.csv",
+            "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/Lipophilicity.csv",
+            "aed41590cb30609d51d8e08ad3ff06495a76e80e211358801f596b10da69bacd",
+            282_606,
+            "Lipophilicity (AstraZeneca, ChEMBL) logD at pH 7.4, 4,200 molecules (MoleculeNet)",
+        ),
+        DataFile(
             "shakespeare",
             "shakespeare/input.txt",
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",

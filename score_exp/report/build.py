@@ -11,9 +11,15 @@ from pathlib import Path
 
 from score_exp.io import atomic_write_text
 from score_exp.report import plots
-from score_exp.report.claims import claims, claims_markdown, claims_table
+from score_exp.report.claims import (
+    across_datasets,
+    across_table,
+    claims,
+    claims_markdown,
+    claims_table,
+)
 from score_exp.report.runs import Run, scan_runs, varied_keys
-from score_exp.report.stats import paired_table
+from score_exp.report.stats import paired_table, reference_table
 from score_exp.report.tables import (
     Table,
     by_task,
@@ -90,22 +96,24 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
     sections: list[str] = []
     for task, task_runs in sorted(by_task(runs).items()):
         slug = _slug(task)
-        vs = variants(task_runs)
+        vs = variants(task_runs)  # depth variants, then reference models (field-standard peers)
+        depth_runs = [r for r in task_runs if not r.reference]
         tables = [variant_table(task, vs, target)]
-        if pt := paired_table(task, vs):
-            tables.append(pt)
-            report.paired += pt.records
+        for pt in (paired_table(task, vs), reference_table(task, vs)):
+            if pt:
+                tables.append(pt)
+                report.paired += pt.records
         tables += [
             t
             for t in (
-                integrator_table(task, task_runs),
-                dt_steps_table(task, task_runs),
+                integrator_table(task, depth_runs),
+                dt_steps_table(task, depth_runs),
                 inference_table(task, vs),
             )
             if t
         ]
         figs = plots.val_curves(task, vs, out, slug)
-        figs += plots.metric_vs_dt(task, task_runs, out, slug)
+        figs += plots.metric_vs_dt(task, depth_runs, out, slug)
         figs += plots.metric_vs_params(task, vs, out, slug)
         figs += plots.metric_vs_wall_time(task, vs, out, slug)
         figs += plots.metric_vs_inference_nfe(task, vs, out, slug)
@@ -121,6 +129,8 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
     claims_md = claims_markdown(report.claims)
     if report.claims:
         report.tables.append(claims_table(report.claims))
+        if summary := across_datasets(report.claims):
+            report.tables.append(across_table(summary))
     sections.append("## Claims of the paper\n\n" + claims_md.split("\n", 2)[2])
     md = [
         "# score_exp report",
@@ -155,6 +165,8 @@ def _diverged_detail(r: Run) -> str:
 def runs_csv(runs: list[Run]) -> str:
     """One row per run: status, seed, every varied config key flattened, metrics and cost."""
     keys = varied_keys(runs) if len(runs) > 1 else []
+    if any(r.reference for r in runs):  # results.json's, not a config key
+        keys.insert(0, "reference")
     metric_keys = sorted({f"test/{k}" for r in runs for k in r.results.get("test", {})})
     header = ["run_dir", "task", "status", "seed", *keys, "best_val", *metric_keys, "params", "nfe",
               "wall_time_s", "time_per_epoch_s", "time_per_step_s"]  # fmt: skip

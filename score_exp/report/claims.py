@@ -47,6 +47,12 @@ Verdict rule (95% two-sided Student-t intervals over seeds, differences paired b
   less, contradicted when on the other side, inconclusive otherwise.
 A claim an experiment cannot test (n < 2 pairs) is inconclusive at this n."""
 
+ACROSS_RULE = """\
+Across datasets: per claim and model, each dataset's verdict is the verdict of its rows above (all
+experiments and settings on that dataset; `mixed` when they disagree). The claim is supported
+across datasets when it is supported on every dataset, contradicted when contradicted on every
+dataset, inconclusive otherwise (the counts say how it splits)."""
+
 
 @dataclass
 class Claim:
@@ -56,13 +62,15 @@ class Claim:
     effect: str
     ci: str
     verdict: str
+    dataset: str = ""  # the experiment's data (registry key or CSV file name), for the summary
+    model: str = ""  # the model class of its runs (RecurrentMLP, MolGNN ...)
 
     def row(self) -> list[str]:
         return [self.claim, self.experiment, str(self.n), self.effect, self.ci, self.verdict]
 
 
 def _is_shared_contractive(v: Variant) -> bool:
-    return bool(v.get("depth.share")) and v.get("depth.update") == "contractive"
+    return not v.reference and bool(v.get("depth.share")) and v.get("depth.update") == "contractive"
 
 
 def _sign(runs: list[Run]) -> int:
@@ -276,18 +284,70 @@ def deep_stability(name: str, vs: list[Variant]) -> list[Claim]:
 def claims(runs: list[Run]) -> list[Claim]:
     """Every claim row the given runs can test, one per experiment (and setting)."""
     out: list[Claim] = []
+    runs = [r for r in runs if not r.reference]  # a reference model is no depth variant
     for name, task_runs in sorted(by_task(runs).items()):
         vs = variants(task_runs)
         has_base = any(v.get("depth_preset") == BASELINE for v in vs)
+        rows: list[Claim] = []
         if has_base:
-            out += fewer_parameters(name, vs)
-            out += faster_convergence(name, vs)
-            out += deep_stability(name, vs)
-        out += euler_tradeoff(name, task_runs)
-        out += dt_often_best(name, task_runs)
+            rows += fewer_parameters(name, vs)
+            rows += faster_convergence(name, vs)
+            rows += deep_stability(name, vs)
+        rows += euler_tradeoff(name, task_runs)
+        rows += dt_often_best(name, task_runs)
+        dataset, model = _dataset_and_model(task_runs[0])
+        for c in rows:
+            c.dataset, c.model = dataset, model
+        out += rows
     order = ["fewer parameters", "faster convergence", "Euler the best cost/quality trade-off",
              "dt 0.5 often best", "shared contractive stable where stacking degrades"]  # fmt: skip
     return sorted(out, key=lambda c: (order.index(c.claim), c.experiment))
+
+
+def _dataset_and_model(run: Run) -> tuple[str, str]:
+    """A run's dataset (registry key, or its own CSV's file name) and model class name."""
+    path = run.get("task.data.path")
+    dataset = str(path).replace("\\", "/").rsplit("/", 1)[-1] if path else run.get("task.data.registry_key")  # fmt: skip
+    model = str(run.get("task.model._target_") or "").rsplit(".", 1)[-1]
+    return str(dataset or ""), model
+
+
+MIXED = "mixed"
+
+
+def across_datasets(rows: list[Claim]) -> list[dict]:
+    """One summary per claim and model tested on at least two datasets (rule: :data:`ACROSS_RULE`).
+
+    Each dict holds ``claim``, ``model``, ``datasets`` (how many), the count of datasets per
+    verdict (``supported``, ``contradicted``, ``inconclusive``, ``mixed``), ``per_dataset``
+    (``{dataset: verdict}``) and the ``verdict`` across them.
+    """
+    groups: dict[tuple[str, str], dict[str, set[str]]] = {}
+    for c in rows:
+        if c.dataset:
+            groups.setdefault((c.claim, c.model), {}).setdefault(c.dataset, set()).add(c.verdict)
+    out = []
+    for (claim, model), by_dataset in groups.items():
+        if len(by_dataset) < 2:
+            continue
+        per = {d: next(iter(vs)) if len(vs) == 1 else MIXED for d, vs in sorted(by_dataset.items())}
+        counts = {k: sum(v == k for v in per.values()) for k in (SUPPORTED, CONTRADICTED, INCONCLUSIVE, MIXED)}  # fmt: skip
+        verdict = next(
+            (k for k in (SUPPORTED, CONTRADICTED) if counts[k] == len(per)), INCONCLUSIVE
+        )
+        out.append({"claim": claim, "model": model, "datasets": len(per), **counts,
+                    "per_dataset": per, "verdict": verdict})  # fmt: skip
+    return out
+
+
+def across_table(summary: list[dict]) -> Table:
+    header = ["claim", "model", "datasets", "supported", "contradicted", "inconclusive", "mixed",
+              "per dataset", "verdict"]  # fmt: skip
+    rows = [[s["claim"], s["model"] or "?", str(s["datasets"]),
+             *(str(s[k]) for k in (SUPPORTED, CONTRADICTED, INCONCLUSIVE, MIXED)),
+             "; ".join(f"{d}: {v}" for d, v in s["per_dataset"].items()), s["verdict"]]
+            for s in summary]  # fmt: skip
+    return Table("claims across datasets", header, rows, ACROSS_RULE, summary)
 
 
 def claims_table(rows: list[Claim]) -> Table:
@@ -303,4 +363,7 @@ def claims_markdown(rows: list[Claim]) -> str:
         body = "No experiment under these folders tests a claim (no stacked baseline, integrator or dt grid).\n"
         return "# Claims of the paper\n\n" + body + "\n" + VERDICT_RULE + "\n"
     t = claims_table(rows)
-    return "# Claims of the paper\n\n" + t.markdown().split("\n", 2)[2]
+    md = "# Claims of the paper\n\n" + t.markdown().split("\n", 2)[2]
+    if summary := across_datasets(rows):
+        md += "\n## Across datasets\n\n" + across_table(summary).markdown().split("\n", 2)[2]
+    return md

@@ -38,6 +38,12 @@ class Run:
         return self.results.get("task") or self.config.get("task.name", "?")
 
     @property
+    def reference(self) -> str | None:
+        """The reference model (``attentivefp``) of a field-standard peer's run, else None."""
+        ref = self.results.get("reference")
+        return str(ref) if ref else None
+
+    @property
     def status(self) -> str:
         return self.results.get("status", "missing")
 

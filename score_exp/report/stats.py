@@ -81,7 +81,7 @@ def by_seed(runs: list[Run], value) -> dict[int, float]:
 
 
 def _baselines(vs: list[Variant]) -> list[Variant]:
-    return [b for b in vs if b.get("depth_preset") == BASELINE]
+    return [b for b in vs if b.get("depth_preset") == BASELINE and not b.reference]
 
 
 def context_keys(vs: list[Variant]) -> list[str]:
@@ -104,23 +104,33 @@ def baseline_for(v: Variant, vs: list[Variant]) -> Variant | None:
 
 def paired_table(task: str, vs: list[Variant]) -> Table | None:
     """Every variant minus its ``stacked`` baseline, matched by seed (test headline metric)."""
-    runs = [r for v in vs for r in v.runs]
-    if not any(v.get("depth_preset") == BASELINE for v in vs) or len(vs) < 2:
+    if not _baselines(vs) or len(vs) < 2:
         return None
+    pairs = [(v, base) for v in vs if (base := baseline_for(v, vs)) is not None and base is not v]
+    return _paired(task, pairs, f"paired differences against {BASELINE}")
+
+
+def reference_table(task: str, vs: list[Variant]) -> Table | None:
+    """Every depth variant minus each reference model (a field-standard peer), matched by seed."""
+    refs = [v for v in vs if v.reference]
+    pairs = [(v, ref) for ref in refs for v in vs if not v.reference]
+    return _paired(task, pairs, "paired differences against the reference") if pairs else None
+
+
+def _paired(task: str, pairs: list[tuple[Variant, Variant]], title: str) -> Table | None:
+    """One row per ``(variant, baseline)``: ``variant − baseline`` over the seeds both finished."""
+    if not pairs:
+        return None
+    runs = [r for v, b in pairs for r in v.runs + b.runs]
     headline = runs[0].headline
     better = "higher" if runs[0].higher_is_better else "lower"
     rows, records = [], []
-    for v in vs:
-        base = baseline_for(v, vs)
-        if base is None or base is v:
-            continue
+    for v, base in pairs:
         d = paired_diff(by_seed(v.runs, Run.test_metric), by_seed(base.runs, Run.test_metric))
         rows.append([v.label, base.label, str(d.n), _f(d.mean, "{:+.4f}"), d.ci(),
                      _f(d.p_t, "{:.3g}"), _f(d.p_wilcoxon, "{:.3g}")])  # fmt: skip
         records.append({"task": task, "variant": v.label, "baseline": base.label,
                         "metric": f"test/{headline}", **asdict(d)})  # fmt: skip
-    if not rows:
-        return None
     header = ["variant", "baseline", "n pairs", f"mean diff test {headline}", "95% CI (t)",
               "p (paired t)", "p (Wilcoxon)"]  # fmt: skip
     note = (
@@ -129,7 +139,7 @@ def paired_table(task: str, vs: list[Variant]) -> Table | None:
         "degrees of freedom; p: two-sided, paired t test and Wilcoxon signed-rank (scipy); n/a "
         "below 2 pairs or with zero variance."
     )
-    return Table(f"{task}: paired differences against {BASELINE}", header, rows, note, records)
+    return Table(f"{task}: {title}", header, rows, note, records)
 
 
 def _f(x: float | None, fmt: str) -> str:

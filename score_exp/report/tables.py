@@ -28,6 +28,9 @@ class Variant:
     key: tuple  # ((config key, value), ...) over the task's varied keys
     label: str
     runs: list[Run] = field(default_factory=list)
+    # A field-standard peer (results.json ``reference``): a row beside the depth variants, never
+    # a depth variant or a baseline itself.
+    reference: str | None = None
 
     @property
     def ok_runs(self) -> list[Run]:
@@ -88,8 +91,30 @@ def variants(runs: list[Run]) -> list[Variant]:
 
     The label starts with the depth preset when presets vary; config keys a preset already fixes
     (``depth.share`` under ``stacked``...) are left out of the label, other varied keys are shown
-    as ``key=value``.
+    as ``key=value``. Runs of a reference model (a field-standard peer, :attr:`Run.reference`)
+    come last, one :class:`Variant` per reference, labelled ``<name> (reference)``; their config
+    keys never label a depth variant.
     """
+    refs = [r for r in runs if r.reference]
+    out = _depth_variants([r for r in runs if not r.reference])
+    for name in sorted({r.reference for r in refs}):
+        rs = [r for r in refs if r.reference == name]
+        # One variant per setting of the peer: its own varied keys, never the (unused) depth.
+        keys = [k for k in varied_keys(rs) if k not in SEED_KEYS and not k.startswith("depth")]
+        groups: dict[str, Variant] = {}
+        for r in rs:
+            key = (("reference", name), *((k, r.get(k)) for k in keys))
+            groups.setdefault(_value_key(key), Variant(r.task, key, "", [], name)).runs.append(r)
+        for v in sorted(groups.values(), key=lambda v: _sort_key(v.key[1:])):
+            extra = [f"{_short(k)}={_fmt_value(val)}" for k, val in v.key[1:]]
+            v.label = " ".join([f"{name} (reference)", *extra])
+            out.append(v)
+    return out
+
+
+def _depth_variants(runs: list[Run]) -> list[Variant]:
+    if not runs:
+        return []
     keys = [k for k in varied_keys(runs) if k not in SEED_KEYS]
     # The preset first: rows sort by preset name, then by the other keys (numbers numerically).
     keys.sort(key=lambda k: k != "depth_preset")
@@ -151,7 +176,7 @@ def reached_at(run: Run, target: float, higher_is_better: bool, by_step: bool) -
 
 def default_target(vs: list[Variant]) -> tuple[float | None, str]:
     """The stacked baseline's mean best val metric (the paper's "reach the baseline" target)."""
-    base = [v for v in vs if v.get("depth_preset") == "stacked"]
+    base = [v for v in vs if v.get("depth_preset") == "stacked" and not v.reference]
     if len(base) != 1:
         return None, "no single `stacked` variant: pass --target"
     xs = [r.results["best_val"]["value"] for r in base[0].ok_runs if "best_val" in r.results]

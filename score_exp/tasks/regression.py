@@ -10,6 +10,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, 
 from score_exp.errors import check_choice, check_number
 
 SCHEDULERS = ("none", "cosine", "plateau")
+OPTIMIZERS = ("adamw", "adam")
 
 
 class RegressionModule(L.LightningModule):
@@ -17,7 +18,9 @@ class RegressionModule(L.LightningModule):
 
     Args:
         model: maps a batch's inputs to ``(B, 1)`` predictions of the standardised target.
-        lr, weight_decay: AdamW settings.
+        lr, weight_decay: optimiser settings.
+        optimizer: ``adamw`` (decoupled weight decay) or ``adam`` (L2 weight decay, as PyG's
+            AttentiveFP example trains).
         scheduler: ``none``, ``cosine`` (to ``min_lr`` over the run) or ``plateau``
             (halve on a stalled val RMSE).
         min_lr: floor of the cosine schedule.
@@ -33,8 +36,10 @@ class RegressionModule(L.LightningModule):
         min_lr: float = 1e-5,
         target_mean: float = 0.0,
         target_std: float = 1.0,
+        optimizer: str = "adamw",
     ):
         super().__init__()
+        check_choice("task.module.optimizer", optimizer, OPTIMIZERS)
         check_number("task.module.lr", lr)
         check_number("task.module.weight_decay", weight_decay, strict=False)
         check_number("task.module.min_lr", min_lr, strict=False)
@@ -105,7 +110,8 @@ class RegressionModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        opt_class = torch.optim.Adam if hp.get("optimizer") == "adam" else torch.optim.AdamW
+        opt = opt_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "cosine":
             total = max(1, int(self.trainer.estimated_stepping_batches))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=hp.min_lr)
