@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli_env, load_results, train_cli
+from conftest import cli_env, load_results, run_cli, train_cli
 from test_bad_input import assert_no_work, one_error_line
 
 from score_exp.data.molecules import read_molecule_csv
@@ -147,6 +147,13 @@ def test_attentivefp_trains_through_the_cli_as_a_reference(tmp_path):
     assert r["status"] == "ok" and r["task"] == "freesolv_gnn" and r["test"]["rmse"] > 0
     assert r["reference"] == "attentivefp" and r["nfe"] is None and 0 < r["params"] < 100_000
     assert "reference attentivefp (no depth)" in out.stderr + out.stdout
+    # Its folder is rebuilt from the project's task/model option (not refused as foreign code);
+    # score-eval then says in one line that there is no depth to re-discretise.
+    from score_exp.runs.safe_load import load_run_config
+
+    assert load_run_config(run_dir).task.model.hidden_channels == 32
+    out = run_cli(f"run_dir={run_dir}", module="score_exp.eval")
+    assert out.returncode == 2 and "has no RecurrentDepth" in out.stderr.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------- make claims-datasets-cpu

@@ -79,11 +79,41 @@ def project_tasks() -> list[str]:
 
 
 @functools.cache
-def _project_task(name: str) -> dict:
-    """The task node of ``configs/task/<name>.yaml``, composed, interpolations left as they are."""
+def _project_task(name: str, model: str | None = None) -> dict:
+    """The task node of ``configs/task/<name>.yaml`` (with ``task/model=<model>`` when given),
+    composed, interpolations left as they are."""
     from score_exp.run import compose
 
-    return OmegaConf.to_container(compose(f"task={name}").task, resolve=False)
+    choice = [f"task/model={model}"] if model else []
+    return OmegaConf.to_container(compose(f"task={name}", *choice).task, resolve=False)
+
+
+def project_models() -> list[str]:
+    """The options of the ``task/model`` group (``configs/task/model/*.yaml``)."""
+    return sorted(p.stem for p in (_config_dir() / "task" / "model").glob("*.yaml"))
+
+
+def _project_task_for(name: str, task: dict) -> dict:
+    """The project's task ``name`` with the ``task/model`` option that builds the folder's model.
+
+    A task's model is a config group (``task/model=attentivefp``): the option is found by the
+    ``_target_`` the folder names, among the project's own options only. A task without the
+    group, or a target none of its options builds, keeps the task's default (and is refused
+    key by key by :func:`_values_onto`).
+    """
+    base = _project_task(name)
+    model = task.get("model")
+    target = model.get("_target_") if isinstance(model, dict) else None
+    if target == base.get("model", {}).get("_target_"):
+        return base
+    for option in project_models():
+        try:
+            candidate = _project_task(name, option)
+        except ConfigError:  # a task whose defaults have no model group
+            return base
+        if candidate.get("model", {}).get("_target_") == target:
+            return candidate
+    return base
 
 
 def allowed_targets(slot: str) -> frozenset[str]:
@@ -121,7 +151,7 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
         raise UnsafeRunConfig(f"{where}: task.name is {name!r}, not a task's name")
     _refuse_code(task, where, "task", slots=True)
     if name in project_tasks():
-        task_cfg = _values_onto(_project_task(name), task, "task", where, name)
+        task_cfg = _values_onto(_project_task_for(name, task), task, "task", where, name)
     else:
         task_cfg = _own_task(task, where, name)
     depth = raw.get("depth")
