@@ -77,6 +77,7 @@ ALLOWED_TARGETS = frozenset(
         "lightning.pytorch.callbacks.ModelCheckpoint",
         "lightning.pytorch.callbacks.EarlyStopping",
         "lightning.pytorch.loggers.CSVLogger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
     }
 )
 
