@@ -8,7 +8,8 @@ coefficients, ``h_j + sum_{i<j} a_ji (h_i - h_j)`` (``a = 0`` at initialisation)
 running sum without stacking the states.
 
 A mixing is a small per-forward object: :meth:`Chain.input` gives the input of step ``l`` from
-the current state, :meth:`Chain.push` sees each new state. Nothing here evaluates ``F``.
+the current state, :meth:`Chain.push` sees each new state, :meth:`Chain.keep` drops the rows of
+halted samples. Nothing here evaluates ``F``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Chain:
 
     def push(self, h: Tensor) -> None:
         pass
+
+    def keep(self, rows: Tensor) -> None:
+        """Only ``rows`` go on (halting removed the others)."""
 
 
 class Ancre(Chain):
@@ -49,6 +53,9 @@ class Ancre(Chain):
 
     def push(self, h: Tensor) -> None:
         self.states.append(h)
+
+    def keep(self, rows: Tensor) -> None:
+        self.states = [s[rows] for s in self.states]
 
 
 class AncreResidual(Ancre):
