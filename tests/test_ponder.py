@@ -208,3 +208,21 @@ def test_ponder_trains_and_evaluates_on_every_task(tmp_path, task):
     assert [r["halt"] for r in rows] == ["ponder", "ponder", "state"]
     nfe = [float(r["nfe_spent"]) for r in rows]
     assert all(1 <= v <= 3 for v in nfe) and nfe[0] >= nfe[1]  # a lower eps runs longer
+
+
+def test_report_shows_the_learned_exit_beside_the_other_exits(tmp_path):
+    from test_report import write_eval, write_run
+
+    from score_exp.report import build_report
+
+    for seed in (0, 1):
+        run = write_run(tmp_path, f"ponder{seed}", preset="ponder", seed=seed, curve=[1.0])
+        write_eval(run, [(8, "", "", 8, 0.6), (8, 0.5, "ponder", 3 + seed, 0.7),
+                         (8, 0.001, "state", 6, 0.61)])  # fmt: skip
+    rep = build_report([tmp_path], tmp_path / "out")
+    table = next(t for t in rep.tables if "inference NFE" in t.title)
+    by = {r["setting"]: r for r in table.records if r["variant"] == "ponder"}
+    assert set(by) == {"8 x euler, dt 0.5", "8 x euler, dt 0.5, ponder exit p > 0.5",
+                       "8 x euler, dt 0.5, halt state < 0.001"}  # fmt: skip
+    learned = by["8 x euler, dt 0.5, ponder exit p > 0.5"]
+    assert learned["nfe"] == pytest.approx(3.5) and learned["mean"] == pytest.approx(0.7)
