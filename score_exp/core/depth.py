@@ -44,6 +44,7 @@ knowing the model (``score_exp/tasks/depth_loss.py``, used by every LightningMod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,11 +53,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from score_exp.core import growth, inject, mixing, solver, step_count, step_size
-from score_exp.core.discretisation import Discretisation, resolve
+from score_exp.core.discretisation import Discretisation, resolve, trained
 from score_exp.core.halting import Select, integrate_halting
 from score_exp.core.integrators import INTEGRATORS
 from score_exp.core.observers import Observer, Trace
-from score_exp.core.ponder import DepthLoss, HaltingHead, PonderRecorder
+from score_exp.core.ponder import DepthLoss, PonderRecorder, halting_head
 from score_exp.core.spec import CONNECTS, LEARN_DT, UPDATES, DepthSpec
 
 __all__ = ["CONNECTS", "LEARN_DT", "UPDATES", "DepthSpec", "Discretisation", "RecurrentDepth"]
@@ -103,22 +104,11 @@ class RecurrentDepth(nn.Module):
         if spec.growth is not None:
             # Persisted so that a checkpoint taken at any stage reloads at that stage.
             self.register_buffer("active_steps", torch.tensor(self._steps))
-        if spec.connect == "ancre" and spec.ancre_param == "residual":
-            self.connect_residual = nn.Parameter(torch.zeros(spec.steps, spec.steps))
-        elif spec.connect == "ancre":
-            n = spec.steps
-            self.connect_logits = nn.Parameter(
-                mixing.ancre_init_logits(n, spec.ancre_init, spec.ancre_tau)
-            )
-            self.register_buffer("connect_mask", torch.ones(n, n).tril().bool(), persistent=False)
+        mixing.add_parameters(self, spec)  # connect=ancre: connect_logits (or connect_residual)
         if spec.learn_dt != "none":
             self.dt_logit = nn.Parameter(step_size.init_dt_logit(spec))
         self.injection = inject.Injection(spec.inject, width)  # F as every step sees it
-        if spec.halt == "ponder" and width is None:
-            raise ValueError("halt='ponder' needs the state width: RecurrentDepth(width=C)")
-        self.halting_head = (  # lambda_n of learned halting; no parameters otherwise
-            HaltingHead(width, spec.ponder_lambda_p) if spec.halt == "ponder" else nn.Identity()
-        )
+        self.halting_head = halting_head(spec, width)  # learned halting's lambda_n, or identity
         self._ponder: PonderRecorder | None = None  # the last training forward's record
         self._replay: Tensor | None = None
         self._override: Discretisation | None = None
@@ -277,26 +267,8 @@ class RecurrentDepth(nn.Module):
         """What a forward runs now: the trained discretisation, or :meth:`discretised`'s."""
         if self._override is not None:
             return self._override
-        spec = self.spec
-        learned = spec.learn_dt != "none"
-        if self.training and self._drawn_steps is not None:  # train_steps: a drawn count
-            n = self._drawn_steps
-            dt = (
-                spec.horizon / n
-                if spec.train_dt == "horizon"
-                else step_size.fixed_dt(spec, n, False)
-            )
-            return Discretisation(
-                n, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step, spec.halt
-            )
-        return Discretisation(
-            steps=self._steps,
-            dt=None if learned else step_size.fixed_dt(spec, self._steps, self.keep_horizon),
-            integrator=spec.integrator,
-            adaptive_eps=spec.adaptive_eps,
-            evals_per_step=spec.evals_per_step,
-            halt=spec.halt,
-        )
+        drawn = self._drawn_steps if self.training else None  # train_steps: a drawn count
+        return trained(self.spec, self._steps, self.keep_horizon, drawn)
 
     def discretised(
         self,
@@ -384,16 +356,8 @@ class RecurrentDepth(nn.Module):
     # ------------------------------------------------------------------ optional parts
 
     def input_mixing(self, h0: Tensor) -> mixing.Chain:
-        if self.spec.connect != "ancre":
-            return mixing.Chain()
-        if self.spec.ancre_param == "residual":
-            return mixing.AncreResidual(self.connect_residual, h0)
-        return mixing.Ancre(self._ancre_weights(), h0)
-
-    def _ancre_weights(self) -> Tensor:
-        if self.spec.ancre_param == "residual":
-            return mixing.residual_weights(self.connect_residual)
-        return mixing.ancre_weights(self.connect_logits, self.connect_mask, self.spec.ancre_tau)
+        """The input mixing of one forward that starts at ``h0`` (the chain, or ANCRe's)."""
+        return mixing.for_forward(self, h0)
 
     def connection_weights(self) -> Tensor:
         """Input mixture weights, ``(steps, steps + 1)``: row ``j`` weighs ``h_0 .. h_steps``.
@@ -402,7 +366,7 @@ class RecurrentDepth(nn.Module):
         never an input). The chain is the identity on the first ``steps`` columns.
         """
         n = self.spec.steps
-        w = self._ancre_weights() if self.spec.connect == "ancre" else torch.eye(n)  # (n, n)
+        w = mixing.weights(self) if self.spec.connect == "ancre" else torch.eye(n)  # (n, n)
         return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)
 
     @torch.no_grad()
@@ -461,23 +425,9 @@ class RecurrentDepth(nn.Module):
             f"share={s.share}, steps={self._steps}, dt={s.dt}, update={s.update!r}, "
             f"integrator={s.integrator!r}, nfe={self.nfe}"
         )
-        if s.connect != "chain":
-            text += f", connect={s.connect!r}, ancre_param={s.ancre_param!r}"
-            if s.ancre_param == "softmax":
-                text += f", ancre_tau={s.ancre_tau}, ancre_init={s.ancre_init}"
-        if s.learn_dt != "none":
-            text += f", learn_dt={s.learn_dt!r}"
-        if s.adaptive_eps is not None:
-            text += f", adaptive_eps={s.adaptive_eps}"
-        if s.halt != "state":
-            text += f", halt={s.halt!r}"
-        if s.halt == "ponder":
-            text += f", ponder_lambda_p={s.ponder_lambda_p}, ponder_beta={s.ponder_beta}"
-        if s.growth is not None:
-            text += f", growth={s.growth}, keep_horizon={s.keep_horizon}"
-        if s.solver != "unroll":
-            text += (
-                f", solver={s.solver!r}, solver_grad={s.solver_grad!r}, "
-                f"solver_tol={s.solver_tol}, solver_max_iter={s.solver_max_iter}"
-            )
+        shown = {"share", "steps", "dt", "update", "integrator"}
+        for f in dataclasses.fields(s):  # every other field that is switched on
+            value = getattr(s, f.name)
+            if f.name not in shown and value != f.default:
+                text += f", {f.name}={value!r}"
         return text

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from score_exp.core import step_size
 from score_exp.core.integrators import get_integrator
-from score_exp.core.spec import HALTS
+from score_exp.core.spec import HALTS, DepthSpec
 
 if TYPE_CHECKING:
     from score_exp.core.depth import RecurrentDepth
@@ -46,6 +46,29 @@ class Discretisation:
     def nfe(self) -> int:
         """Evaluations of ``F`` per forward (an upper bound when halting)."""
         return self.steps * self.evals_per_step
+
+
+def trained(spec: DepthSpec, steps: int, keep_horizon: bool, drawn: int | None) -> Discretisation:
+    """The discretisation a depth trained as ``spec`` runs at ``steps`` (its active count), or at
+    ``drawn`` steps (``train_steps``' count of this optimiser step) in training."""
+    if drawn is not None:
+        dt = (
+            spec.horizon / drawn
+            if spec.train_dt == "horizon"
+            else step_size.fixed_dt(spec, drawn, False)
+        )
+        return Discretisation(
+            drawn, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step, spec.halt
+        )
+    learned = spec.learn_dt != "none"
+    return Discretisation(
+        steps=steps,
+        dt=None if learned else step_size.fixed_dt(spec, steps, keep_horizon),
+        integrator=spec.integrator,
+        adaptive_eps=spec.adaptive_eps,
+        evals_per_step=spec.evals_per_step,
+        halt=spec.halt,
+    )
 
 
 def resolve(

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from score_exp.core.observers import Observer
+from score_exp.core.spec import DepthSpec
 
 
 def sample_mean(h: Tensor, group: Tensor | None, n: int) -> Tensor:
@@ -61,6 +62,16 @@ class HaltingHead(nn.Module):
         x = sample_mean(h, group, n)  # (n, C)
         logit = self.linear(x).squeeze(-1)  # (n,)
         return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))
+
+
+def halting_head(spec: DepthSpec, width: int | None) -> nn.Module:
+    """The depth's halting-head part: a :class:`HaltingHead` for ``halt="ponder"``, else the
+    identity (no parameters, never called)."""
+    if spec.halt != "ponder":
+        return nn.Identity()
+    if width is None:
+        raise ValueError("halt='ponder' needs the state width: RecurrentDepth(width=C)")
+    return HaltingHead(width, spec.ponder_lambda_p)
 
 
 def halting_distribution(lambdas: Tensor) -> Tensor:
