@@ -226,3 +226,52 @@ def test_report_shows_the_learned_exit_beside_the_other_exits(tmp_path):
                        "8 x euler, dt 0.5, halt state < 0.001"}  # fmt: skip
     learned = by["8 x euler, dt 0.5, ponder exit p > 0.5"]
     assert learned["nfe"] == pytest.approx(3.5) and learned["mean"] == pytest.approx(0.7)
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def test_choices_are_literals_and_the_config_schema_declares_them_str():
+    import dataclasses
+    import typing
+
+    from score_exp.core import spec as spec_module
+    from score_exp.run import depth_schema
+
+    hints = typing.get_type_hints(DepthSpec)
+    assert typing.get_args(hints["halt"]) == spec_module.HALTS == ("state", "kl", "ponder")
+    assert typing.get_origin(hints["update"]) is typing.Literal
+    schema = {f.name: f.type for f in dataclasses.fields(depth_schema())}
+    assert schema["halt"] is str and schema["inject"] is str and schema["ponder_beta"] is float
+
+
+class TanhLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, h):
+        return torch.tanh(self.linear(h))
+
+
+def test_ancre_halting_removes_whole_samples_through_the_one_halting_path():
+    # Two molecules (rows 0-1 and 2-4) at different scales stop at different steps, each as a
+    # whole (one count per molecule), and each output matches the full-depth iteration (every
+    # state kept by the mixture) at the molecule's step.
+    torch.manual_seed(0)
+    spec = DepthSpec(steps=12, dt=0.5, connect="ancre", ancre_init=0.8, adaptive_eps=0.1)
+    depth = RecurrentDepth(TanhLinear, spec).double().eval()
+    h = torch.randn(5, 3, dtype=torch.float64)
+    h[2:] *= 3.0
+    with torch.no_grad():
+        out = depth(h, group=torch.tensor([0, 0, 1, 1, 1]))
+    used = depth.last_steps_used
+    assert used.tolist() == [6, 9]
+    mix, x, states = depth.input_mixing(h), h, []
+    with torch.no_grad():
+        for l in range(12):
+            x = depth.step(l, mix.input(l, x), h, depth.dts()[l], "euler", {})
+            mix.push(x)
+            states.append(x)
+    torch.testing.assert_close(out[:2], states[5][:2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[2:], states[8][2:], rtol=1e-12, atol=1e-12)
