@@ -275,3 +275,40 @@ def test_ancre_halting_removes_whole_samples_through_the_one_halting_path():
             states.append(x)
     torch.testing.assert_close(out[:2], states[5][:2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[2:], states[8][2:], rtol=1e-12, atol=1e-12)
+
+
+def test_regression_module_minimises_the_expected_loss_over_the_steps():
+    import warnings
+
+    from score_exp.models.mlp import RecurrentMLP
+    from score_exp.tasks.regression import RegressionModule
+
+    torch.manual_seed(0)
+    spec = DepthSpec(steps=3, dt=0.5, halt="ponder", ponder_beta=0.5)
+    model = RecurrentMLP(4, spec, hidden=8, dropout=0.0)
+    with torch.no_grad():  # a head that depends on the state: lambdas differ per sample
+        model.depth.halting_head.linear.weight.normal_()
+    module = RegressionModule(model).train()
+    x, y = torch.randn(5, 4), torch.randn(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = module.training_step((x, y), 0)
+    # By hand: every step's state through the head, p from the lambdas, the KL to the prior.
+    h, states = model.encoder(x), []
+    for _ in range(3):
+        h = 0.5 * h + 0.5 * model.depth.blocks[0](h)
+        states.append(h)
+    lam = torch.stack(
+        [torch.sigmoid(model.depth.halting_head.linear(s)).squeeze(-1) for s in states]
+    )
+    p = torch.stack([lam[0], (1 - lam[0]) * lam[1], (1 - lam[0]) * (1 - lam[1])])  # (3, 5)
+    errors = torch.stack([(model.head(s).view(-1) - y).pow(2) for s in states])  # (3, 5)
+    prior = torch.tensor([0.2, 0.8 * 0.2, 0.8 * 0.8])
+    kl = (p * (p / prior[:, None]).log()).sum(0).mean()
+    expected = (p * errors).sum(0).mean() + 0.5 * kl
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    plain = RegressionModule(RecurrentMLP(4, DepthSpec(steps=3, dt=0.5), hidden=8, dropout=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = plain.training_step((x, y), 0)
+    assert torch.equal(base, nn.functional.mse_loss(plain((x, y))[0], y))  # untouched

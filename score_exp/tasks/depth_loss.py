@@ -24,6 +24,7 @@ def with_depth_loss(
     loss: Tensor,
     final: Callable[[], Tensor],
     again: Callable[[], Tensor],
+    per_step: bool = False,
 ) -> Tensor:
     """``loss`` with the depth's terms: per-step weights of the task loss, then ``aux``.
 
@@ -34,6 +35,8 @@ def with_depth_loss(
             PyG graphs).
         again: runs the model's forward again and returns its loss per sample, ``(S,)``; called
             inside :meth:`RecurrentDepth.replaying` for each earlier step.
+        per_step: log every optimiser step (iteration-based training, as the language model's
+            ``train/loss``) instead of once per epoch, averaged over data-parallel ranks.
 
     Returns:
         ``mean_s sum_n w[n, s] L_s(step n)`` + ``aux`` when the depth has loss terms, else
@@ -45,14 +48,16 @@ def with_depth_loss(
         return loss
     if terms.step_weights is not None:
         w = terms.step_weights  # (N, S)
-        per_step = []
+        losses = []  # per step, each (S,)
         for n in range(len(w) - 1):
             with depth.replaying(n):
-                per_step.append(again())
-        per_step.append(final())
-        loss = (w * torch.stack(per_step).to(w.dtype)).sum(0).mean()
+                losses.append(again())
+        losses.append(final())
+        loss = (w * torch.stack(losses).to(w.dtype)).sum(0).mean()
     loss = loss + terms.aux
     logged = {"depth/aux_loss": terms.aux.detach()}
     logged.update({f"depth/{k}": v for k, v in terms.logs.items()})
-    module.log_dict(logged, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+    module.log_dict(
+        logged, on_step=per_step, on_epoch=not per_step, batch_size=1, sync_dist=not per_step
+    )
     return loss

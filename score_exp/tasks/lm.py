@@ -334,7 +334,11 @@ class LanguageModelModule(L.LightningModule):
         logits, loss = self(x, y)
         # The depth's own terms (learned halting: the expected loss over its steps), if any.
         loss = with_depth_loss(
-            self, loss, lambda: sequence_loss(logits, y), lambda: sequence_loss(self(x, y)[0], y)
+            self,
+            loss,
+            lambda: sequence_loss(logits, y),
+            lambda: sequence_loss(self(x, y)[0], y),
+            per_step=True,  # iteration-based: logged like train/loss
         )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
