@@ -296,7 +296,8 @@ class RecurrentDepth(nn.Module):
                 (``1 / steps`` when it is None). A learned dt always keeps the learned horizon
                 (and is the learned dt at the trained step count).
             adaptive_eps: halt samples whose criterion falls below it (None: the spec's).
-            halt: the criterion, ``state`` or ``kl`` (None: the spec's).
+            halt: the criterion, ``state``, ``kl`` or (a depth trained with it) ``ponder``
+                (None: the spec's).
 
         Returns:
             a context manager whose ``as`` target is the resolved :class:`Discretisation`

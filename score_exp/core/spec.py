@@ -67,7 +67,8 @@ class DepthSpec:
             ``sigmoid(logit)`` in (0, 1), initialised at the configured step size, which must
             then lie strictly inside (0, 1).
         adaptive_eps: at inference only, a sample (a row of ``h``'s first dim) stops iterating
-            once ``||h_{t+1} - h_t|| / ||h_t|| < adaptive_eps``; ``steps`` is the upper bound.
+            once its ``halt`` criterion falls below it (``state``:
+            ``||h_{t+1} - h_t|| / ||h_t|| < adaptive_eps``); ``steps`` is the upper bound.
         growth: incremental-in-depth schedule ``[[at, steps], ...]`` starting at ``at = 0`` and
             ending at ``steps``, with step counts that never decrease (``at`` counts epochs, or
             optimiser steps for iteration-based trainers, in the ``DepthGrowth`` callback).
