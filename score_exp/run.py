@@ -127,10 +127,12 @@ def _schema_type(tp: Any) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if tp in (int, float, bool, str):
         return tp
+    if origin is typing.Literal and all(isinstance(a, str) for a in args):
+        return str  # OmegaConf 2.3 has no Literal: a string, whose value DepthSpec checks
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         inner = _schema_type(args[0])
         return typing.Optional[inner] if inner is not Any else Any  # noqa: UP045 (OmegaConf)
-    return Any  # lists, unions, literals: checked by DepthSpec.__post_init__
+    return Any  # lists, unions: checked by DepthSpec.__post_init__
 
 
 def depth_schema() -> type:

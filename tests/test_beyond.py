@@ -9,7 +9,7 @@ import torch
 from conftest import cli_env, load_results, train_cli
 from torch import nn
 
-from score_exp.core import DepthSpec, RecurrentDepth, observers
+from score_exp.core import DepthSpec, RecurrentDepth, halting
 
 # Convergence orders and exact comparisons need float64 (the conftest fixture restores it).
 pytestmark = pytest.mark.usefixtures("float64")
@@ -339,10 +339,10 @@ def test_trace_matches_the_closed_form_of_a_scaled_identity():
 
 
 def test_forward_computes_no_diagnostics_unless_asked(monkeypatch):
-    def boom(x):
+    def boom(*args):
         raise AssertionError("norm computed in a plain forward")
 
-    monkeypatch.setattr(observers, "row_norm", boom)
+    monkeypatch.setattr(halting, "sample_norm", boom)
     depth = RecurrentDepth(_tanh_block, DepthSpec(steps=3, connect="ancre", learn_dt="global"))
     depth(torch.randn(2, 5))
     with pytest.raises(AssertionError, match="norm computed"):

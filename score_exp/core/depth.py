@@ -21,19 +21,30 @@ a small part in a file of its own, off by default (the plain chain, bit for bit)
 * input mixing (``mixing.py``): ``connect="ancre"``, step ``j`` starts from a learned softmax
   mixture of ``h_0 .. h_j`` instead of ``h_j`` alone;
 * step size (``step_size.py``): fixed, or ``learn_dt`` (a sigmoid of a learned logit);
-* observers (``observers.py``): trace diagnostics, and ``adaptive_eps`` halting at inference;
+* observers (``observers.py``): trace diagnostics;
 * growth (``growth.py``): ``set_steps`` / ``refine`` for incremental-in-depth training;
 * discretisation (``discretisation.py``): :meth:`RecurrentDepth.discretised` re-discretises a
   trained depth at evaluation (steps, dt, integrator, halting), the one mechanism every model
   honours without any change of its own;
-* depth as a dial: ``inject``/``init_state`` (``inject.py``), random step counts in training
-  (``step_count.py``), truncated backprop (``backprop_steps``, in the loop), halting that removes
-  finished samples (``halting.py``) and the fixed-point solver (``solver.py``).
+* depth as a dial: ``inject``/``init_state`` (``inject.py``, the :class:`~inject.Injection`
+  part), random step counts in training (``step_count.py``), truncated backprop
+  (``backprop_steps``, in the loop), halting that removes finished samples at inference
+  (``halting.py``: the one halting path, each criterion defined once) and the fixed-point
+  solver (``solver.py``);
+* learned halting (``ponder.py``, ``halt="ponder"``, PonderNet): the ``halting_head`` part
+  (``nn.Identity`` for the other criteria) and a training objective of its own.
+
+A part with a training objective hands it to the task through one channel: after a training
+forward, :meth:`RecurrentDepth.loss_terms` returns a :class:`~ponder.DepthLoss` (per-step weights
+of the task loss and an auxiliary loss) or None, and :meth:`RecurrentDepth.replaying` makes the
+model's forward return step ``n``'s state, so the task computes its loss at each step without
+knowing the model (``score_exp/tasks/depth_loss.py``, used by every LightningModule).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,10 +53,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from score_exp.core import growth, inject, mixing, solver, step_count, step_size
-from score_exp.core.discretisation import Discretisation, resolve
+from score_exp.core.discretisation import Discretisation, resolve, trained
 from score_exp.core.halting import Select, integrate_halting
 from score_exp.core.integrators import INTEGRATORS
-from score_exp.core.observers import Halting, Observer, Trace
+from score_exp.core.observers import Observer, Trace
+from score_exp.core.ponder import DepthLoss, PonderRecorder, halting_head
 from score_exp.core.spec import CONNECTS, LEARN_DT, UPDATES, DepthSpec
 
 __all__ = ["CONNECTS", "LEARN_DT", "UPDATES", "DepthSpec", "Discretisation", "RecurrentDepth"]
@@ -60,7 +72,7 @@ class RecurrentDepth(nn.Module):
             ``spec.share`` else once per (initial) step.
         spec: the depth specification.
         width: the state's last dimension; needed by ``inject="concat"`` (its ``(C, 2C)``
-            projection).
+            projection) and ``halt="ponder"`` (the halting head).
 
     Attributes:
         last_steps_used: after a forward that stopped adaptively (``spec.adaptive_eps``), the
@@ -92,20 +104,13 @@ class RecurrentDepth(nn.Module):
         if spec.growth is not None:
             # Persisted so that a checkpoint taken at any stage reloads at that stage.
             self.register_buffer("active_steps", torch.tensor(self._steps))
-        if spec.connect == "ancre" and spec.ancre_param == "residual":
-            self.connect_residual = nn.Parameter(torch.zeros(spec.steps, spec.steps))
-        elif spec.connect == "ancre":
-            n = spec.steps
-            self.connect_logits = nn.Parameter(
-                mixing.ancre_init_logits(n, spec.ancre_init, spec.ancre_tau)
-            )
-            self.register_buffer("connect_mask", torch.ones(n, n).tril().bool(), persistent=False)
+        mixing.add_parameters(self, spec)  # connect=ancre: connect_logits (or connect_residual)
         if spec.learn_dt != "none":
             self.dt_logit = nn.Parameter(step_size.init_dt_logit(spec))
-        if spec.inject == "concat":
-            if width is None:
-                raise ValueError("inject='concat' needs the state width: RecurrentDepth(width=C)")
-            self.inject_weight = nn.Parameter(inject.concat_weight(width))
+        self.injection = inject.Injection(spec.inject, width)  # F as every step sees it
+        self.halting_head = halting_head(spec, width)  # learned halting's lambda_n, or identity
+        self._ponder: PonderRecorder | None = None  # the last training forward's record
+        self._replay: Tensor | None = None
         self._override: Discretisation | None = None
         self._drawn_steps: int | None = None
         self.last_steps_used: Tensor | None = None
@@ -134,25 +139,51 @@ class RecurrentDepth(nn.Module):
             readout: for ``halt="kl"``: maps a state to logits (e.g. next-token logits).
             **ctx: passed to every block call, e.g. ``edge_index`` for a graph convolution.
         """
+        if self._replay is not None:  # replaying(n): the recorded state of step n
+            return self._replay
         d = self.discretisation
         e = h  # the input, which inject= shows to every step
         h = inject.initial_state(self.spec, e)
+        self._ponder = None
         if self.spec.solver == "fixed_point":
             return self._solve(h, e, ctx)
         self.last_steps_used, self.last_nfe = None, d.nfe
-        if d.adaptive_eps is None or (torch.is_grad_enabled() and self.training):
+        training = torch.is_grad_enabled() and self.training
+        if training and d.halt == "ponder":  # every step runs; its state and lambda are kept
+            n = int(group.max()) + 1 if group is not None and group.numel() else h.shape[0]
+            self._ponder = PonderRecorder(self.halting_head, group, n)
+            return self._integrate(h, e, d, ctx, self._ponder)
+        if d.adaptive_eps is None or training:
             return self._integrate(h, e, d, ctx, None)
-        if self.spec.connect == "ancre":  # the mixture needs every state: freeze, not remove
-            observer = Halting(d.adaptive_eps, h)
-            h = self._integrate(h, e, d, ctx, observer)
-            self.last_steps_used = observer.steps_used
-            return h
-        if d.halt == "kl" and readout is None:
-            raise ValueError("halt='kl' compares readouts: the model must pass readout=")
-        kl = readout if d.halt == "kl" else None
-        h, used, spent = integrate_halting(self, h, e, d, ctx, group, select, kl)
+        h, used, spent = integrate_halting(self, h, e, d, ctx, group, select, readout)
         self.last_steps_used, self.last_nfe = used, spent / len(used)
         return h
+
+    # ------------------------------------------------------------------ the loss channel
+
+    def loss_terms(self) -> DepthLoss | None:
+        """What the parts add to the task's loss after the last training forward, or None.
+
+        ``halt="ponder"``: the halting distribution as per-step weights of the task loss and
+        ``ponder_beta * KL(p || Geometric(ponder_lambda_p))`` (see ``ponder.py``). The task
+        computes its per-sample loss at step ``n`` inside :meth:`replaying`.
+        """
+        if self._ponder is None:
+            return None
+        return self._ponder.loss(self.spec.ponder_lambda_p, self.spec.ponder_beta)
+
+    @contextlib.contextmanager
+    def replaying(self, n: int) -> Iterator[None]:
+        """Inside the ``with`` block, a forward returns the last training forward's state after
+        step ``n`` (0-based, of :meth:`loss_terms`' steps) without running any step, so that a
+        model's layers after the depth give that step's prediction."""
+        if self._ponder is None:
+            raise RuntimeError("replaying(n) needs a training forward that kept its states")
+        self._replay = self._ponder.states[n]
+        try:
+            yield
+        finally:
+            self._replay = None
 
     def _integrate(
         self,
@@ -164,23 +195,21 @@ class RecurrentDepth(nn.Module):
     ) -> Tensor:
         """``d.steps`` integrator steps of the update's vector field: the paper's depth."""
         dts = self.dts()
-        mix = self._mixing(h)
+        mix = self.input_mixing(h)
         k = self.spec.backprop_steps
         first_grad = d.steps - k if k is not None and torch.is_grad_enabled() else 0
         for l in range(d.steps):
             # backprop_steps: the steps before the last k build no graph.
             with torch.set_grad_enabled(torch.is_grad_enabled() and l >= first_grad):
                 x = mix.input(l, h)  # the state step l updates (h itself for the chain)
-                h_next = self._step(l, x, e, dts[l], d.integrator, ctx)
+                h_next = self.step(l, x, e, dts[l], d.integrator, ctx)
             if observer is not None:
                 h_next = observer.step(h, h_next)
             h = h_next
             mix.push(h)
-            if observer is not None and observer.done:
-                break
         return h
 
-    def _step(
+    def step(
         self, l: int, x: Tensor, e: Tensor, dt: Any, integrator: str, ctx: dict[str, Any]
     ) -> Tensor:
         """One step of block ``l`` (the shared block for every ``l``), checkpointed if asked."""
@@ -193,8 +222,7 @@ class RecurrentDepth(nn.Module):
 
     def _block(self, l: int, e: Tensor) -> Callable[..., Tensor]:
         """``F`` of step ``l`` as the update sees it (with the input injected, if asked)."""
-        block = self.blocks[0 if self.spec.share else l]
-        return inject.injected(block, self.spec, e, getattr(self, "inject_weight", None))
+        return self.injection(self.blocks[0 if self.spec.share else l], e)
 
     def _solve(self, h: Tensor, e: Tensor, ctx: dict[str, Any]) -> Tensor:
         """``solver=fixed_point``: Anderson to ``h* = F(h*)``, then one differentiable ``F``."""
@@ -239,26 +267,8 @@ class RecurrentDepth(nn.Module):
         """What a forward runs now: the trained discretisation, or :meth:`discretised`'s."""
         if self._override is not None:
             return self._override
-        spec = self.spec
-        learned = spec.learn_dt != "none"
-        if self.training and self._drawn_steps is not None:  # train_steps: a drawn count
-            n = self._drawn_steps
-            dt = (
-                spec.horizon / n
-                if spec.train_dt == "horizon"
-                else step_size.fixed_dt(spec, n, False)
-            )
-            return Discretisation(
-                n, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step, spec.halt
-            )
-        return Discretisation(
-            steps=self._steps,
-            dt=None if learned else step_size.fixed_dt(spec, self._steps, self.keep_horizon),
-            integrator=spec.integrator,
-            adaptive_eps=spec.adaptive_eps,
-            evals_per_step=spec.evals_per_step,
-            halt=spec.halt,
-        )
+        drawn = self._drawn_steps if self.training else None  # train_steps: a drawn count
+        return trained(self.spec, self._steps, self.keep_horizon, drawn)
 
     def discretised(
         self,
@@ -286,7 +296,8 @@ class RecurrentDepth(nn.Module):
                 (``1 / steps`` when it is None). A learned dt always keeps the learned horizon
                 (and is the learned dt at the trained step count).
             adaptive_eps: halt samples whose criterion falls below it (None: the spec's).
-            halt: the criterion, ``state`` or ``kl`` (None: the spec's).
+            halt: the criterion, ``state``, ``kl`` or (a depth trained with it) ``ponder``
+                (None: the spec's).
 
         Returns:
             a context manager whose ``as`` target is the resolved :class:`Discretisation`
@@ -328,6 +339,11 @@ class RecurrentDepth(nn.Module):
         self._drawn_steps = None
 
     @property
+    def inject_weight(self) -> Tensor:
+        """``inject="concat"``'s ``(C, 2C)`` projection (the :class:`~inject.Injection` part's)."""
+        return self.injection.weight
+
+    @property
     def steps(self) -> int:
         """The trained (active) number of steps; growth changes it, :meth:`discretised` not."""
         return self._steps
@@ -340,17 +356,9 @@ class RecurrentDepth(nn.Module):
 
     # ------------------------------------------------------------------ optional parts
 
-    def _mixing(self, h0: Tensor) -> mixing.Chain:
-        if self.spec.connect != "ancre":
-            return mixing.Chain()
-        if self.spec.ancre_param == "residual":
-            return mixing.AncreResidual(self.connect_residual, h0)
-        return mixing.Ancre(self._ancre_weights(), h0)
-
-    def _ancre_weights(self) -> Tensor:
-        if self.spec.ancre_param == "residual":
-            return mixing.residual_weights(self.connect_residual)
-        return mixing.ancre_weights(self.connect_logits, self.connect_mask, self.spec.ancre_tau)
+    def input_mixing(self, h0: Tensor) -> mixing.Chain:
+        """The input mixing of one forward that starts at ``h0`` (the chain, or ANCRe's)."""
+        return mixing.for_forward(self, h0)
 
     def connection_weights(self) -> Tensor:
         """Input mixture weights, ``(steps, steps + 1)``: row ``j`` weighs ``h_0 .. h_steps``.
@@ -359,7 +367,7 @@ class RecurrentDepth(nn.Module):
         never an input). The chain is the identity on the first ``steps`` columns.
         """
         n = self.spec.steps
-        w = self._ancre_weights() if self.spec.connect == "ancre" else torch.eye(n)  # (n, n)
+        w = mixing.weights(self) if self.spec.connect == "ancre" else torch.eye(n)  # (n, n)
         return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)
 
     @torch.no_grad()
@@ -397,6 +405,8 @@ class RecurrentDepth(nn.Module):
         # A stacked growth checkpoint may hold more (or fewer) blocks than this module has
         # now: resize the block list before the children load their tensors.
         growth.resize_to_state_dict(self, state_dict, prefix)
+        if prefix + "inject_weight" in state_dict:  # checkpoints before the Injection part
+            state_dict[prefix + "injection.weight"] = state_dict.pop(prefix + "inject_weight")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         key = prefix + "active_steps"
         if key in state_dict:
@@ -416,19 +426,9 @@ class RecurrentDepth(nn.Module):
             f"share={s.share}, steps={self._steps}, dt={s.dt}, update={s.update!r}, "
             f"integrator={s.integrator!r}, nfe={self.nfe}"
         )
-        if s.connect != "chain":
-            text += f", connect={s.connect!r}, ancre_param={s.ancre_param!r}"
-            if s.ancre_param == "softmax":
-                text += f", ancre_tau={s.ancre_tau}, ancre_init={s.ancre_init}"
-        if s.learn_dt != "none":
-            text += f", learn_dt={s.learn_dt!r}"
-        if s.adaptive_eps is not None:
-            text += f", adaptive_eps={s.adaptive_eps}"
-        if s.growth is not None:
-            text += f", growth={s.growth}, keep_horizon={s.keep_horizon}"
-        if s.solver != "unroll":
-            text += (
-                f", solver={s.solver!r}, solver_grad={s.solver_grad!r}, "
-                f"solver_tol={s.solver_tol}, solver_max_iter={s.solver_max_iter}"
-            )
+        shown = {"share", "steps", "dt", "update", "integrator"}
+        for f in dataclasses.fields(s):  # every other field that is switched on
+            value = getattr(s, f.name)
+            if f.name not in shown and value != f.default:
+                text += f", {f.name}={value!r}"
         return text

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from score_exp.core import step_size
 from score_exp.core.integrators import get_integrator
-from score_exp.core.spec import HALTS
+from score_exp.core.spec import HALTS, DepthSpec
 
 if TYPE_CHECKING:
     from score_exp.core.depth import RecurrentDepth
@@ -28,7 +28,8 @@ class Discretisation:
         dt: one step size for every step, or None for the learned dt (recomputed each forward).
         integrator: integrator name.
         adaptive_eps: halting threshold at inference (None: every sample runs every step).
-        halt: the halting criterion, ``state`` or ``kl`` (:data:`~score_exp.core.spec.HALTS`).
+        halt: the halting criterion, ``state``, ``kl`` or ``ponder``
+            (:data:`~score_exp.core.spec.HALTS`).
         evals_per_step: evaluations of ``F`` per step.
         dts: the step size of each step, filled in by :meth:`RecurrentDepth.discretised`.
     """
@@ -45,6 +46,29 @@ class Discretisation:
     def nfe(self) -> int:
         """Evaluations of ``F`` per forward (an upper bound when halting)."""
         return self.steps * self.evals_per_step
+
+
+def trained(spec: DepthSpec, steps: int, keep_horizon: bool, drawn: int | None) -> Discretisation:
+    """The discretisation a depth trained as ``spec`` runs at ``steps`` (its active count), or at
+    ``drawn`` steps (``train_steps``' count of this optimiser step) in training."""
+    if drawn is not None:
+        dt = (
+            spec.horizon / drawn
+            if spec.train_dt == "horizon"
+            else step_size.fixed_dt(spec, drawn, False)
+        )
+        return Discretisation(
+            drawn, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step, spec.halt
+        )
+    learned = spec.learn_dt != "none"
+    return Discretisation(
+        steps=steps,
+        dt=None if learned else step_size.fixed_dt(spec, steps, keep_horizon),
+        integrator=spec.integrator,
+        adaptive_eps=spec.adaptive_eps,
+        evals_per_step=spec.evals_per_step,
+        halt=spec.halt,
+    )
 
 
 def resolve(
@@ -106,7 +130,17 @@ def resolve(
     else:
         adaptive_eps = float(adaptive_eps)
     halt = spec.halt if halt is None else halt
-    if halt not in HALTS:
-        raise ValueError(f"halt must be one of {', '.join(HALTS)}, got {halt!r}")
+    # ponder reads a learned halting head: only a depth trained with halt=ponder has one.
+    valid = HALTS if spec.halt == "ponder" else tuple(x for x in HALTS if x != "ponder")
+    if halt not in valid:
+        raise ValueError(
+            f"halt must be one of {', '.join(valid)}, got {halt!r}"
+            + (" (ponder needs a depth trained with halt=ponder)" if halt == "ponder" else "")
+        )
+    if halt == "ponder" and adaptive_eps is not None and not adaptive_eps < 1:
+        raise ValueError(
+            "halt='ponder' stops once the cumulative halting probability passes "
+            f"1 - adaptive_eps: adaptive_eps must lie in (0, 1), got {adaptive_eps}"
+        )
     evals = 1 if spec.update == "none" else method.evals_per_step
     return Discretisation(n, dt, method.name, adaptive_eps, evals, halt)

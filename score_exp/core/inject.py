@@ -32,20 +32,35 @@ def concat_weight(width: int) -> Tensor:
     return torch.cat([eye, eye], dim=1)  # (C, 2C)
 
 
-def injected(
-    block: nn.Module, spec: DepthSpec, e: Tensor, weight: Tensor | None
-) -> Callable[..., Tensor]:
-    """``block`` as seen by the update rule: ``F`` itself, ``F(h + e)`` or ``F(W [h, e])``."""
-    if spec.inject == "add":
+class Injection(nn.Module):
+    """How every step sees the input ``e``: ``F`` itself (``none``), ``F(h + e)`` or ``F(W [h, e])``.
 
-        def add(h: Tensor, **ctx: Any) -> Tensor:
-            return block(h + e, **ctx)
+    Always present in a depth; only ``concat`` holds a parameter, ``weight`` ``(C, 2C)``.
+    """
 
-        return add
-    if spec.inject == "concat":
+    def __init__(self, kind: str, width: int | None = None):
+        super().__init__()
+        self.kind = kind
+        if kind == "concat":
+            if width is None:
+                raise ValueError("inject='concat' needs the state width: RecurrentDepth(width=C)")
+            self.weight = nn.Parameter(concat_weight(width))
 
-        def concat(h: Tensor, **ctx: Any) -> Tensor:
-            return block(torch.cat([h, e], dim=-1) @ weight.T, **ctx)  # (..., C)
+    def forward(self, block: nn.Module, e: Tensor) -> Callable[..., Tensor]:
+        """``block`` as seen by the update rule."""
+        if self.kind == "add":
 
-        return concat
-    return block
+            def add(h: Tensor, **ctx: Any) -> Tensor:
+                return block(h + e, **ctx)
+
+            return add
+        if self.kind == "concat":
+
+            def concat(h: Tensor, **ctx: Any) -> Tensor:
+                return block(torch.cat([h, e], dim=-1) @ self.weight.T, **ctx)  # (..., C)
+
+            return concat
+        return block
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"

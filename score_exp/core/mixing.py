@@ -8,15 +8,21 @@ coefficients, ``h_j + sum_{i<j} a_ji (h_i - h_j)`` (``a = 0`` at initialisation)
 running sum without stacking the states.
 
 A mixing is a small per-forward object: :meth:`Chain.input` gives the input of step ``l`` from
-the current state, :meth:`Chain.push` sees each new state. Nothing here evaluates ``F``.
+the current state, :meth:`Chain.push` sees each new state, :meth:`Chain.keep` drops the rows of
+halted samples. Nothing here evaluates ``F``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from score_exp.core.depth import RecurrentDepth
+    from score_exp.core.spec import DepthSpec
 
 
 class Chain:
@@ -27,6 +33,9 @@ class Chain:
 
     def push(self, h: Tensor) -> None:
         pass
+
+    def keep(self, rows: Tensor) -> None:
+        """Only ``rows`` go on (halting removed the others)."""
 
 
 class Ancre(Chain):
@@ -49,6 +58,9 @@ class Ancre(Chain):
 
     def push(self, h: Tensor) -> None:
         self.states.append(h)
+
+    def keep(self, rows: Tensor) -> None:
+        self.states = [s[rows] for s in self.states]
 
 
 class AncreResidual(Ancre):
@@ -95,3 +107,30 @@ def ancre_init_logits(steps: int, init: float, tau: float) -> Tensor:
 def ancre_weights(logits: Tensor, mask: Tensor, tau: float) -> Tensor:
     """Row-wise softmax of ``logits / tau`` over the allowed (lower-triangular) entries."""
     return (logits / tau).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def add_parameters(depth: nn.Module, spec: DepthSpec) -> None:
+    """``connect="ancre"``'s parameters on ``depth``: ``connect_logits`` (and the mask
+    ``connect_mask``) or, for ``ancre_param="residual"``, ``connect_residual``."""
+    n = spec.steps
+    if spec.connect == "ancre" and spec.ancre_param == "residual":
+        depth.connect_residual = nn.Parameter(torch.zeros(n, n))
+    elif spec.connect == "ancre":
+        depth.connect_logits = nn.Parameter(ancre_init_logits(n, spec.ancre_init, spec.ancre_tau))
+        depth.register_buffer("connect_mask", torch.ones(n, n).tril().bool(), persistent=False)
+
+
+def weights(depth: RecurrentDepth) -> Tensor:
+    """The ANCRe mixture weights of ``depth``, ``(steps, steps)``."""
+    if depth.spec.ancre_param == "residual":
+        return residual_weights(depth.connect_residual)
+    return ancre_weights(depth.connect_logits, depth.connect_mask, depth.spec.ancre_tau)
+
+
+def for_forward(depth: RecurrentDepth, h0: Tensor) -> Chain:
+    """The mixing of one forward of ``depth`` from ``h0``."""
+    if depth.spec.connect != "ancre":
+        return Chain()
+    if depth.spec.ancre_param == "residual":
+        return AncreResidual(depth.connect_residual, h0)
+    return Ancre(weights(depth), h0)

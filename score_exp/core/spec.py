@@ -1,7 +1,9 @@
 """``DepthSpec``: the typed, validated configuration of a recurrent depth.
 
-It is also the structured-config schema of the ``depth`` config group, so its annotations are
-the ones OmegaConf understands (``str``, ``int``, ``float``, ``bool``, ``Optional``, ``list``).
+It is also the structured-config schema of the ``depth`` config group. Every choice is a typed
+``Literal`` (``Update``, ``Halt``, ...) whose values are also the tuple of valid names
+(``UPDATES``, ``HALTS``, ...); OmegaConf 2.3 has no ``Literal``, so the group's schema
+(``score_exp.run.depth_schema``) declares them ``str`` and ``__post_init__`` checks the value.
 """
 
 from __future__ import annotations
@@ -9,21 +11,32 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from score_exp.core.integrators import get_integrator
 
-UPDATES = ("contractive", "residual", "none")
-CONNECTS = ("chain", "ancre")
-ANCRE_PARAMS = ("softmax", "residual")
-LEARN_DT = ("none", "global", "per_step")
-INJECTS = ("none", "add", "concat")
-INIT_STATES = ("input", "zeros", "random")
-TRAIN_STEPS = ("fixed", "uniform", "lognormal_poisson")
-TRAIN_DT = ("fixed", "horizon")
-SOLVERS = ("unroll", "fixed_point")
-SOLVER_GRADS = ("jfb", "implicit")
-HALTS = ("state", "kl")
+Update = Literal["contractive", "residual", "none"]
+Connect = Literal["chain", "ancre"]
+AncreParam = Literal["softmax", "residual"]
+LearnDt = Literal["none", "global", "per_step"]
+Inject = Literal["none", "add", "concat"]
+InitState = Literal["input", "zeros", "random"]
+TrainDt = Literal["fixed", "horizon"]
+Solver = Literal["unroll", "fixed_point"]
+SolverGrad = Literal["jfb", "implicit"]
+Halt = Literal["state", "kl", "ponder"]
+
+UPDATES: tuple[str, ...] = get_args(Update)
+CONNECTS: tuple[str, ...] = get_args(Connect)
+ANCRE_PARAMS: tuple[str, ...] = get_args(AncreParam)
+LEARN_DT: tuple[str, ...] = get_args(LearnDt)
+INJECTS: tuple[str, ...] = get_args(Inject)
+INIT_STATES: tuple[str, ...] = get_args(InitState)
+TRAIN_STEPS = ("fixed", "uniform", "lognormal_poisson")  # a law with arguments: "uniform:2,8"
+TRAIN_DT: tuple[str, ...] = get_args(TrainDt)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+SOLVER_GRADS: tuple[str, ...] = get_args(SolverGrad)
+HALTS: tuple[str, ...] = get_args(Halt)
 
 
 @dataclass
@@ -54,7 +67,8 @@ class DepthSpec:
             ``sigmoid(logit)`` in (0, 1), initialised at the configured step size, which must
             then lie strictly inside (0, 1).
         adaptive_eps: at inference only, a sample (a row of ``h``'s first dim) stops iterating
-            once ``||h_{t+1} - h_t|| / ||h_t|| < adaptive_eps``; ``steps`` is the upper bound.
+            once its ``halt`` criterion falls below it (``state``:
+            ``||h_{t+1} - h_t|| / ||h_t|| < adaptive_eps``); ``steps`` is the upper bound.
         growth: incremental-in-depth schedule ``[[at, steps], ...]`` starting at ``at = 0`` and
             ending at ``steps``, with step counts that never decrease (``at`` counts epochs, or
             optimiser steps for iteration-based trainers, in the ``DepthGrowth`` callback).
@@ -86,36 +100,47 @@ class DepthSpec:
             pass solves ``g = J^T g + dL/dh*`` with the same solver, ``J = dF/dh`` at ``h*``).
         solver_tol: relative residual ``||F(h) - h|| / ||F(h)||`` at which the solver stops.
         solver_max_iter: the solver's iteration budget; >= 2.
-        halt: the halting criterion of ``adaptive_eps``: ``state`` (relative state change) or
+        halt: the halting criterion of ``adaptive_eps``: ``state`` (relative state change),
             ``kl`` (Huginn's: KL between successive readout distributions; the model passes
-            ``readout=`` to the depth, e.g. a language model's next-token logits).
+            ``readout=`` to the depth, e.g. a language model's next-token logits) or ``ponder``
+            (PonderNet, arXiv 2107.05407: a learned halting head gives ``lambda_n`` per sample
+            and step; training minimises the expected task loss under the halting distribution
+            ``p_n = lambda_n prod_{k<n} (1 - lambda_k)`` plus ``ponder_beta * KL(p ||
+            Geometric(ponder_lambda_p))``; at inference a sample stops once its cumulative
+            halting probability passes ``1 - adaptive_eps``).
+        ponder_lambda_p: the geometric prior's halting probability per step, in (0, 1): a prior
+            mean of ``1 / ponder_lambda_p`` steps (truncated at ``steps``, the last step taking
+            the remaining mass).
+        ponder_beta: weight of the KL term; >= 0.
     """
 
     share: bool = True
     steps: int = 4
     dt: Optional[float] = 0.5  # noqa: UP045 (OmegaConf reads typing.Optional)
-    update: str = "contractive"
+    update: Update = "contractive"
     integrator: str = "euler"
     checkpoint: bool = False
-    connect: str = "chain"
+    connect: Connect = "chain"
     ancre_tau: float = 1.0
     ancre_init: float = 0.9999
-    ancre_param: str = "softmax"
-    learn_dt: str = "none"
+    ancre_param: AncreParam = "softmax"
+    learn_dt: LearnDt = "none"
     adaptive_eps: Optional[float] = None  # noqa: UP045
     growth: Optional[list] = None  # noqa: UP045
     keep_horizon: bool = True
-    inject: str = "none"
-    init_state: str = "input"
+    inject: Inject = "none"
+    init_state: InitState = "input"
     init_std: float = 1.0
     train_steps: str = "fixed"
-    train_dt: str = "fixed"
+    train_dt: TrainDt = "fixed"
     backprop_steps: Optional[int] = None  # noqa: UP045
-    solver: str = "unroll"
+    solver: Solver = "unroll"
     solver_tol: float = 1e-4
     solver_max_iter: int = 30
-    solver_grad: str = "jfb"
-    halt: str = "state"
+    solver_grad: SolverGrad = "jfb"
+    halt: Halt = "state"
+    ponder_lambda_p: float = 0.2
+    ponder_beta: float = 0.01
 
     def __post_init__(self) -> None:
         if self.update not in UPDATES:
@@ -230,12 +255,28 @@ class DepthSpec:
             raise ValueError(
                 "solver_grad=implicit is the fixed point's gradient: it needs solver=fixed_point"
             )
+        self._validate_ponder()
         if not _is_number(self.solver_tol) or not self.solver_tol > 0:
             raise ValueError(f"solver_tol must be > 0, got {self.solver_tol!r}")
         self.solver_tol = float(self.solver_tol)
         it = self.solver_max_iter
         if isinstance(it, bool) or not isinstance(it, int) or it < 2:
             raise ValueError(f"solver_max_iter must be an integer >= 2, got {it!r}")
+
+    def _validate_ponder(self) -> None:
+        lp, beta = self.ponder_lambda_p, self.ponder_beta
+        if not _is_number(lp) or not 0 < lp < 1:
+            raise ValueError(f"ponder_lambda_p must lie in (0, 1), got {lp!r}")
+        if not _is_number(beta) or beta < 0:
+            raise ValueError(f"ponder_beta must be >= 0, got {beta!r}")
+        self.ponder_lambda_p, self.ponder_beta = float(lp), float(beta)
+        if self.halt == "ponder" and self.solver != "unroll":
+            raise ValueError("halt=ponder learns when to stop the steps: it needs solver=unroll")
+        if self.halt == "ponder" and self.adaptive_eps is not None and not self.adaptive_eps < 1:
+            raise ValueError(
+                "halt=ponder stops a sample once its cumulative halting probability passes "
+                f"1 - adaptive_eps: adaptive_eps must lie in (0, 1), got {self.adaptive_eps!r}"
+            )
 
     def train_steps_law(self) -> tuple[str, tuple[float, ...]]:
         """``train_steps`` parsed: ``("fixed", ())``, ``("uniform", (a, b))`` or

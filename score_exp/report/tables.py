@@ -371,6 +371,8 @@ def eval_settings(v: Variant) -> dict[tuple, list[dict]]:
 def setting_label(key: tuple) -> str:
     steps, integrator, dt, keep_horizon, eps, halt = key
     text = f"{steps} x {integrator}, dt {dt:g}"
+    if eps and halt == "ponder":  # learned halting: cumulative halting probability > 1 - eps
+        return text + f", ponder exit p > {1 - float(eps):g}"
     return text + (f", halt {halt} < {float(eps):g}" if eps else "")
 
 

@@ -31,6 +31,7 @@ from score_exp.errors import (
     check_number,
     check_seed,
 )
+from score_exp.tasks.depth_loss import with_depth_loss
 from score_exp.tasks.distributed import (
     check_num_workers,
     eval_sampler,
@@ -252,6 +253,16 @@ def nanogpt_lr(it: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_it
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """The mean next-token cross-entropy of each sequence, ``(B,)`` (``-1`` targets ignored)."""
+    B, T = targets.shape
+    nll = nn.functional.cross_entropy(
+        logits.reshape(B * T, -1), targets.reshape(-1), ignore_index=-1, reduction="none"
+    ).view(B, T)  # (B, T)
+    counted = (targets != -1).sum(1).clamp_min(1)  # (B,)
+    return nll.sum(1) / counted
+
+
 def _plain(obj):
     """Mappings and sequences (e.g. OmegaConf containers) as plain dicts and lists."""
     if isinstance(obj, Mapping):
@@ -267,7 +278,8 @@ class LanguageModelModule(L.LightningModule):
     Logs ``train/loss``, ``train/lr``, ``train/tokens_per_s`` (training tokens per second of wall
     time over each logging interval, all devices together) and, on the fixed validation batches,
     ``val/loss`` (nats per token) and, for a character vocabulary, ``val/bpc`` (bits per character,
-    ``loss / ln 2``); ``test/*`` likewise.
+    ``loss / ln 2``); ``test/*`` likewise. The depth's own loss terms (learned halting) are
+    added in training (``depth_loss.py``).
 
     Args:
         model: the language model.
@@ -319,7 +331,15 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch  # (B, T), (B, T)
-        _, loss = self(x, y)
+        logits, loss = self(x, y)
+        # The depth's own terms (learned halting: the expected loss over its steps), if any.
+        loss = with_depth_loss(
+            self,
+            loss,
+            lambda: sequence_loss(logits, y),
+            lambda: sequence_loss(self(x, y)[0], y),
+            per_step=True,  # iteration-based: logged like train/loss
+        )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss

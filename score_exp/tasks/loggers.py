@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from score_exp.wandb_utils import INIT_TIMEOUT, bounded_settings, resolve_mode, warn_offline
@@ -46,6 +46,31 @@ def wandb_logger(
         name=name or Path(save_dir).name,
         offline=mode == "offline",
         mode=mode,
+        **kwargs,
+    )
+
+
+def mlflow_logger(
+    experiment_name: str,
+    tracking_uri: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    **kwargs,
+) -> MLFlowLogger:
+    """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` on MLflow's file store.
+
+    MLflow 3 refuses a ``file:`` tracking URI unless ``MLFLOW_ALLOW_FILE_STORE`` is set (the file
+    store is in maintenance mode, not removed); a run that asked for it gets it. The run name
+    defaults to the run folder's name, as for W&B.
+    """
+    if tracking_uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        run_name = run_name or Path(tracking_uri.removeprefix("file:")).parent.name
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        tracking_uri=tracking_uri,
+        run_name=run_name,
+        tags={k: str(v) for k, v in (tags or {}).items()},
         **kwargs,
     )
 

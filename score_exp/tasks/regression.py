@@ -8,13 +8,21 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
 from score_exp.errors import check_choice, check_number
+from score_exp.tasks.depth_loss import with_depth_loss
 
 SCHEDULERS = ("none", "cosine", "plateau")
 OPTIMIZERS = ("adamw", "adam")
 
 
+def _squared_error(pred: Tensor, y: Tensor) -> Tensor:
+    """The MSE loss per sample, ``(B,)``."""
+    return (pred - y).pow(2)
+
+
 class RegressionModule(L.LightningModule):
     """Trains ``model`` with MSE on the standardised target; logs RMSE, MAE, R^2 in original units.
+
+    The depth's own loss terms (learned halting) are added in training (``depth_loss.py``).
 
     Args:
         model: maps a batch's inputs to ``(B, 1)`` predictions of the standardised target.
@@ -76,6 +84,10 @@ class RegressionModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         pred, y = self(batch)
         loss = nn.functional.mse_loss(pred, y)
+        # The depth's own terms (learned halting: the expected loss over its steps), if any.
+        loss = with_depth_loss(
+            self, loss, lambda: _squared_error(pred, y), lambda: _squared_error(*self(batch))
+        )
         # sync_dist: epoch-level values are averaged over data-parallel ranks (one reduction
         # per epoch, not per step); torchmetrics below synchronise themselves.
         self.log(
