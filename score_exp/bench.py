@@ -81,10 +81,6 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     for name in ("repeats", "warmup", "steps_per_repeat"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    if args.json is not None:
-        _check_json_path(args.json)
 
     named = _named_variants(getattr(args, "variant", None))
     if args.checkpoint_memory:
@@ -268,6 +264,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"device {device!r} is not available; use cpu or cuda")
         if args.checkpoint_memory and len(args.checkpoint_steps) < 2:
             raise ConfigError("--checkpoint-steps needs at least two step counts")
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        if args.json is not None:
+            _check_json_path(args.json)
         variants, notes = plan(args)
     except ScoreExpError as e:
         print(f"score-bench: error: {e}", file=sys.stderr)

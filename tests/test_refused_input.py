@@ -117,12 +117,12 @@ def test_score_eval_refuses_a_bad_request_before_evaluating(finished, args, mess
         ),
         (
             ["depth.train_steps='lognormal_poisson:inf,1'"],
-            "invalid depth config: train_steps lognormal_poisson takes two finite numbers, "
+            "invalid depth config: train_steps lognormal_poisson takes two numbers, finite, "
             "got 'lognormal_poisson:inf,1'",
         ),
         (
             ["depth.train_steps='lognormal_poisson:4,inf'"],
-            "invalid depth config: train_steps lognormal_poisson takes two finite numbers, "
+            "invalid depth config: train_steps lognormal_poisson takes two numbers, finite, "
             "got 'lognormal_poisson:4,inf'",
         ),
         (

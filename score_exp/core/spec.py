@@ -259,7 +259,7 @@ class DepthSpec:
             values = ()
         if len(values) != 2 or not all(math.isfinite(v) for v in values):
             raise ValueError(
-                f"train_steps {name} takes two finite numbers, got {self.train_steps!r}"
+                f"train_steps {name} takes two numbers, finite, got {self.train_steps!r}"
             )
         a, b = values
         if name == "uniform" and not (
@@ -273,8 +273,8 @@ class DepthSpec:
             0 < a <= MAX_TRAIN_STEPS / 4 and 0 <= b <= MAX_SIGMA
         ):
             raise ValueError(
-                f"train_steps lognormal_poisson:mean,sigma needs 0 < mean <= "
-                f"{MAX_TRAIN_STEPS // 4} and 0 <= sigma <= {MAX_SIGMA:g}, got {a:g}, {b:g}"
+                f"train_steps lognormal_poisson:mean,sigma needs mean > 0, sigma >= 0 (mean <= "
+                f"{MAX_TRAIN_STEPS // 4}, sigma <= {MAX_SIGMA:g}), got {a:g}, {b:g}"
             )
         return name, values
 
