@@ -5,6 +5,7 @@ the weights come from the best checkpoint. The depth then runs with the requeste
 ``integrator``, ``dt`` or ``adaptive_eps`` (inside the core's
 :meth:`~score_exp.core.RecurrentDepth.discretised`, so every task works unchanged) and the
 split is evaluated. Each evaluation appends one row to ``<run_dir>/eval.csv`` (rewritten atomically).
+A run that a process still trains (its folder lock is held) is refused in one line.
 """
 
 from __future__ import annotations

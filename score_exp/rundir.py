@@ -615,8 +615,10 @@ class SweepFailures(_HydraCallback):
     """Hydra callback: record every failed job of a sweep in ``<sweep dir>/failed_jobs.jsonl``.
 
     Jobs may run in other processes (joblib, submitit), so each failure is appended to the file
-    (one short line, ``O_APPEND``); the sweep's main process lists them all at the end
-    (:func:`report_sweep_failures`), where Hydra itself names only the first.
+    (one short line, ``O_APPEND`` under ``flock``), tagged with the invocation's
+    ``$SCORE_EXP_SWEEP_ID``; the sweep's main process lists its own at the end
+    (:func:`report_sweep_failures`), where Hydra itself names only the first. Another invocation
+    into the same sweep folder never removes them.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -60,14 +60,21 @@ def main(argv: list[str] | None = None) -> int:
             print("score-report: error: several PATHs need --out DIR", file=sys.stderr)
             return 2
         args.out = args.paths[0] / "report"
+    try:
+        check_output_dir(args.out, "--out")
+    except ScoreExpError as e:
+        print(f"score-report: error: {e}", file=sys.stderr)
+        return 2
     # A sweep folder that does not exist yet (or holds no run yet) is not an error: there is
     # nothing to report, said in one line with exit status 1 (2 is kept for bad input).
     if not any(has_runs(p) for p in args.paths):
         where = ", ".join(f"{p}{'' if p.exists() else ' (does not exist yet)'}" for p in args.paths)
         print(f"score-report: nothing to report: no run folder under {where}", file=sys.stderr)
         return NOTHING_TO_REPORT
+    for p in args.paths:
+        if not p.exists():
+            print(f"score-report: {p} does not exist (yet): nothing from it", file=sys.stderr)
     try:
-        check_output_dir(args.out, "--out")
         report = build_report([p for p in args.paths if p.exists()], args.out, target=args.target)
     except ScoreExpError as e:
         print(f"score-report: error: {e}", file=sys.stderr)
