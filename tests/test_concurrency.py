@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ def test_score_eval_of_a_finished_run_is_not_taken_for_a_run_in_training(tmp_pat
     """A lock file left by a finished (or killed) run holds no lock: the run is evaluated."""
     assert rundir.in_training(tmp_path) is None  # no .lock at all
     with rundir.RunLock(tmp_path):
-        assert rundir.in_training(tmp_path) == f"pid {os.getpid()} on {os.uname().nodename}"
+        assert rundir.in_training(tmp_path) == f"pid {os.getpid()} on {socket.gethostname()}"
     assert rundir.in_training(tmp_path) is None
 
 
