@@ -85,7 +85,7 @@ def test_a_checkpoint_that_does_not_fit_the_model(finished, kind, says, prog, mo
         (
             ["depth.halt=kl", "depth.adaptive_eps=0.01"],
             "depth.halt=kl compares next-token distributions, which only a language model "
-            "passes to its depth; this model supports depth.halt=state",
+            "passes to its depth; this model supports depth.halt=state or ponder",
         ),
         (["device=cuda"], "device=cuda but no CUDA device is available; use device=cpu"),
         (["device=tpu"], "device must be cpu or cuda, got 'tpu'"),
@@ -113,7 +113,7 @@ def test_score_eval_refuses_a_bad_request_before_evaluating(finished, args, mess
         (
             ["depth.halt=kl"],
             "depth.halt=kl compares next-token distributions, which only a language model "
-            "passes to its depth; this model supports depth.halt=state",
+            "passes to its depth; this model supports depth.halt=state or ponder",
         ),
         (
             ["depth.train_steps='lognormal_poisson:inf,1'"],
