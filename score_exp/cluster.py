@@ -72,16 +72,21 @@ def submitter_here() -> bool:
 # ----------------------------------------------------------------------------- job names
 
 
-def job_name(experiment: Any, overrides: Any = None, max_len: int = 120) -> str:
+def job_name(experiment: Any, overrides: Any = None, exclude: Any = None, max_len: int = 120) -> str:
     """A Slurm job name from the experiment name and the sweep's overrides.
 
-    ``esol_mlp:depth=score,stacked seed=0,1``: two sweeps are told apart in ``squeue``/``sacct``.
-    Spaces inside an override and characters Slurm mangles become ``_``.
+    ``esol_mlp:depth=score,stacked,seed=0,1``: two sweeps are told apart in ``squeue``/``sacct``.
+    Overrides of ``exclude`` keys (those left out of run folder names) are left out; characters
+    that Slurm or a shell mangle (spaces, quotes) become ``_``.
     """
-    parts = [str(o).replace(" ", "") for o in (overrides or [])]
-    text = f"{experiment}:{' '.join(parts)}" if parts else str(experiment)
-    text = re.sub(r"[^\w.,:=+\-/@ ]", "_", text)
-    return text[:max_len]
+    skip = {str(k) for k in (exclude or [])}
+    parts = [
+        str(o).replace(" ", "")
+        for o in (overrides or [])
+        if str(o).split("=", 1)[0].lstrip("+~") not in skip and not str(o).startswith("hydra")
+    ]
+    text = f"{experiment}:{','.join(parts)}" if parts else str(experiment)
+    return re.sub(r"[^\w.,:=+\-/@]", "_", text)[:max_len]
 
 
 if not OmegaConf.has_resolver("score_job_name"):
