@@ -72,7 +72,9 @@ def submitter_here() -> bool:
 # ----------------------------------------------------------------------------- job names
 
 
-def job_name(experiment: Any, overrides: Any = None, exclude: Any = None, max_len: int = 120) -> str:
+def job_name(
+    experiment: Any, overrides: Any = None, exclude: Any = None, max_len: int = 120
+) -> str:
     """A Slurm job name from the experiment name and the sweep's overrides.
 
     ``esol_mlp:depth=score,stacked,seed=0,1``: two sweeps are told apart in ``squeue``/``sacct``.
@@ -341,7 +343,9 @@ def segments(run_dir: Path, resuming: bool) -> dict:
             previous = {}
         if not isinstance(previous, dict):
             previous = {}
-    walls = [float(w) for w in previous.get("segments_wall_time_s", []) if isinstance(w, int | float)]
+    walls = [
+        float(w) for w in previous.get("segments_wall_time_s", []) if isinstance(w, int | float)
+    ]
     requeues = int(previous.get("requeues", 0) or 0)
     job, before = slurm_job(), previous.get("slurm") or {}
     if (

@@ -53,7 +53,11 @@ def slurm():
                 ["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=20
             )
             state = subprocess.run(
-                ["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True, timeout=20
+                ["sinfo", "-h", "-N", "-o", "%T"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=20,
             ).stdout.split()
             if ping.returncode or "UP" not in ping.stdout:
                 why = f"slurmctld does not answer ({ping.stdout.strip() or ping.stderr.strip()})"
@@ -95,7 +99,9 @@ def wait_until(pred, timeout: float, what: str, every: float = 0.5):
 
 def probe_job_id() -> int:
     """The id Slurm gives the next job (a 1-second job that is submitted and forgotten)."""
-    return int(sh("sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true").strip().split(";")[0])
+    return int(
+        sh("sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true").strip().split(";")[0]
+    )
 
 
 def jobs_named(prefix: str) -> list[str]:
@@ -166,7 +172,12 @@ def slurm_sweep_dir(slurm, tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     print(f"\n2-job Slurm sweep: {elapsed:.1f} s")
     local = run_cli(
-        "-m", f"hydra.sweep.dir={root / 'local'}", *QUIET, "depth=score,stacked", *TINY, env=job_env()
+        "-m",
+        f"hydra.sweep.dir={root / 'local'}",
+        *QUIET,
+        "depth=score,stacked",
+        *TINY,
+        env=job_env(),
     )
     assert local.returncode == 0, local.stderr[-3000:]
     return root, out
@@ -184,7 +195,10 @@ def test_sweep_on_slurm_finishes_ok_with_the_local_numbers(slurm_sweep_dir):
     assert "sweep summary: 2 job(s), 2 launched, 0 skipped" in out.stderr
     # One array job, named after the experiment and the sweep's overrides.
     log = Path(os.environ["SLURM_CONF"]).with_name("jobcomp.txt").read_text()
-    ids = {got["slurm"]["job_id"].split("_")[0] for got in map(load_results, (root / "sweep").glob("depth=*"))}
+    ids = {
+        got["slurm"]["job_id"].split("_")[0]
+        for got in map(load_results, (root / "sweep").glob("depth=*"))
+    }
     assert len(ids) == 1
     assert "Name=esol_mlp:depth=score,stacked" in log
 
@@ -300,9 +314,7 @@ REQUEUE = [
 
 
 @pytest.mark.parametrize("how", ["usr2", "requeue"])
-def test_interrupted_job_is_requeued_and_ends_with_the_uninterrupted_numbers(
-    slurm, tmp_path, how
-):
+def test_interrupted_job_is_requeued_and_ends_with_the_uninterrupted_numbers(slurm, tmp_path, how):
     """``usr2``: the time-limit signal (submitit requeues); ``requeue``: pre-emption."""
     overrides = [*REQUEUE, f"+callbacks.interrupt.how={how}"]
     ref = train_cli(tmp_path / "ref", *overrides, env=job_env(), timeout=JOB_TIMEOUT)
@@ -349,8 +361,9 @@ def test_job_outlives_a_killed_submitter(slurm, slurm_sweep_dir, tmp_path):
         submitter.send_signal(signal.SIGTERM)
         submitter.wait(60)
         wait_until(
-            lambda: (run_dir / "results.json").exists()
-            and load_results(run_dir)["status"] != "running",
+            lambda: (
+                (run_dir / "results.json").exists() and load_results(run_dir)["status"] != "running"
+            ),
             JOB_TIMEOUT,
             "the job to end",
         )
@@ -370,7 +383,9 @@ def _free_pid_run(n: int = 4) -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="unshare --pid needs root")
-def test_job_whose_submitter_is_in_another_pid_namespace_finishes_ok(slurm, slurm_sweep_dir, tmp_path):
+def test_job_whose_submitter_is_in_another_pid_namespace_finishes_ok(
+    slurm, slurm_sweep_dir, tmp_path
+):
     root, _ = slurm_sweep_dir
     sweep_dir = tmp_path / "sweep"
     args = " ".join(
