@@ -67,3 +67,16 @@ class SlurmInterruptAt(L.Callback):
 
         if self.asked:
             time.sleep(0.5)
+
+
+class SlowBatches(L.Callback):
+    """Sleeps ``seconds`` before every training batch: a job that is still training when a test
+    acts on it (the numbers do not change)."""
+
+    def __init__(self, seconds: float = 0.2) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)
