@@ -158,8 +158,11 @@ def external_rank_world() -> tuple[int, int]:
     local DDP, which starts the other ranks itself).
     """
     env = os.environ
-    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        return int(env.get("SLURM_PROCID", 0)), int(env["SLURM_NTASKS"])
+    # Tasks of an srun step (a process of the batch script itself is alone: no SLURM_STEP_ID);
+    # job names bash/interactive opt out of Lightning's SLURM detection, so they do here.
+    if "SLURM_STEP_ID" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1
+        return int(env.get("SLURM_PROCID", 0)), int(tasks)
     if "TORCHELASTIC_RUN_ID" in env:
         return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     return 0, 1
@@ -171,10 +174,12 @@ def _store(rank: int, world: int, timeout: float):
     from torch.distributed import TCPStore
 
     env = os.environ
-    if "SLURM_NTASKS" in env:
+    if "SLURM_STEP_ID" in env:
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
-        host = SLURMEnvironment.resolve_root_node_address(env.get("SLURM_NODELIST", "127.0.0.1"))
+        host = SLURMEnvironment.resolve_root_node_address(
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1")
+        )
         default = 25000 + int(env.get("SLURM_JOB_ID", "0")[-4:] or 0)
     else:
         host = env.get("MASTER_ADDR", "127.0.0.1")

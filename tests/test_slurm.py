@@ -421,7 +421,7 @@ def test_job_whose_submitter_is_in_another_pid_namespace_finishes_ok(
         f"{sys.executable} -m score_exp.train {args}; exit $?"  # not exec'd: PID `target`
     )
     out = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script],
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "bash", "-c", script],
         cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
