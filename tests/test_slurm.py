@@ -60,7 +60,8 @@ def slurm():
                 timeout=20,
             ).stdout.split()
             if ping.returncode or "UP" not in ping.stdout:
-                why = f"slurmctld does not answer ({ping.stdout.strip() or ping.stderr.strip()})"
+                said = (ping.stdout.strip() or ping.stderr.strip() or "-").splitlines()[0]
+                why = f"slurmctld does not answer ({said})"
             elif not set(state) & {"idle", "mixed", "allocated"}:
                 why = f"the node is not usable (state {state})"
         except (OSError, subprocess.TimeoutExpired) as e:
