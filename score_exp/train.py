@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp import cluster, rundir
+from score_exp import cluster, rundir, sweep
 from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
 from score_exp.errors import CheckpointWriteError, ConfigError, ScoreExpError, user_error
@@ -444,9 +444,11 @@ def main() -> None:
     except ScoreExpError as e:
         print(f"score-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    sweep.install()  # a sweep launches only the jobs whose folders are not finished
     try:
         _main()
     finally:
+        sweep.report("score-train")
         rundir.report_sweep_failures("score-train")
 
 
