@@ -17,7 +17,7 @@ export WANDB_SILENT ?= true
 ARGS ?=
 
 .PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
-	gpu-check claims-datasets-cpu tune-gnn-cpu
+	gpu-check claims-datasets-cpu tune-gnn-cpu test-cluster
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,11 +38,19 @@ run: $(STAMP)  ## train the default experiment (MLP on ESOL, depth=score) on CPU
 # Tests run in TEST_JOBS processes (pytest-xdist; `TEST_JOBS=0` runs them in this one).
 TEST_JOBS ?= auto
 
-test: $(STAMP)  ## run the whole test suite
-	$(BIN)/python -m pytest -n $(TEST_JOBS) $(ARGS)
+test: $(STAMP)  ## run the whole test suite (but the Slurm tests: make test-cluster)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slurm" $(ARGS)
 
 test-fast: $(STAMP)  ## tests without the slow (training) ones
-	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow and not slurm" $(ARGS)
+
+# A real single-node Slurm (scripts/slurm_local.sh: installs slurm-wlm + munge when missing, needs
+# root), the Slurm tests against it (one process: the jobs share the node), then Slurm stopped,
+# whatever the tests did.
+test-cluster: $(STAMP)  ## start a local Slurm, run the cluster tests (pytest -m slurm), stop it
+	@trap 'scripts/slurm_local.sh down' EXIT; \
+	scripts/slurm_local.sh up || echo "make test-cluster: Slurm did not start (the tests say so)"; \
+	SLURM_CONF=$$(scripts/slurm_local.sh conf) $(BIN)/python -m pytest -n 0 -m slurm $(ARGS)
 
 gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
 	$(BIN)/python -m score_exp.gpu_check $(ARGS)

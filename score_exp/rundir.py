@@ -494,8 +494,11 @@ _watching = False
 def adopt_jobs() -> None:
     """Watch this process's own score-train parent (:func:`watch_parent`), then name this process
     as the parent of the jobs it starts (sweep workers, data-parallel ranks)."""
+    from score_exp import cluster
+
     watch_parent()
     os.environ[PARENT_ENV] = str(os.getpid())
+    os.environ[cluster.PARENT_WHERE_ENV] = cluster.where()  # a Slurm job will not watch it
 
 
 def watch_parent(interval: float = 1.0, grace: float = 120.0) -> None:
@@ -506,10 +509,16 @@ def watch_parent(interval: float = 1.0, grace: float = 120.0) -> None:
     this process sends itself SIGTERM, so a training run ends as ``interrupted`` with its
     ``last.ckpt`` (Lightning's SIGTERM handling) and resumes when the sweep is re-run; the
     process exits once its run folder is released, or after ``grace`` seconds. Jobs in the parent's own process watch nothing.
+    Nor does a job that a scheduler owns (another host, PID namespace or Slurm job than the
+    parent's, :func:`score_exp.cluster.submitter_here`): it outlives the shell that submitted it.
     """
+    from score_exp import cluster
+
     global _watching
     parent = os.environ.get(PARENT_ENV, "")
     if _watching or not parent.isdigit() or int(parent) == os.getpid():
+        return
+    if not cluster.submitter_here():
         return
     pid = int(parent)
 

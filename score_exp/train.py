@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp import rundir
+from score_exp import cluster, rundir, sweep
 from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
 from score_exp.errors import CheckpointWriteError, ConfigError, ScoreExpError, user_error
@@ -71,9 +71,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     check_run_config(cfg)  # before anything else: bad top-level keys never start work
     spec = depth_spec(cfg)  # likewise a bad depth
     # The folder is bound to this config (fingerprint) and locked before any work; a folder of
-    # another config is refused untouched (score_exp.rundir).
-    finished, lock = None, None
-    if is_rank_zero():  # other data-parallel ranks are started by rank 0, which holds the lock
+    # another config is refused untouched (score_exp.rundir). Rank 0 decides (skip, refuse,
+    # resume, lock) once for every data-parallel rank (score_exp.cluster.decide_together).
+    lock = None
+
+    def decide() -> dict:
+        nonlocal lock
         finished, lock = rundir.claim_run_dir(
             run_dir,
             OmegaConf.to_container(cfg, resolve=True),
@@ -81,21 +84,37 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             skip_finished=bool(cfg.get("skip_finished", True)),
             hydra_files=_hydra_files(cfg),
         )
-    if finished is not None:
+        if finished is not None:
+            return {"action": "skip", "record": finished}
+        try:
+            resume = cluster.resume_point(run_dir)  # an unreadable last.ckpt is moved aside
+        except BaseException:
+            lock.release()
+            raise
+        return {"action": "run", "resume": str(resume) if resume else None}
+
+    decision = cluster.decide_together(run_dir, decide)
+    if decision["action"] == "skip":
         # Not logged: the log file is in the finished folder, which a skip leaves byte-identical.
-        print(f"score-train: skipping {run_dir}: already finished (status ok)", file=sys.stderr)
-        return finished
+        if is_rank_zero():
+            print(f"score-train: skipping {run_dir}: already finished (status ok)", file=sys.stderr)
+        return decision["record"]
+    resume = Path(decision["resume"]) if decision.get("resume") else None
     try:
-        return _train(cfg, run_dir, spec)
+        return _train(cfg, run_dir, spec, resume)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None) -> dict:
     from score_exp.tasks.results import git_commit, package_versions
 
+    t0 = time.perf_counter()
     results_path = run_dir / RESULTS
+    # Earlier segments of a resumed run (a requeue, a re-run after an interruption): their wall
+    # times and requeues continue in this record.
+    before = cluster.segments(run_dir, resuming=resume is not None) if is_rank_zero() else {}
     record: dict[str, Any] = {
         "task": cfg.task.name,
         "status": "running",
@@ -108,8 +127,17 @@ def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec) -> dict:
         "git": git_commit(),
         "overrides": _overrides(),
     }
+    if before.get("slurm"):
+        record["slurm"] = before["slurm"]
+
+    def clock() -> None:  # total wall time over all segments, and the requeues
+        walls = [*before.get("walls", []), time.perf_counter() - t0]
+        record.update(
+            wall_time_s=sum(walls), segments_wall_time_s=walls, requeues=before.get("requeues", 0)
+        )
+
     try:
-        return _fit_and_test(cfg, run_dir, spec, record)
+        return _fit_and_test(cfg, run_dir, spec, record, resume, clock)
     except BaseException as e:
         bad_input = user_error(e)
         if bad_input is not None and not isinstance(bad_input, CheckpointWriteError):
@@ -123,6 +151,7 @@ def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec) -> dict:
             status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
         )
         if is_rank_zero():
+            clock()
             try:
                 atomic_write_json(results_path, record)
             except OSError as w:  # e.g. the disk is full: the original error is the news
@@ -148,7 +177,9 @@ def _hydra_files(cfg: DictConfig) -> dict[str, str]:
     }
 
 
-def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict) -> dict:
+def _fit_and_test(
+    cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict, resume: Path | None, clock
+) -> dict:
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -167,7 +198,6 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
 
     # Lightning adds its own stderr handler on import; Hydra's handlers (stderr + run log) suffice.
     logging.getLogger("lightning").handlers.clear()
-    t0 = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
     timer = RunTimer()
@@ -186,7 +216,13 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         callbacks.append(DepthGrowth())
     if spec.train_steps != "fixed":
         callbacks.append(RandomDepth(seed=cfg.seed))
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    # A resumed run (a requeue) continues its W&B run (same id), not a new one.
+    wandb_id = cluster.wandb_run_id(run_dir) if resume else None
+    loggers = [
+        instantiate(lg, **({"resume_id": wandb_id} if _is_wandb(lg) and wandb_id else {}))
+        for lg in (cfg.get("logger") or {}).values()
+        if lg is not None
+    ]
     # The Trainer first: it knows this process's rank and the world size (devices x nodes)
     # before any process is launched, so files are written by rank 0 only and a global batch
     # that does not divide over the processes is reported before any work starts.
@@ -217,7 +253,6 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     for lg in loggers:
         lg.log_hyperparams(flatten(resolved))  # rank 0 only (Lightning's loggers check)
 
-    resume = rundir.resume_checkpoint(run_dir)  # an unreadable last.ckpt is moved aside
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(
@@ -228,7 +263,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
     ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = ckpt.best_model_path if ckpt is not None else ""
     record.update(timer.summary())
-    record["wall_time_s"] = time.perf_counter() - t0
+    clock()
     if divergence.diverged:
         record["status"] = "diverged"
         record["diverged_at"] = divergence.diverged_at
@@ -296,6 +331,10 @@ def _keep_a_finished_result(run_dir: Path) -> None:
             f"{run_dir}: the re-run found no best checkpoint; its results.json (status ok) "
             "is kept. Use overwrite=true to train it afresh"
         )
+
+
+def _is_wandb(logger_cfg) -> bool:
+    return str(logger_cfg.get("_target_", "")).endswith("wandb_logger")
 
 
 def is_rank_zero() -> bool:
@@ -435,9 +474,11 @@ def main() -> None:
     except ScoreExpError as e:
         print(f"score-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    sweep.install()  # a sweep launches only the jobs whose folders are not finished
     try:
         _main()
     finally:
+        sweep.report("score-train")
         rundir.report_sweep_failures("score-train")
 
 

@@ -42,3 +42,57 @@ class ZeroWeightsFrom(L.Callback):
             with torch.no_grad():
                 for p in pl_module.parameters():
                     p.zero_()
+
+
+class SlurmInterruptAt(L.Callback):
+    """In a Slurm job's first segment, asks Slurm to interrupt this job at ``epoch``.
+
+    ``how="usr2"``: ``scancel --signal=USR2``, the signal Slurm sends ``signal_delay_s`` before a
+    job's time limit (submitit's checkpoint/requeue handler takes it). ``how="requeue"``:
+    ``scontrol requeue``, what pre-emption or an administrator does (SIGTERM, then requeue).
+    Training then slows down (0.5 s per batch) until the signal ends it. A requeued segment
+    (``SLURM_RESTART_COUNT`` > 0) and a run outside Slurm do nothing, so the same config trains
+    uninterrupted locally (the reference) and interrupted once under Slurm.
+    """
+
+    def __init__(self, epoch: int, how: str = "usr2") -> None:
+        self.epoch, self.how, self.asked = epoch, how, False
+
+    def _first_segment_in_slurm(self) -> bool:
+        return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import subprocess
+
+        if trainer.current_epoch != self.epoch or not self._first_segment_in_slurm():
+            return
+        env = os.environ
+        job = env["SLURM_JOB_ID"]
+        if "SLURM_ARRAY_JOB_ID" in env:
+            job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        cmd = (
+            ["scancel", "--signal=USR2", job]
+            if self.how == "usr2"
+            else ["scontrol", "requeue", job]
+        )
+        subprocess.run(cmd, check=True, timeout=60)
+        self.asked = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        if self.asked:
+            time.sleep(0.5)
+
+
+class SlowBatches(L.Callback):
+    """Sleeps ``seconds`` before every training batch: a job that is still training when a test
+    acts on it (the numbers do not change)."""
+
+    def __init__(self, seconds: float = 0.2) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)

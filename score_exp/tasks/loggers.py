@@ -22,6 +22,7 @@ def wandb_logger(
     mode: str = "auto",
     name: str | None = None,
     init_timeout: float = INIT_TIMEOUT,
+    resume_id: str | None = None,
     **kwargs,
 ):
     """A :class:`~lightning.pytorch.loggers.WandbLogger` that never prompts and never hangs.
@@ -30,7 +31,11 @@ def wandb_logger(
     ``~/.netrc``) and offline otherwise; offline runs are synced later with ``wandb sync``.
     An online start that does not succeed within ``init_timeout`` seconds (no network, W&B
     down, a wrong key) continues offline with one warning: the run never waits on W&B.
+    ``resume_id`` (set by score-train for a resumed run, e.g. after a Slurm requeue) continues
+    that W&B run (``resume="allow"``) instead of starting a new one.
     """
+    if resume_id:
+        kwargs.update(id=resume_id, resume="allow")
     mode = resolve_mode(mode)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DISABLE_GIT", "true")

@@ -1,0 +1,119 @@
+"""Skip finished jobs before they are launched, whatever the sweeper and the launcher.
+
+``score-train -m`` wraps the launcher Hydra builds (basic, joblib, submitit_local, Slurm; for the
+basic sweeper and Optuna alike): before a batch goes to it, every job's run folder is checked
+against its configuration (:func:`score_exp.cluster.finished_run`, read only). A job whose folder
+already holds its finished run is not launched (no process, no Slurm allocation, the folder stays
+byte-identical) and counts as done with its recorded objective. The sweep ends with one summary
+line (:func:`report`): how many jobs were launched and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("score_exp.sweep")
+
+_counts: dict[str, int] | None = None  # this process's sweep: jobs launched and skipped
+
+
+def install() -> None:
+    """Wrap every launcher Hydra instantiates in this process (idempotent)."""
+    from hydra.core.plugins import Plugins
+
+    if getattr(Plugins.instantiate_launcher, "_score_exp", False):
+        return
+    original = Plugins.instantiate_launcher
+
+    def instantiate_launcher(self, hydra_context, task_function, config):
+        launcher = original(
+            self, hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        _wrap(launcher, hydra_context, config)
+        return launcher
+
+    instantiate_launcher._score_exp = True
+    Plugins.instantiate_launcher = instantiate_launcher
+
+
+def _wrap(launcher, hydra_context, config) -> None:
+    global _counts
+    _counts = {"launched": 0, "skipped": 0}
+    launch = launcher.launch
+
+    def launch_unfinished(job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        done = {}
+        for i, overrides in enumerate(job_overrides):
+            ret = _finished(list(overrides), hydra_context, config)
+            if ret is not None:
+                done[i] = ret
+        todo = [i for i in range(len(job_overrides)) if i not in done]
+        _counts["skipped"] += len(done)
+        _counts["launched"] += len(todo)
+        if done:
+            print(
+                f"score-train: {len(done)} of {len(job_overrides)} job(s) already finished: "
+                "not launched (their folders are left untouched)",
+                file=sys.stderr,
+            )
+        ran = launch([job_overrides[i] for i in todo], initial_job_idx) if todo else []
+        out = dict(zip(todo, ran, strict=True)) | done
+        return [out[i] for i in range(len(job_overrides))]
+
+    launcher.launch = launch_unfinished
+
+
+def _finished(overrides: list[str], hydra_context, config):
+    """A COMPLETED ``JobReturn`` for a job whose folder holds its finished run, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from score_exp.cluster import finished_run
+    from score_exp.train import objective
+
+    old = HydraConfig.instance().cfg
+    try:
+        # The job's config exactly as the launcher will build it (run_job: its output folder).
+        cfg = hydra_context.config_loader.load_sweep_config(config, overrides)
+        HydraConfig.instance().set_config(cfg)
+        run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = os.path.abspath(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        previous = finished_run(
+            Path(cfg.hydra.runtime.output_dir),
+            OmegaConf.to_container(task_cfg, resolve=True),
+            overwrite=bool(task_cfg.get("overwrite", False)),
+            skip_finished=bool(task_cfg.get("skip_finished", True)),
+        )
+        if previous is None:
+            return None
+        ret = JobReturn(
+            overrides=overrides, cfg=task_cfg, hydra_cfg=cfg, status=JobStatus.COMPLETED
+        )
+        ret.return_value = objective(task_cfg, previous)
+        ret.working_dir = os.getcwd()
+        return ret
+    except Exception as e:  # the job itself reports a config it cannot run
+        log.debug("cannot check %s before launching: %s", overrides, e)
+        return None
+    finally:
+        if old is not None:
+            HydraConfig.instance().set_config(old)
+
+
+def report(prog: str) -> None:
+    """The sweep's summary line (nothing when this process ran no sweep)."""
+    if _counts is not None:
+        c = _counts
+        print(
+            f"{prog}: sweep summary: {c['launched'] + c['skipped']} job(s), {c['launched']} "
+            f"launched, {c['skipped']} skipped (already finished)",
+            file=sys.stderr,
+        )
