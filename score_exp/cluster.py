@@ -35,6 +35,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from score_exp import rundir
+from score_exp.errors import ScoreExpError
 from score_exp.io import read_json
 
 # ----------------------------------------------------------------------------- whose job
@@ -129,9 +130,10 @@ def finished_run(
         return None  # the job itself reports it
     if old is None:
         return None
-    identity = rundir.run_identity(resolved, run_dir)
-    if old.pop(rundir.LEGACY, False):
-        identity = {k: v for k, v in identity.items() if k in old}
+    try:
+        identity = rundir.comparable_identity(rundir.full_identity(resolved, run_dir), old)
+    except (OSError, ScoreExpError):
+        return None  # an input file that cannot be read: the job itself reports it
     if rundir.fingerprint(old) != rundir.fingerprint(identity):
         return None
     try:

@@ -208,6 +208,24 @@ def move_aside(run_dir: Path) -> Path:
     return target
 
 
+def full_identity(resolved: dict, run_dir: Path) -> dict[str, Any]:
+    """What a run folder is bound to: the config's identity and the hashes of its input files."""
+    return {**run_identity(resolved, run_dir), **inputs.input_hashes(resolved)}
+
+
+def comparable_identity(identity: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` as the folder's stored ``old`` one was made, so the two compare.
+
+    A folder made before fingerprints (``old`` marked :data:`LEGACY`, a mark this removes) knows
+    only its own keys; one made before input files were hashed has no hashes.
+    """
+    if old.pop(LEGACY, False):
+        identity = {k: v for k, v in identity.items() if k in old}  # keys added since
+    if not inputs.has_inputs(old):  # made before data was fingerprinted
+        identity = inputs.without_inputs(identity)
+    return identity
+
+
 def claim_run_dir(
     run_dir: Path,
     resolved: dict,
@@ -232,7 +250,7 @@ def claim_run_dir(
         refuse_links(run_dir)  # nothing of a run is written through a link (the log included)
     except UnsafeRunFile as e:
         raise RunDirError(str(e)) from None  # RunDirError: reported, never logged into the folder
-    identity = {**run_identity(resolved, run_dir), **inputs.input_hashes(resolved)}
+    identity = full_identity(resolved, run_dir)
     if overwrite and holds_run(run_dir):
         # Never move a folder another process trains in; the lock is held across the move, so
         # no run can start in the folder between the check and the rename.
@@ -241,12 +259,7 @@ def claim_run_dir(
             run_dir.mkdir(parents=True)  # the fresh run's folder (its log file opens in it)
         log.warning("overwrite=true: moved the previous run %s to %s", run_dir, moved)
     old = stored_identity(run_dir) if run_dir.is_dir() else None
-    if old is not None and old.pop(LEGACY, False):
-        identity_then = {k: v for k, v in identity.items() if k in old}  # keys added since
-    else:
-        identity_then = identity
-    if old is not None and not inputs.has_inputs(old):  # made before data was fingerprinted
-        identity_then = inputs.without_inputs(identity_then)
+    identity_then = identity if old is None else comparable_identity(identity, old)
     if old is not None and fingerprint(old) != fingerprint(identity_then) and not _trained(run_dir):
         # A start that failed before training (bad input) left a config but nothing of a
         # result: the corrected command may take the folder over.
