@@ -20,6 +20,7 @@ from score_exp.report.claims import (
 )
 from score_exp.report.runs import Run, scan_runs, varied_keys
 from score_exp.report.stats import paired_table, reference_table
+from score_exp.report.studies import across_studies, studies_table
 from score_exp.report.tables import (
     Table,
     by_task,
@@ -94,7 +95,8 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         log.warning("score-report: skipping unreadable run %s: %s", p, reason)
 
     sections: list[str] = []
-    for task, task_runs in sorted(by_task(runs).items()):
+    tasks = by_task(runs)
+    for task, task_runs in sorted(tasks.items()):
         slug = _slug(task)
         vs = variants(task_runs)  # depth variants, then reference models (field-standard peers)
         depth_runs = [r for r in task_runs if not r.reference]
@@ -131,6 +133,11 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         report.tables.append(claims_table(report.claims))
         if summary := across_datasets(report.claims):
             report.tables.append(across_table(summary))
+    hib = {t: rs[0].higher_is_better for t, rs in tasks.items()}
+    if studies := across_studies(report.paired, report.claims, hib):
+        st = studies_table(studies)
+        report.tables.append(st)
+        claims_md += "\n## Across study seeds\n\n" + st.markdown().split("\n", 2)[2]
     sections.append("## Claims of the paper\n\n" + claims_md.split("\n", 2)[2])
     md = [
         "# score_exp report",
