@@ -17,7 +17,7 @@ export WANDB_SILENT ?= true
 ARGS ?=
 
 .PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
-	gpu-check claims-datasets-cpu tune-gnn-cpu
+	gpu-check claims-datasets-cpu tune-gnn-cpu results
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -126,6 +126,19 @@ tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget) x 3 study se
 
 tune-gnn-cpu: $(STAMP)  ## the same for the ESOL GNN (score025, stacked; tune_esol_gnn_cpu's budget)
 	$(MAKE) tune-cpu TUNE_TASK=esol_gnn TUNE_VARIANTS="$(if $(filter command line,$(origin TUNE_VARIANTS)),$(TUNE_VARIANTS),score025 stacked)"
+
+# Published results: the report of claims-datasets-cpu's runs (and of the tune-cpu studies when
+# present, in docs/results/tune_<task>/) as a committed snapshot with its provenance; the README's
+# headline block is rewritten from it, then every table is re-rendered from runs.json and compared.
+RESULTS_RUNS ?= multirun/claims_datasets_cpu
+RESULTS_TUNE ?= $(wildcard multirun/tune_cpu/*/retrain)
+RESULTS_DIR ?= docs/results
+
+results: $(STAMP)  ## publish docs/results/ (report, claims, plots, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
+	$(BIN)/python -m score_exp.report.snapshot $(RESULTS_RUNS) --tune $(RESULTS_TUNE) \
+	  --out $(RESULTS_DIR) --readme README.md $(if $(WALL),--wall "$(WALL)") \
+	  --command "make results RESULTS_RUNS='$(RESULTS_RUNS)' RESULTS_TUNE='$(RESULTS_TUNE)'"
+	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 
 tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-training + report
 	@for t in esol_mlp esol_gnn; do \

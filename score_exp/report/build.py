@@ -64,7 +64,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "task"
 
 
-def build_report(paths: list[Path], out: Path, target: float | None = None) -> Report:
+def build_report(paths: list[Path], out: Path, target: float | None = None,
+                 recorded: dict | None = None) -> Report:  # fmt: skip
     """Read the runs under ``paths`` and write the report into ``out``.
 
     Args:
@@ -72,10 +73,18 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         out: output folder (created).
         target: val-metric target for the convergence column; default the mean best val
             metric of the ``stacked`` variant of each task.
+        recorded: instead of reading ``paths``, the runs recorded by
+            :func:`score_exp.report.snapshot.record` (``runs.json`` of a results snapshot): the
+            same tables from the recorded numbers alone (``paths`` are then only named).
     """
     paths = [Path(p) for p in paths]
-    runs, unreadable = scan_runs(paths)
-    missing = missing_runs(paths)
+    if recorded is None:
+        runs, unreadable = scan_runs(paths)
+        missing = missing_runs(paths)
+    else:
+        from score_exp.report.snapshot import recorded_runs
+
+        runs, missing, unreadable = recorded_runs(recorded)
     if not runs and not missing and not unreadable:
         from score_exp.errors import DataError
 
