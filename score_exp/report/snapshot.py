@@ -35,7 +35,6 @@ from pathlib import Path
 from score_exp.errors import DataError, ScoreExpError
 from score_exp.io import atomic_write_text
 from score_exp.report.runs import Run, scan_runs, varied_keys
-from score_exp.report.tables import by_task
 
 RECORD = "runs.json"
 HEADLINE = "HEADLINE.md"
