@@ -105,3 +105,23 @@ def test_one_study_has_no_across_studies_table(tmp_path):
     _studies(tmp_path, {0: [0.10, 0.11, 0.12]})
     report = build_report([tmp_path], tmp_path / "report")
     assert not [t for t in report.tables if t.title == "verdicts across study seeds"]
+
+
+@pytest.mark.parametrize(("target", "task"), [("tune-cpu", "esol_mlp"), ("tune-gnn-cpu", "esol_gnn")])
+def test_tune_targets_repeat_every_study_for_three_study_seeds(target, task):
+    """`make -n`: each study once per study seed (the sampler's), each retrained apart, one report."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    venv = str(Path(sys.executable).parent.parent)
+    out = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "for k in 0 1 2; do" in text
+    assert f"experiment=tune_{task}_cpu" in text and "hydra.sweeper.sampler.seed=$k" in text
+    assert f"hydra.sweep.dir=multirun/tune_cpu/{task}/study$k/$v" in text
+    assert f"--out multirun/tune_cpu/{task}/retrain/study$k" in text and "--study-seed $k" in text
+    assert f"score-report multirun/tune_cpu/{task}/retrain " in text
