@@ -133,10 +133,11 @@ tune-gnn-cpu: $(STAMP)  ## the same for the ESOL GNN (score025, stacked; tune_es
 RESULTS_RUNS ?= multirun/claims_datasets_cpu
 RESULTS_TUNE ?= $(wildcard multirun/tune_cpu/*/retrain)
 RESULTS_DIR ?= docs/results
+RESULTS_README ?= README.md
 
 results: $(STAMP)  ## publish docs/results/ (report, claims, plots, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
 	$(BIN)/python -m score_exp.report.snapshot $(RESULTS_RUNS) --tune $(RESULTS_TUNE) \
-	  --out $(RESULTS_DIR) --readme README.md $(if $(WALL),--wall "$(WALL)") \
+	  --out $(RESULTS_DIR) --readme $(RESULTS_README) $(if $(WALL),--wall "$(WALL)") \
 	  --command "make results RESULTS_RUNS='$(RESULTS_RUNS)' RESULTS_TUNE='$(RESULTS_TUNE)'"
 	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 

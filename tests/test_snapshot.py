@@ -74,6 +74,16 @@ def test_synthetic_snapshot_re_renders_exactly_and_a_changed_table_is_caught(tmp
 
 def test_a_changed_recorded_number_changes_the_rendered_tables(tmp_path):
     out = _snapshot(tmp_path)
+    # score-report renders the same tables from the recorded runs.json alone.
+    proc = run_cli(str(out / RECORD), "--out", str(tmp_path / "again"), module="score_exp.report")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("claims.md", "runs.csv", "paired.csv", "report.md"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": [{"path": 1}]}')
+    proc = run_cli(str(bad), "--out", str(tmp_path / "x"), module="score_exp.report")
+    assert proc.returncode == 2 and "not a recorded runs.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
     rec = json.loads((out / RECORD).read_text())
     rec["runs"][0]["results"]["test"]["rmse"] += 1.0
     (out / RECORD).write_text(json.dumps(rec))

@@ -20,7 +20,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Example: score-report multirun/esol_gnn_paper   # writes multirun/esol_gnn_paper/report/",
     )
     p.add_argument(
-        "paths", nargs="+", type=Path, help="sweep or run folders (searched recursively)"
+        "paths",
+        nargs="+",
+        type=Path,
+        help="sweep or run folders (searched recursively), or one snapshot's runs.json "
+        "(docs/results/runs.json: the tables from its recorded numbers; needs --out)",
     )
     p.add_argument("--out", type=Path, help="output folder (default: PATH/report for one PATH)")
     p.add_argument(
@@ -47,13 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         if not p.exists():
             print(f"score-report: error: {p} does not exist", file=sys.stderr)
             return 2
+    recorded = None
+    if len(args.paths) == 1 and args.paths[0].is_file():  # a snapshot's runs.json
+        import json
+
+        if args.out is None:
+            print("score-report: error: a recorded runs.json needs --out DIR", file=sys.stderr)
+            return 2
+        try:
+            recorded = json.loads(args.paths[0].read_text())
+            args.paths = [Path(p) for p in recorded["paths"]]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            print(f"score-report: error: {args.paths[0]}: not a recorded runs.json ({e})", file=sys.stderr)  # fmt: skip
+            return 2
     if args.out is None:
         if len(args.paths) != 1:
             print("score-report: error: several PATHs need --out DIR", file=sys.stderr)
             return 2
         args.out = args.paths[0] / "report"
     try:
-        report = build_report(args.paths, args.out, target=args.target)
+        report = build_report(args.paths, args.out, target=args.target, recorded=recorded)
     except ScoreExpError as e:
         print(f"score-report: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -81,9 +82,19 @@ def record(paths: list[Path]) -> dict:
 
 
 def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, str]]]:
-    """:class:`Run` objects (and the runs not averaged in) from a :func:`record`."""
-    runs = [Run(Path(r["path"]), r["results"], r["config"], r["curve"]) for r in rec["runs"]]
-    return runs, [Path(m) for m in rec["missing"]], [(Path(p), w) for p, w in rec["unreadable"]]
+    """:class:`Run` objects (and the runs not averaged in) from a :func:`record`.
+
+    Raises:
+        DataError: not the shape :func:`record` writes (one line).
+    """
+    try:
+        runs = [Run(Path(r["path"]), dict(r["results"]), dict(r["config"]), list(r["curve"]))
+                for r in rec["runs"]]  # fmt: skip
+        missing = [Path(m) for m in rec["missing"]]
+        unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"not a recorded {RECORD} ({type(e).__name__}: {e})") from None
+    return runs, missing, unreadable
 
 
 # --------------------------------------------------------------------------- headline
@@ -249,7 +260,8 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
     for t in tune:
         if t.exists() and scan_runs([t])[0]:
             name = t.parent.name if t.name == "retrain" else t.name
-            _write(out / f"tune_{name}", [t])
+            rec_t, _ = _write(out / f"tune_{name}", [t])
+            atomic_write_text(out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None))
     atomic_write_text(out / PROVENANCE, provenance(rec, command, wall))
 
 
@@ -283,6 +295,9 @@ def check(snap: Path) -> list[str]:
                     problems.append(f"{d / name}: differs from what score-report makes of {RECORD}")
             if headline(report) != (d / HEADLINE).read_text():
                 problems.append(f"{d / HEADLINE}: differs from the re-rendered headline")
+            for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (d / "report.md").read_text()):
+                if not (d / fig).is_file():
+                    problems.append(f"{d / fig}: a plot of report.md is missing")
             for p in d.iterdir():
                 if p.is_file() and p.suffix not in ALLOWED:
                     problems.append(f"{p}: not text or an image")
