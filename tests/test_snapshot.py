@@ -101,12 +101,15 @@ def test_the_snapshot_refuses_to_clear_files_it_never_holds(tmp_path):
 
 def test_readme_block_is_spliced_from_the_snapshot(tmp_path):
     out = _snapshot(tmp_path)
+    (out / "tune_toy").mkdir()
+    (out / "tune_toy" / HEADLINE).write_text("| comparison (tuned) |\n")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{readme_block(tmp_path / 'none')}\n\n## Next\n")
     assert NOT_GENERATED in readme.read_text()
     splice_readme(readme, out)
     text = readme.read_text()
     assert (out / HEADLINE).read_text().strip() in text and NOT_GENERATED not in text
+    assert "Tuned (the snapshot's `tune_toy/`):\n\n| comparison (tuned) |" in text
     assert text.endswith("## Next\n")
 
 

@@ -269,6 +269,9 @@ def readme_block(snap: Path) -> str:
     """The README's headline block: the snapshot's HEADLINE.md, or 'not yet generated'."""
     h = snap / HEADLINE
     body = h.read_text() if h.is_file() else NOT_GENERATED + "\n"
+    for t in sorted(snap.glob(f"tune_*/{HEADLINE}")) if h.is_file() else []:
+        body = body.rstrip() + f"\n\nTuned (the snapshot's `{t.parent.name}/`):\n\n"
+        body += t.read_text()
     return f"{README_START}\n{body.rstrip()}\n{README_END}"
 
 
