@@ -107,7 +107,9 @@ def test_one_study_has_no_across_studies_table(tmp_path):
     assert not [t for t in report.tables if t.title == "verdicts across study seeds"]
 
 
-@pytest.mark.parametrize(("target", "task"), [("tune-cpu", "esol_mlp"), ("tune-gnn-cpu", "esol_gnn")])
+@pytest.mark.parametrize(
+    ("target", "task"), [("tune-cpu", "esol_mlp"), ("tune-gnn-cpu", "esol_gnn")]
+)
 def test_tune_targets_repeat_every_study_for_three_study_seeds(target, task):
     """`make -n`: each study once per study seed (the sampler's), each retrained apart, one report."""
     import subprocess

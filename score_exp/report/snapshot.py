@@ -230,7 +230,8 @@ def provenance(rec: dict, command: str, wall: str | None) -> str:
 def _write(out: Path, paths: list[Path]) -> tuple[dict, object]:
     from score_exp.report.build import build_report
 
-    rec = record(paths)
+    # Through JSON first: the snapshot is rendered from exactly what runs.json holds.
+    rec = json.loads(json.dumps(record(paths), sort_keys=True))
     if not rec["runs"]:
         raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
     report = build_report(paths, out, recorded=rec)  # the same code path as the check
