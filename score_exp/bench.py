@@ -43,7 +43,8 @@ from pathlib import Path
 from score_exp import run
 from score_exp.bench_measure import MARK, compose, summary
 from score_exp.bench_report import checkpoint_growth, ratios, report
-from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.cli import check_output_dir
+from score_exp.errors import ConfigError, ScoreExpError, user_error
 
 # ----------------------------------------------------------------------------- configs
 
@@ -94,6 +95,7 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     for preset, integrator, name, extra in grid:
         overrides = [f"depth={preset}", f"depth.integrator={integrator}", *args.override, *extra]
         cfg = compose(args.task, overrides)  # ConfigError: bad syntax, unknown key or option
+        _check_data(cfg)  # the data module's values (batch_size, ...), before any measurement
         try:
             spec = run.depth_spec(cfg)
         except ConfigError as e:
@@ -126,6 +128,29 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     if not variants:
         raise ConfigError("no valid (depth, integrator) combination: " + "; ".join(notes))
     return variants, notes
+
+
+def _check_json_path(path: Path) -> None:
+    """``--json PATH`` can be written: not a folder, and its folder is (or can be) made."""
+    if path.is_dir():
+        raise ConfigError(f"--json {path} is a folder; give a file name")
+    check_output_dir(path.parent, "--json")
+
+
+def _check_data(cfg) -> None:
+    """Build (not prepare) the task's data module: its constructor checks its values.
+
+    Raises:
+        ConfigError: a bad ``task.data`` value, unwrapped from Hydra's instantiate.
+    """
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(cfg.task.data)
+    except Exception as e:
+        if (error := user_error(e)) is None:
+            raise
+        raise error from None
 
 
 def _named_variants(given: list[list[str]] | None) -> list[tuple[str, list[str]]]:
@@ -239,6 +264,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"device {device!r} is not available; use cpu or cuda")
         if args.checkpoint_memory and len(args.checkpoint_steps) < 2:
             raise ConfigError("--checkpoint-steps needs at least two step counts")
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        if args.json is not None:
+            _check_json_path(args.json)
         variants, notes = plan(args)
     except ScoreExpError as e:
         print(f"score-bench: error: {e}", file=sys.stderr)

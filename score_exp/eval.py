@@ -5,6 +5,7 @@ the weights come from the best checkpoint. The depth then runs with the requeste
 ``integrator``, ``dt`` or ``adaptive_eps`` (inside the core's
 :meth:`~score_exp.core.RecurrentDepth.discretised`, so every task works unchanged) and the
 split is evaluated. Each evaluation appends one row to ``<run_dir>/eval.csv`` (rewritten atomically).
+A run that a process still trains (its folder lock is held) is refused in one line.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import hydra
 from omegaconf import DictConfig
 
 from score_exp.cli import require
+from score_exp.core.spec import HALTS
 from score_exp.errors import ConfigError, user_error
 from score_exp.io import atomic_write_text
 from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
+from score_exp.rundir import in_training
 from score_exp.runs.files import read_text, refuse_links
 
 log = logging.getLogger("score_exp.eval")
@@ -54,6 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )  # absolute, as find_checkpoint's path (relative_to below)
     ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)  # a missing one fails before any work
     refuse_links(run_dir)  # eval.csv is never written through a link
+    _check_request(cfg, run_dir)
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
     over = cfg.depth
@@ -63,6 +67,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     depth = find_depth(module)
     if depth is None:
         raise ConfigError(f"run {run_dir} has no RecurrentDepth to re-discretise")
+    if over.halt is not None:
+        from score_exp.models.mlp import check_halt
+
+        check_halt(over.halt, getattr(loaded.task.model, "halts", HALTS))
 
     used: list[Any] = []
     spent: list[tuple[float, int]] = []  # (evaluations of F per sample, samples) per forward
@@ -77,7 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # The core's re-discretisation: its rules (step counts, horizon, integrators) live there.
     try:
         discretised = depth.discretised(
-            steps=None if over.steps is None else int(over.steps),
+            steps=over.steps,  # an integer (2.5 is refused, not truncated)
             dt=over.dt,
             integrator=over.integrator,
             keep_horizon=bool(over.keep_horizon),
@@ -124,6 +132,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     append_row(run_dir / EVAL_CSV, row)
     return row
+
+
+def _check_request(cfg: DictConfig, run_dir: Path) -> None:
+    """What no object owns, before any work: the device, and a run that is still training."""
+    import torch
+
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
+    holder = in_training(run_dir)
+    if holder is not None:
+        raise ConfigError(
+            f"{run_dir} is in training ({holder}): score-eval evaluates finished runs; "
+            "wait for it to end"
+        )
 
 
 def append_row(path: Path, row: dict[str, Any]) -> list[dict[str, str]]:

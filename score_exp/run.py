@@ -239,6 +239,30 @@ def check_depth_overrides(overrides: Sequence[str]) -> None:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f"; valid: {', '.join(fields)}"
             raise ConfigError(f"unknown depth field {key!r}{hint}")
+        _check_depth_type(key, o)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_depth_type(key: str, override: Any) -> None:
+    """A ``depth.<key>=value`` the schema cannot hold (``steps=2.5``): one line, not Hydra's."""
+    from omegaconf.errors import ValidationError
+
+    nested = override.key_or_group.count(".") > 1
+    if nested or override.is_sweep_override() or override.is_delete():
+        return  # a sweep's values are checked job by job; Hydra reports the rest itself
+    try:
+        value = override.value()
+        OmegaConf.merge(OmegaConf.structured(depth_schema()), {key: value})
+    except ValidationError:
+        tp = typing.get_type_hints(DepthSpec)[key]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        what = _TYPE_NAMES.get(inner[0], "another type")
+        null = " or null" if type(None) in typing.get_args(tp) else ""
+        raise ConfigError(f"depth.{key} must be {what}{null}, got {value!r}") from None
+    except Exception:
+        return  # an interpolation, a resolver: Hydra reports it itself
 
 
 def depth_spec(cfg: DictConfig) -> DepthSpec:
@@ -417,16 +441,29 @@ def load_run(
     ckpt_path = find_checkpoint(run_dir, checkpoint)
     cfg = run_config(run_dir)
     ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise DataError(
+            f"checkpoint {ckpt_path} holds no state_dict (a mapping of parameter names to "
+            "tensors): it is not a score-train checkpoint"
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build(cfg, stage, spec=spec, model_overrides=model_overrides)
-    saved = ckpt.get("hyper_parameters", {})
+    saved = ckpt.get("hyper_parameters")
+    saved = saved if isinstance(saved, dict) else {}
     for key, value in task.datamodule.module_kwargs().items():
         if key in saved and saved[key] != value:
             raise DataError(
                 f"the {key} rebuilt from {run_dir / RUN_CONFIG} differs from the one the "
                 f"checkpoint {ckpt_path} was trained with (has the data changed?)"
             )
-    task.module.load_state_dict(ckpt["state_dict"])
+    try:
+        task.module.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        why = " ".join(str(e).split())  # torch lists every missing key and shape on lines
+        raise DataError(
+            f"checkpoint {ckpt_path} does not match the model rebuilt from "
+            f"{run_dir / RUN_CONFIG}: {why[:300]}{'...' if len(why) > 300 else ''}"
+        ) from None
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     log.info("loaded %s (step %s) with depth %s", ckpt_path, ckpt.get("global_step"), task.spec)
     return LoadedRun(cfg, task, ckpt_path, meta)

@@ -197,8 +197,14 @@ def move_aside(run_dir: Path) -> Path:
     while target.exists():
         target = run_dir.parent / MOVED_ASIDE / f"{run_dir.name}-{stamp}-{n}"
         n += 1
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(run_dir, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(run_dir, target)
+    except OSError as e:  # a file named .overwritten, a read-only parent: one line
+        raise RunDirError(
+            f"overwrite=true cannot move {run_dir} aside into {target.parent} "
+            f"({e.strerror or e}: {e.filename or target.parent}); rename or remove it"
+        ) from None
     return target
 
 
@@ -228,10 +234,11 @@ def claim_run_dir(
         raise RunDirError(str(e)) from None  # RunDirError: reported, never logged into the folder
     identity = {**run_identity(resolved, run_dir), **inputs.input_hashes(resolved)}
     if overwrite and holds_run(run_dir):
-        with RunLock(run_dir, record=False):  # never move a folder another process trains in
-            pass
-        moved = move_aside(run_dir)
-        run_dir.mkdir(parents=True)  # the fresh run's folder (its log file opens in it)
+        # Never move a folder another process trains in; the lock is held across the move, so
+        # no run can start in the folder between the check and the rename.
+        with RunLock(run_dir, record=False):
+            moved = move_aside(run_dir)
+            run_dir.mkdir(parents=True)  # the fresh run's folder (its log file opens in it)
         log.warning("overwrite=true: moved the previous run %s to %s", run_dir, moved)
     old = stored_identity(run_dir) if run_dir.is_dir() else None
     if old is not None and old.pop(LEGACY, False):
@@ -335,6 +342,27 @@ class RunLock:
         self.release()
 
 
+def in_training(run_dir: Path) -> str | None:
+    """Who trains in ``run_dir`` now (the lock's ``pid ... on host``), or None.
+
+    Only looks: the lock is tested with a shared ``flock`` on a read-only descriptor and let go
+    at once, and a folder without a ``.lock`` (never trained, or read-only) is not in training.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # drops the shared lock too
+    return None
+
+
 # ----------------------------------------------------------------------------- safe loading
 
 
@@ -374,6 +402,11 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
         raise ConfigError(f"{run_dir} is not a score-train run folder (no config.yaml)")
     if checkpoint:
         path = run_dir / checkpoint
+        if not path.resolve().is_relative_to(run_dir.resolve()):
+            raise ConfigError(
+                f"checkpoint={checkpoint} leaves the run folder {run_dir}: give a checkpoint "
+                "of the run, relative to it (e.g. checkpoints/last.ckpt)"
+            )
         if not path.is_file():
             raise ConfigError(f"checkpoint {path} does not exist")
         return path
@@ -515,6 +548,32 @@ def watch_parent(interval: float = 1.0, grace: float = 120.0) -> None:
 
 
 FAILURES = "failed_jobs.jsonl"
+SWEEP_ENV = "SCORE_EXP_SWEEP_ID"  # names one invocation of a sweep in failed_jobs.jsonl
+
+
+def stop_workers_with_sweep() -> None:
+    """Joblib's loky workers stop within about a second once the sweep process dies.
+
+    A worker runs :func:`watch_parent` from its start (loky's ``initializer``), not only once
+    a job reaches it: a sweep killed before or while its jobs are handed out would otherwise
+    leave idle workers (and the ``/dev/shm`` files their resource tracker keeps for them) for
+    loky's idle timeout, 300 s. Hydra's joblib launcher names the ``loky`` backend, so the
+    backend registered under that name is loky's own with this initializer.
+    """
+    try:
+        import joblib
+        from joblib._parallel_backends import LokyBackend
+    except ImportError:  # no joblib: no loky workers to stop
+        return
+
+    class _LokyWatchingParent(LokyBackend):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("initializer", watch_parent)
+            super().__init__(*args, **kwargs)
+
+    joblib.register_parallel_backend("loky", _LokyWatchingParent)
+
+
 _sweep_dir: Path | None = None
 
 try:
@@ -527,14 +586,19 @@ class SweepFailures(_HydraCallback):
     """Hydra callback: record every failed job of a sweep in ``<sweep dir>/failed_jobs.jsonl``.
 
     Jobs may run in other processes (joblib, submitit), so each failure is appended to the file
-    (one short line, ``O_APPEND``); the sweep's main process lists them all at the end
-    (:func:`report_sweep_failures`), where Hydra itself names only the first.
+    (one short line, ``O_APPEND`` under ``flock``), tagged with the invocation's
+    ``$SCORE_EXP_SWEEP_ID``; the sweep's main process lists its own at the end
+    (:func:`report_sweep_failures`), where Hydra itself names only the first. Another invocation
+    into the same sweep folder never removes them.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _sweep_dir
         _sweep_dir = Path(str(config.hydra.sweep.dir))
-        (_sweep_dir / FAILURES).unlink(missing_ok=True)
+        # Another invocation may run into the same sweep folder: its lines are never removed;
+        # each line names its invocation (inherited by the jobs), and each lists its own.
+        os.environ[SWEEP_ENV] = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        stop_workers_with_sweep()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -545,6 +609,7 @@ class SweepFailures(_HydraCallback):
         error = job_return._return_value
         line = json.dumps(
             {
+                "sweep": os.environ.get(SWEEP_ENV),
                 "overrides": list(job_return.overrides or []),
                 "error": f"{type(error).__name__}: {error}".splitlines()[0][:500],
             }
@@ -552,6 +617,9 @@ class SweepFailures(_HydraCallback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(sweep_dir / FAILURES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one whole line per writer, whatever the file system
             os.write(fd, (line + "\n").encode())
         finally:
             os.close(fd)
@@ -566,9 +634,11 @@ def report_sweep_failures(prog: str) -> int:
     rows = []
     for line in (_sweep_dir / FAILURES).read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             continue
+        if isinstance(row, dict) and row.get("sweep") == os.environ.get(SWEEP_ENV):
+            rows.append(row)
     if rows:
         print(f"{prog}: {len(rows)} job(s) of the sweep failed:", file=sys.stderr)
         for r in rows:

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from score_exp.cli import require
-from score_exp.errors import ConfigError, user_error
+from score_exp.errors import ConfigError, check_int, check_number, check_seed, user_error
 from score_exp.run import CONFIG_DIR, load_run
 
 log = logging.getLogger("score_exp.sample")
@@ -65,12 +65,12 @@ def generate_samples(
 def _check(cfg: DictConfig) -> None:
     import torch
 
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
-        raise ConfigError("need num_samples >= 1 and max_new_tokens >= 0")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise ConfigError(f"top_k must be >= 1 or null, got {cfg.top_k}")
+    check_int("num_samples", cfg.num_samples, 1)
+    check_int("max_new_tokens", cfg.max_new_tokens, 0)
+    check_number("temperature", cfg.temperature)
+    if cfg.top_k is not None:
+        check_int("top_k", cfg.top_k, 1)
+    check_seed(cfg.seed)
     if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():

@@ -114,15 +114,21 @@ def best_trial(db: Path) -> dict:
     from optuna.trial import TrialState
 
     storage = f"sqlite:///{db.resolve()}"
-    summaries = optuna.get_all_study_summaries(storage)
-    if len(summaries) != 1:
-        raise DataError(f"{db}: expected one study, found {len(summaries)}")
-    study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
-    ]
+    try:
+        summaries = optuna.get_all_study_summaries(storage)
+        if len(summaries) != 1:
+            raise DataError(f"{db}: expected one study, found {len(summaries)}")
+        study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
+        complete = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)
+        ]
+    except DataError:
+        raise
+    except Exception as e:  # not SQLite, truncated, another schema: SQLAlchemy's or Optuna's error
+        why = " ".join(str(getattr(e, "orig", None) or e).split())[:200]
+        raise DataError(f"{db} is not a readable Optuna study ({why})") from None
     if not complete:
         raise DataError(
             f"{db}: study {study.study_name!r} has no finished trial with a finite value"
@@ -236,9 +242,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after `--` is a score-train override, never a study PATH (argparse would give
+    # the first of them to PATH..., whose nargs="+" is greedy).
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.overrides = [*args.overrides, *extra]
     if args.seeds < 1 or args.jobs < 1:
         print("score-tune: error: --seeds and --jobs must be >= 1", file=sys.stderr)
+        return 2
+    missing = next((p for p in args.paths if not p.exists()), None)
+    if missing is not None:
+        hint = " (score-train overrides go after `--`)" if "=" in str(missing) else ""
+        print(f"score-tune: error: {missing} does not exist{hint}", file=sys.stderr)
         return 2
     if args.out is None:
         if len(args.paths) != 1:

@@ -156,10 +156,15 @@ def test_read_curve_drops_resumed_repeats_and_the_final_evaluation(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    # A sweep folder that does not exist yet, or holds no run yet: nothing to report (exit 1).
     out = run_cli(str(tmp_path / "nope"), module="score_exp.report")
-    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert out.returncode == 1 and out.stderr.strip() == (
+        f"score-report: nothing to report: no run folder under {tmp_path / 'nope'} "
+        "(does not exist yet)"
+    )
+    assert not (tmp_path / "nope").exists()
     out = run_cli(str(tmp_path), module="score_exp.report")
-    assert out.returncode == 2 and "no run folders" in out.stderr
+    assert out.returncode == 1 and "nothing to report" in out.stderr
     out = run_cli(str(tmp_path), str(tmp_path), module="score_exp.report")
     assert out.returncode == 2 and "--out" in out.stderr
 

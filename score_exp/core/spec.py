@@ -37,6 +37,11 @@ TRAIN_DT: tuple[str, ...] = get_args(TrainDt)
 SOLVERS: tuple[str, ...] = get_args(Solver)
 SOLVER_GRADS: tuple[str, ...] = get_args(SolverGrad)
 HALTS: tuple[str, ...] = get_args(Halt)
+# Bounds of a drawn step count (train_steps): a draw is a torch integer (int64) and a step count
+# beyond a million is no depth anyone trains; lognormal_poisson caps its draws at 4 * mean, and
+# a sigma beyond 10 gives exp(tau) outside float range.
+MAX_TRAIN_STEPS = 1_000_000
+MAX_SIGMA = 10.0
 
 
 @dataclass
@@ -293,14 +298,24 @@ class DepthSpec:
             values = tuple(float(v) for v in args.split(","))
         except ValueError:
             values = ()
-        if len(values) != 2:
-            raise ValueError(f"train_steps {name} takes two numbers, got {self.train_steps!r}")
-        a, b = values
-        if name == "uniform" and not (a.is_integer() and b.is_integer() and 1 <= a <= b):
-            raise ValueError(f"train_steps uniform:a,b needs integers 1 <= a <= b, got {a}, {b}")
-        if name == "lognormal_poisson" and not (a > 0 and b >= 0):
+        if len(values) != 2 or not all(math.isfinite(v) for v in values):
             raise ValueError(
-                f"train_steps lognormal_poisson:mean,sigma needs mean > 0, sigma >= 0, got {a}, {b}"
+                f"train_steps {name} takes two numbers, finite, got {self.train_steps!r}"
+            )
+        a, b = values
+        if name == "uniform" and not (
+            a.is_integer() and b.is_integer() and 1 <= a <= b <= MAX_TRAIN_STEPS
+        ):
+            raise ValueError(
+                f"train_steps uniform:a,b needs integers 1 <= a <= b <= {MAX_TRAIN_STEPS}, "
+                f"got {a:g}, {b:g}"
+            )
+        if name == "lognormal_poisson" and not (
+            0 < a <= MAX_TRAIN_STEPS / 4 and 0 <= b <= MAX_SIGMA
+        ):
+            raise ValueError(
+                f"train_steps lognormal_poisson:mean,sigma needs mean > 0, sigma >= 0 (mean <= "
+                f"{MAX_TRAIN_STEPS // 4}, sigma <= {MAX_SIGMA:g}), got {a:g}, {b:g}"
             )
         return name, values
 

@@ -147,7 +147,10 @@ def featurize(smiles: list[str], cache: Path | None = None) -> list[dict[str, Te
 
         buf = io.BytesIO()
         torch.save(graphs, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError as e:  # a read-only cache: the graphs are featurised, just not kept
+            log.warning("cannot cache the graphs in %s (%s)", path.parent, e.strerror or e)
     return graphs
 
 

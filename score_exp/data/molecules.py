@@ -269,7 +269,10 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
     if path is not None:
         from score_exp.io import atomic_write_bytes
 
-        atomic_write_bytes(path, _npy_bytes(out))
+        try:
+            atomic_write_bytes(path, _npy_bytes(out))
+        except OSError as e:  # a read-only cache: the descriptors are computed, just not kept
+            log.warning("cannot cache the descriptors in %s (%s)", path.parent, e.strerror or e)
     return out
 
 

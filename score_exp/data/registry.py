@@ -151,7 +151,10 @@ def fetch(key: str) -> Path:
                     f"  expected sha256 {entry.sha256}\n  got      sha256 {got}\n"
                     f"Replace it with the file from {entry.url}."
                 )
-            _copy_atomic(src, target)
+            try:
+                _copy_atomic(src, target)
+            except OSError as e:  # a read-only cache folder: one line, not a traceback
+                raise cache_not_writable(target, e) from None
             log.info("copied %s from the mirror %s", entry.relpath, src)
             return target
     else:
@@ -167,6 +170,10 @@ def fetch(key: str) -> Path:
             return target
         except DataError:
             raise
+        except OSError as e:
+            if e.filename is not None:  # the cache folder, not the network, failed
+                raise cache_not_writable(target, e) from None
+            looked[-1] += f" -> failed: {type(e).__name__}: {e}"
         except Exception as e:  # network errors of any kind
             looked[-1] += f" -> failed: {type(e).__name__}: {e}"
 
@@ -175,6 +182,14 @@ def fetch(key: str) -> Path:
         f"data file {entry.relpath} ({entry.description}) is missing.\nLooked in:\n  {where}\n"
         f"Fix: set SCORE_DATA_MIRROR to a folder holding {entry.relpath} (e.g. ../shared/data), "
         f"or download {entry.url} to {target}."
+    )
+
+
+def cache_not_writable(path: Path, e: OSError) -> DataError:
+    """The one-line error for a cache folder that cannot be written (read-only, full, a file)."""
+    return DataError(
+        f"cannot write {path} into the data cache folder {data_dir()} "
+        f"({e.strerror or e}); make it writable or set SCORE_DATA_DIR to a writable folder"
     )
 
 

@@ -275,8 +275,13 @@ def prepare_tokens(
         "format_version": FORMAT_VERSION,
     }
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(mkdtemp_shared(root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(mkdtemp_shared(root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    except OSError as e:  # a read-only cache folder: one line (the memmaps need their files)
+        from score_exp.data.registry import cache_not_writable
+
+        raise cache_not_writable(root, e) from None
     try:
         for split, tokens in ids.items():
             _as_tokens(tokens).tofile(tmp / f"{split}.bin")

@@ -97,6 +97,8 @@ class GPT(nn.Module):
             and checkpoints are unchanged).
     """
 
+    halts = ("state", "kl", "ponder")  # kl: successive next-token distributions (readout=)
+
     def __init__(
         self,
         vocab_size: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from score_exp.core import DepthSpec, RecurrentDepth
-from score_exp.errors import check_choice
+from score_exp.errors import ConfigError, check_choice
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Identity()}
@@ -13,6 +13,17 @@ NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Id
 
 def _lookup(table: dict, name: str, key: str):
     return table[check_choice(key, name, tuple(table))]
+
+
+def check_halt(halt: str, halts: tuple[str, ...] = ("state",), key: str = "depth.halt") -> str:
+    """``halt`` is a criterion this model supports (``kl`` needs the readouts that only a
+    language model passes to its depth); a ConfigError naming ``key`` otherwise."""
+    if halt not in halts:
+        raise ConfigError(
+            f"{key}={halt} compares next-token distributions, which only a language model "
+            f"passes to its depth; this model supports {key}={' or '.join(halts)}"
+        )
+    return halt
 
 
 class MLPBlock(nn.Module):
@@ -56,6 +67,8 @@ class RecurrentMLP(nn.Module):
             and checkpoints are unchanged), as :class:`~score_exp.models.GPT`.
     """
 
+    halts = ("state", "ponder")  # the halting criteria (depth.halt) this model supports
+
     def __init__(
         self,
         in_features: int,
@@ -69,6 +82,7 @@ class RecurrentMLP(nn.Module):
         compile: bool = False,
     ):
         super().__init__()
+        check_halt(depth.halt, self.halts)
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)
         self.depth = RecurrentDepth(

@@ -22,6 +22,7 @@ from torch_geometric.utils import scatter
 
 from score_exp.core import DepthSpec, RecurrentDepth
 from score_exp.errors import ConfigError, check_choice, check_int
+from score_exp.models.mlp import check_halt
 
 CONVS = ("mpnn", "dmpnn", "gine", "gat", "gcn")
 READOUTS = ("attentive", "mean", "sum")
@@ -209,6 +210,8 @@ class MolGNN(nn.Module):
         block_skip: blocks return ``h + F(h)`` (the paper author's block) instead of ``F(h)``.
     """
 
+    halts = ("state", "ponder")  # the halting criteria (depth.halt) this model supports
+
     def __init__(
         self,
         atom_features: int,
@@ -230,6 +233,7 @@ class MolGNN(nn.Module):
         check_choice("task.model.conv", conv, CONVS)
         check_choice("task.model.readout", readout, READOUTS)
         check_int("task.model.hidden", hidden, 1)
+        check_halt(depth.halt, self.halts)
         if descriptors and descriptor_features <= 0:
             raise ValueError("descriptors=true needs descriptor_features > 0 from the data module")
         self.conv, self.readout_name, self.hidden = conv, readout, hidden

@@ -9,6 +9,16 @@ from pathlib import Path
 
 from score_exp.errors import ScoreExpError
 
+NOTHING_TO_REPORT = 1  # exit status when no PATH holds a run (yet); 2 is bad input
+
+
+def has_runs(path: Path) -> bool:
+    """``path`` holds a run folder (``results.json``) or a Hydra job folder that should."""
+    return path.is_dir() and (
+        next(path.rglob("results.json"), None) is not None
+        or next(path.rglob(".hydra"), None) is not None
+    )
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -17,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "paired differences against `stacked` by seed (paired.csv) and the paper's claims with "
         "verdicts (claims.md). Runs that are not ok (failed, diverged, interrupted, missing, "
         "unreadable) are listed, never averaged in.",
-        epilog="Example: score-report multirun/esol_gnn_paper   # writes multirun/esol_gnn_paper/report/",
+        epilog="Example: score-report multirun/esol_gnn_paper   # writes multirun/esol_gnn_paper/report/. "
+        "Exit status: 0 report written, 1 nothing to report (no run under PATH yet), 2 bad input.",
     )
     p.add_argument(
         "paths",
@@ -43,14 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from score_exp.cli import check_output_dir
     from score_exp.report.build import build_report, log_to_wandb
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for p in args.paths:
-        if not p.exists():
-            print(f"score-report: error: {p} does not exist", file=sys.stderr)
-            return 2
     recorded = None
     if len(args.paths) == 1 and args.paths[0].is_file():  # a snapshot's runs.json
         import json
@@ -69,6 +77,23 @@ def main(argv: list[str] | None = None) -> int:
             print("score-report: error: several PATHs need --out DIR", file=sys.stderr)
             return 2
         args.out = args.paths[0] / "report"
+    try:
+        check_output_dir(args.out, "--out")
+    except ScoreExpError as e:
+        print(f"score-report: error: {e}", file=sys.stderr)
+        return 2
+    # A sweep folder that does not exist yet (or holds no run yet) is not an error: there is
+    # nothing to report, said in one line with exit status 1 (2 is kept for bad input).
+    # A recorded runs.json holds its runs: its paths are only named.
+    if recorded is None and not any(has_runs(p) for p in args.paths):
+        where = ", ".join(f"{p}{'' if p.exists() else ' (does not exist yet)'}" for p in args.paths)
+        print(f"score-report: nothing to report: no run folder under {where}", file=sys.stderr)
+        return NOTHING_TO_REPORT
+    if recorded is None:
+        for p in args.paths:
+            if not p.exists():
+                print(f"score-report: {p} does not exist (yet): nothing from it", file=sys.stderr)
+        args.paths = [p for p in args.paths if p.exists()]
     try:
         report = build_report(args.paths, args.out, target=args.target, recorded=recorded)
     except ScoreExpError as e:

@@ -135,6 +135,33 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=yaml_loader())  # noqa: S506 (safe, alias-limited)
 
 
+_INT, _NUMBER, _TEXT, _FLAG = (int,), (int, float), (str,), (bool,)
+# Scalars of results.json that the report sorts, pairs or prints, with their types (None, or
+# absent, is allowed; a bool is no number).
+_SCALARS = {
+    "status": _TEXT, "task": _TEXT, "seed": _INT, "params": _INT, "nfe": _NUMBER,
+    "depth_preset": _TEXT, "experiment": _TEXT, "wall_time_s": _NUMBER,
+    "depth.share": _FLAG, "depth.steps": _INT, "depth.dt": _NUMBER, "depth.update": _TEXT,
+    "depth.integrator": _TEXT, "best_val.value": _NUMBER, "best_val.metric": _TEXT,
+    "best_val.epoch": _INT, "best_val.step": _INT,
+}  # fmt: skip
+
+
+def _check_scalars(results: dict) -> None:
+    """Each of :data:`_SCALARS` present in ``results`` has its type (UnreadableRun otherwise)."""
+    for key, types in _SCALARS.items():
+        head, _, tail = key.partition(".")
+        v = results.get(head) if not tail else results.get(head, {}).get(tail)
+        bad = isinstance(v, bool) and types is not _FLAG
+        if (v is not None or (key == "status" and key in results)) and (
+            bad or not isinstance(v, types)
+        ):
+            what = {_INT: "an integer", _NUMBER: "a number", _TEXT: "a string"}.get(
+                types, "true or false"
+            )
+            raise UnreadableRun(f"results.json: {key} is {v!r}, not {what}")
+
+
 def load_run(folder: Path) -> Run:
     """Read one run folder.
 
@@ -152,6 +179,7 @@ def load_run(folder: Path) -> Run:
         for name, v in results.get(key, {}).items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise UnreadableRun(f"results.json: {key}.{name} is {v!r}, not a number")
+    _check_scalars(results)
     config: dict = {}
     if (folder / "config.yaml").exists():
         raw = _read(folder / "config.yaml", _yaml) or {}
@@ -216,5 +244,8 @@ def last_values(path: Path, prefix: str) -> dict[str, float]:
     for row in csv.DictReader(io.StringIO(read_bytes(path).decode(), newline="")):
         for k, v in row.items():
             if k and k.startswith(prefix) and v:
-                out[k] = float(v)
+                try:
+                    out[k] = float(v)
+                except ValueError:  # a malformed row (edited, crafted): not a value
+                    continue
     return out

@@ -9,12 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
 
 from score_exp.report.runs import Run, varied_keys
 from score_exp.runs.files import read_text
+
+log = logging.getLogger("score_exp.report")
 
 # Keys that vary between variants but never name one (seeds and what follows from the preset).
 SEED_KEYS = ("seed",)
@@ -355,16 +358,20 @@ def eval_settings(v: Variant) -> dict[tuple, list[dict]]:
                 metric = row.get(f"test/{r.headline}")
                 if not metric:
                     continue  # evaluated on the val split
-                key = (int(row["steps"]), row["integrator"], float(row["dt"]),
-                       row["keep_horizon"] == "True", row.get("adaptive_eps") or "",
-                       row.get("halt") or ("state" if row.get("adaptive_eps") else ""))  # fmt: skip
+                try:  # a row that is not score-eval's (edited, crafted) is skipped with a warning
+                    key = (int(row["steps"]), row["integrator"], float(row["dt"]),
+                           row["keep_horizon"] == "True", row.get("adaptive_eps") or "",
+                           row.get("halt") or ("state" if row.get("adaptive_eps") else ""))  # fmt: skip
+                    nfe = row.get("nfe_spent") or row["nfe"]
+                    values = {"nfe": float(nfe), "metric": float(metric),
+                              "seconds": float(row["seconds"])}  # fmt: skip
+                except (KeyError, TypeError, ValueError) as e:
+                    log.warning("%s: skipped a malformed row (%s: %s)", path, type(e).__name__, e)
+                    continue
                 if key in seen:
                     continue
                 seen.add(key)
-                nfe = row.get("nfe_spent") or row["nfe"]
-                out.setdefault(key, []).append(
-                    {"nfe": float(nfe), "metric": float(metric), "seconds": float(row["seconds"])}
-                )
+                out.setdefault(key, []).append(values)
     return out
 
 

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from torch import nn
 
 from score_exp.core import RecurrentDepth
-from score_exp.errors import CheckpointWriteError
+from score_exp.errors import CheckpointWriteError, check_choice, check_int, check_number
 
 log = logging.getLogger("score_exp.train")
 
@@ -53,12 +53,11 @@ class DivergenceDetector(L.Callback):
         factor: float | None = 10.0,
         patience: int = 3,
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be min or max, got {mode!r}")
-        if factor is not None and not factor > 0:
-            raise ValueError(f"divergence factor must be > 0 or null, got {factor}")
-        if patience < 1:
-            raise ValueError(f"divergence patience must be >= 1, got {patience}")
+        # callbacks.divergence.* are the config keys of these arguments (the message names them).
+        check_choice("callbacks.divergence.mode", mode, ("min", "max"))
+        if factor is not None:
+            factor = check_number("callbacks.divergence.factor", factor)
+        check_int("callbacks.divergence.patience", patience, 1)
         self.monitor, self.mode, self.factor, self.patience = monitor, mode, factor, patience
         self.diverged_at: dict | None = None
         self.bad = 0  # consecutive validations beyond the threshold
