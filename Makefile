@@ -17,7 +17,7 @@ export WANDB_SILENT ?= true
 ARGS ?=
 
 .PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
-	gpu-check claims-datasets-cpu tune-gnn-cpu test-cluster
+	gpu-check claims-datasets-cpu tune-gnn-cpu test-cluster results
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -105,28 +105,49 @@ reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hyd
 	if [ -n "$$failed" ]; then echo "sweeps with failed runs:$$failed (see the report)"; exit 1; fi
 
 # Tuning: one Optuna study per depth variant (same trial budget, best val metric; SQLite in the
-# study folder, so re-running resumes), then each variant's best configuration over SEEDS seeds
-# (stage 2) and the report of those runs (paired statistics, claims). CPU-sized: the MLP task
+# study folder, so re-running resumes), repeated for every study seed in STUDY_SEEDS (the TPE
+# sampler's seed), then each study's best configuration over SEEDS seeds (stage 2, experiment
+# tuned_<task>_study<k>) and the report of those runs: paired statistics and claims per study and
+# pooled across the study seeds (a verdict only when every study agrees). CPU-sized: the MLP task
 # (tune-cpu) or the GNN (tune-gnn-cpu: TUNE_TASK=esol_gnn, SCORE = score025 and stacked).
 TUNE_VARIANTS ?= score stacked stacked_plain skip05
 TUNE_TASK ?= esol_mlp
+STUDY_SEEDS ?= 0 1 2
 SEEDS ?= 5
+TUNE_DIR ?= multirun/tune_cpu/$(TUNE_TASK)
 
-tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget), re-train the best over 5 seeds, report
-	@start=$$(date +%s); for v in $(TUNE_VARIANTS); do \
-	  echo "== study $(TUNE_TASK) / $$v"; \
+tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget) x 3 study seeds, re-train the bests over 5 seeds, report
+	@start=$$(date +%s); for k in $(STUDY_SEEDS); do for v in $(TUNE_VARIANTS); do \
+	  echo "== study $(TUNE_TASK) / study seed $$k / $$v"; \
 	  OMP_NUM_THREADS=1 $(BIN)/score-train -m experiment=tune_$(TUNE_TASK)_cpu depth=$$v \
+	    hydra.sweeper.sampler.seed=$$k \
 	    hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweeper.n_jobs=$(JOBS) \
-	    trainer.enable_progress_bar=false hydra.sweep.dir=multirun/tune_cpu/$(TUNE_TASK)/$$v $(ARGS) \
+	    trainer.enable_progress_bar=false hydra.sweep.dir=$(TUNE_DIR)/study$$k/$$v $(ARGS) \
 	    || exit $$?; \
 	done; \
-	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.tune retrain multirun/tune_cpu/$(TUNE_TASK) \
-	  --seeds $(SEEDS) --jobs $(JOBS) || exit $$?; \
-	$(BIN)/score-report multirun/tune_cpu/$(TUNE_TASK)/retrain || exit $$?; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.tune retrain --out $(TUNE_DIR)/retrain/study$$k \
+	  --study-seed $$k --seeds $(SEEDS) --jobs $(JOBS) $(TUNE_DIR)/study$$k \
+	  $(if $(RETRAIN_ARGS),-- $(RETRAIN_ARGS)) || exit $$?; \
+	done; \
+	$(BIN)/score-report $(TUNE_DIR)/retrain || exit $$?; \
 	echo "$@ ($(TUNE_TASK)): $$(( ($$(date +%s) - start) / 60 )) min"
 
 tune-gnn-cpu: $(STAMP)  ## the same for the ESOL GNN (score025, stacked; tune_esol_gnn_cpu's budget)
 	$(MAKE) tune-cpu TUNE_TASK=esol_gnn TUNE_VARIANTS="$(if $(filter command line,$(origin TUNE_VARIANTS)),$(TUNE_VARIANTS),score025 stacked)"
+
+# Published results: the report of claims-datasets-cpu's runs (and of the tune-cpu studies when
+# present, in docs/results/tune_<task>/) as a committed snapshot with its provenance; the README's
+# headline block is rewritten from it, then every table is re-rendered from runs.json and compared.
+RESULTS_RUNS ?= multirun/claims_datasets_cpu
+RESULTS_TUNE ?= $(wildcard multirun/tune_cpu/*/retrain)
+RESULTS_DIR ?= docs/results
+RESULTS_README ?= README.md
+
+results: $(STAMP)  ## publish docs/results/ (report, claims, plots, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
+	$(BIN)/python -m score_exp.report.snapshot $(RESULTS_RUNS) --tune $(RESULTS_TUNE) \
+	  --out $(RESULTS_DIR) --readme $(RESULTS_README) $(if $(WALL),--wall "$(WALL)") \
+	  --command "make results RESULTS_RUNS='$(RESULTS_RUNS)' RESULTS_TUNE='$(RESULTS_TUNE)'"
+	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 
 tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-training + report
 	@for t in esol_mlp esol_gnn; do \

@@ -28,6 +28,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 
 from score_exp.errors import DataError, ScoreExpError
 from score_exp.io import atomic_write_json
+from score_exp.report.studies import study_experiment
 from score_exp.runs.safe_load import study_overrides
 
 log = logging.getLogger("hydra_plugins.score_exp_sweeper")  # shown with the sweeper's [HYDRA] lines
@@ -149,13 +150,19 @@ def best_trial(db: Path) -> dict:
     }
 
 
-def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str]) -> list[list[str]]:
-    """One ``score-train`` command per seed for a study's best configuration."""
+def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
+                     study_seed: int | None = None) -> list[list[str]]:  # fmt: skip
+    """One ``score-train`` command per seed for a study's best configuration.
+
+    With ``study_seed`` (the sampler seed of the study) the runs' experiment name is
+    ``tuned_<task>_study<k>``, so the report makes each study's comparisons apart and pools them
+    (:mod:`score_exp.report.studies`).
+    """
     own = ("seed=", "experiment_name=", "hydra.run.dir=", "trainer.enable_progress_bar=")
     over = [o for o in best["overrides"] if not o.startswith(own)]
     variant = Path(best["db"]).parent.name  # the study's folder: the depth preset
     task = next((o.split("=", 1)[1] for o in over if o.startswith("experiment=")), "tuned")
-    name = task.replace("tune_", "tuned_", 1)
+    name = study_experiment(task.replace("tune_", "tuned_", 1), study_seed)
     return [
         [
             sys.executable,
@@ -173,7 +180,7 @@ def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str]) 
 
 
 def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
-            extra: list[str] | None = None) -> int:  # fmt: skip
+            extra: list[str] | None = None, study_seed: int | None = None) -> int:  # fmt: skip
     """Stage 2: re-train every study's best configuration over ``seeds`` seeds into ``out``.
 
     Returns the number of runs that failed (their folders record why).
@@ -183,11 +190,17 @@ def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
         raise DataError(f"no Optuna study ({STUDY_FILE}) under {', '.join(map(str, paths))}")
     bests = [best_trial(db) for db in dbs]
     out.mkdir(parents=True, exist_ok=True)
+    for b in bests:
+        b["study_seed"] = study_seed
     atomic_write_json(out / "best_trials.json", bests)
     for b in bests:
         print(f"{b['study']}: best val {b['value']:.4f} (trial {b['number']}, "
               f"{b['n_complete']} finished) <- {' '.join(b['overrides'])}")  # fmt: skip
-    cmds = [c for b in bests for c in retrain_commands(b, list(range(seeds)), out, extra or [])]
+    cmds = [
+        c
+        for b in bests
+        for c in retrain_commands(b, list(range(seeds)), out, extra or [], study_seed)
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
     def run(cmd: list[str]) -> int:
@@ -219,6 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     r.add_argument("--out", type=Path, help="output folder (default: PATH/retrain for one PATH)")
     r.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    r.add_argument("--study-seed", type=int, default=None,
+                   help="the studies' sampler seed: names the runs' experiment tuned_<task>_study<K>, "
+                   "so score-report pools the verdicts over study seeds")  # fmt: skip
     r.add_argument("overrides", nargs="*", default=[], metavar="-- KEY=VALUE",
                    help="extra score-train overrides after `--` (e.g. trainer=gpu)")  # fmt: skip
     return p.parse_args(argv)
@@ -246,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.out = args.paths[0] / "retrain"
     try:
-        failed = retrain(args.paths, args.out, args.seeds, args.jobs, args.overrides)
+        failed = retrain(
+            args.paths, args.out, args.seeds, args.jobs, args.overrides, args.study_seed
+        )
     except ScoreExpError as e:
         print(f"score-tune: error: {e}", file=sys.stderr)
         return 2

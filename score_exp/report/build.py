@@ -20,6 +20,7 @@ from score_exp.report.claims import (
 )
 from score_exp.report.runs import Run, scan_runs, varied_keys
 from score_exp.report.stats import paired_table, reference_table
+from score_exp.report.studies import across_studies, studies_table
 from score_exp.report.tables import (
     Table,
     by_task,
@@ -63,7 +64,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "task"
 
 
-def build_report(paths: list[Path], out: Path, target: float | None = None) -> Report:
+def build_report(paths: list[Path], out: Path, target: float | None = None,
+                 recorded: dict | None = None) -> Report:  # fmt: skip
     """Read the runs under ``paths`` and write the report into ``out``.
 
     Args:
@@ -71,10 +73,18 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         out: output folder (created).
         target: val-metric target for the convergence column; default the mean best val
             metric of the ``stacked`` variant of each task.
+        recorded: instead of reading ``paths``, the runs recorded by
+            :func:`score_exp.report.snapshot.record` (``runs.json`` of a results snapshot): the
+            same tables from the recorded numbers alone (``paths`` are then only named).
     """
     paths = [Path(p) for p in paths]
-    runs, unreadable = scan_runs(paths)
-    missing = missing_runs(paths)
+    if recorded is None:
+        runs, unreadable = scan_runs(paths)
+        missing = missing_runs(paths)
+    else:
+        from score_exp.report.snapshot import recorded_runs
+
+        runs, missing, unreadable = recorded_runs(recorded)
     if not runs and not missing and not unreadable:
         from score_exp.errors import DataError
 
@@ -94,7 +104,8 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         log.warning("score-report: skipping unreadable run %s: %s", p, reason)
 
     sections: list[str] = []
-    for task, task_runs in sorted(by_task(runs).items()):
+    tasks = by_task(runs)
+    for task, task_runs in sorted(tasks.items()):
         slug = _slug(task)
         vs = variants(task_runs)  # depth variants, then reference models (field-standard peers)
         depth_runs = [r for r in task_runs if not r.reference]
@@ -131,6 +142,11 @@ def build_report(paths: list[Path], out: Path, target: float | None = None) -> R
         report.tables.append(claims_table(report.claims))
         if summary := across_datasets(report.claims):
             report.tables.append(across_table(summary))
+    hib = {t: rs[0].higher_is_better for t, rs in tasks.items()}
+    if studies := across_studies(report.paired, report.claims, hib):
+        st = studies_table(studies)
+        report.tables.append(st)
+        claims_md += "\n## Across study seeds\n\n" + st.markdown().split("\n", 2)[2]
     sections.append("## Claims of the paper\n\n" + claims_md.split("\n", 2)[2])
     md = [
         "# score_exp report",

@@ -31,7 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Exit status: 0 report written, 1 nothing to report (no run under PATH yet), 2 bad input.",
     )
     p.add_argument(
-        "paths", nargs="+", type=Path, help="sweep or run folders (searched recursively)"
+        "paths",
+        nargs="+",
+        type=Path,
+        help="sweep or run folders (searched recursively), or one snapshot's runs.json "
+        "(docs/results/runs.json: the tables from its recorded numbers; needs --out)",
     )
     p.add_argument("--out", type=Path, help="output folder (default: PATH/report for one PATH)")
     p.add_argument(
@@ -55,6 +59,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    recorded = None
+    if len(args.paths) == 1 and args.paths[0].is_file():  # a snapshot's runs.json
+        import json
+
+        if args.out is None:
+            print("score-report: error: a recorded runs.json needs --out DIR", file=sys.stderr)
+            return 2
+        try:
+            recorded = json.loads(args.paths[0].read_text())
+            args.paths = [Path(p) for p in recorded["paths"]]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            print(f"score-report: error: {args.paths[0]}: not a recorded runs.json ({e})", file=sys.stderr)  # fmt: skip
+            return 2
     if args.out is None:
         if len(args.paths) != 1:
             print("score-report: error: several PATHs need --out DIR", file=sys.stderr)
@@ -67,15 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # A sweep folder that does not exist yet (or holds no run yet) is not an error: there is
     # nothing to report, said in one line with exit status 1 (2 is kept for bad input).
-    if not any(has_runs(p) for p in args.paths):
+    # A recorded runs.json holds its runs: its paths are only named.
+    if recorded is None and not any(has_runs(p) for p in args.paths):
         where = ", ".join(f"{p}{'' if p.exists() else ' (does not exist yet)'}" for p in args.paths)
         print(f"score-report: nothing to report: no run folder under {where}", file=sys.stderr)
         return NOTHING_TO_REPORT
-    for p in args.paths:
-        if not p.exists():
-            print(f"score-report: {p} does not exist (yet): nothing from it", file=sys.stderr)
+    if recorded is None:
+        for p in args.paths:
+            if not p.exists():
+                print(f"score-report: {p} does not exist (yet): nothing from it", file=sys.stderr)
+        args.paths = [p for p in args.paths if p.exists()]
     try:
-        report = build_report([p for p in args.paths if p.exists()], args.out, target=args.target)
+        report = build_report(args.paths, args.out, target=args.target, recorded=recorded)
     except ScoreExpError as e:
         print(f"score-report: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,343 @@
+"""Published results: a snapshot of the report under ``docs/results/``, with its provenance.
+
+``make results`` (``python -m score_exp.report.snapshot``) builds the report of the runs of
+``make claims-datasets-cpu`` (and of ``make tune-cpu`` / ``tune-gnn-cpu`` when present, each in a
+``tune_<task>/`` folder) into ``docs/results/``: ``report.md``, ``claims.md``, ``tables.tex``,
+``runs.csv``, ``paired.csv``, the plots (PNG, SVG), plus
+
+- ``runs.json``: the recorded numbers: per run its ``results.json``, the config keys the report
+  reads (every key that varies between the runs and the keys the tables look up) and its val
+  curve, and the runs not averaged in. :func:`check` re-renders every table from this file alone,
+  through :func:`score_exp.report.build.build_report`, and compares it byte for byte with the
+  committed files, so the page never drifts from the runs (``tests/test_snapshot.py``);
+- ``HEADLINE.md``: each claim's verdict per dataset and SCORE vs stacked vs the peer, spliced into
+  the README between its ``results`` markers;
+- ``PROVENANCE.md``: commit, command, machine (CPU model, cores), date, the runs' own commits and
+  their wall time.
+
+Text and images only: checkpoints, logs and run folders are never copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from score_exp.errors import DataError, ScoreExpError
+from score_exp.io import atomic_write_text
+from score_exp.report.runs import Run, scan_runs, varied_keys
+
+RECORD = "runs.json"
+HEADLINE = "HEADLINE.md"
+PROVENANCE = "PROVENANCE.md"
+# Files score-report writes that the check compares (the plots are drawn from the same runs).
+TABLE_FILES = ("report.md", "claims.md", "runs.csv", "paired.csv", "tables.tex")
+# What a snapshot may hold: small text and images.
+ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg")
+README_START = "<!-- results:start (written by `make results`: docs/results/HEADLINE.md) -->"
+README_END = "<!-- results:end -->"
+NOT_GENERATED = (
+    "**Not yet generated**: no snapshot under `docs/results/` on this branch. Run "
+    "`make claims-datasets-cpu` (about 60 minutes on a 2-core CPU), then `make results`."
+)
+
+# Config keys the tables and claims look up besides the varied ones (report.runs, tables, claims).
+READ_KEYS = ("task.name", "task.headline", "task.monitor", "task.monitor_mode", "depth_preset",
+             "seed", "experiment_name", "task.data.path", "task.data.registry_key",
+             "task.model._target_", "trainer.max_steps", "trainer.max_epochs")  # fmt: skip
+
+
+def record(paths: list[Path]) -> dict:
+    """The numbers the report reads from the run folders under ``paths`` (``runs.json``)."""
+    from score_exp.report.build import missing_runs
+
+    runs, unreadable = scan_runs(paths)
+    keys = set(varied_keys(runs)) | set(READ_KEYS)
+    return {
+        "paths": [str(p) for p in paths],
+        "runs": [
+            {
+                "path": str(r.path),
+                "results": r.results,
+                "config": {
+                    k: v for k, v in sorted(r.config.items()) if k in keys or k.startswith("depth.")
+                },  # fmt: skip
+                "curve": r.curve,
+            }
+            for r in runs
+        ],
+        "missing": [str(m) for m in missing_runs(paths)],
+        "unreadable": [[str(p), reason] for p, reason in unreadable],
+    }
+
+
+def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, str]]]:
+    """:class:`Run` objects (and the runs not averaged in) from a :func:`record`.
+
+    Raises:
+        DataError: not the shape :func:`record` writes (one line).
+    """
+    try:
+        runs = [Run(Path(r["path"]), dict(r["results"]), dict(r["config"]), list(r["curve"]))
+                for r in rec["runs"]]  # fmt: skip
+        missing = [Path(m) for m in rec["missing"]]
+        unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"not a recorded {RECORD} ({type(e).__name__}: {e})") from None
+    return runs, missing, unreadable
+
+
+# --------------------------------------------------------------------------- headline
+
+
+def _fmt(x: float | None, spec: str = "+.3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def headline(report) -> str:
+    """Markdown: each claim's verdict per dataset, then SCORE vs stacked vs the peer per task."""
+    from score_exp.report.claims import MIXED
+
+    lines = []
+    verdicts: dict[tuple[str, str], dict[str, set[str]]] = {}
+    for c in report.claims:
+        verdicts.setdefault((c.claim, c.model), {}).setdefault(c.dataset or "?", set()).add(c.verdict)  # fmt: skip
+    datasets = sorted({d for per in verdicts.values() for d in per})
+    if verdicts:
+        lines += ["| claim | model | " + " | ".join(datasets) + " |",
+                  "|---|---|" + "---|" * len(datasets)]  # fmt: skip
+        for (claim, model), per in verdicts.items():
+            cells = [("—" if d not in per else next(iter(per[d])) if len(per[d]) == 1 else MIXED)
+                     for d in datasets]  # fmt: skip
+            lines.append(f"| {claim} | {model or '?'} | " + " | ".join(cells) + " |")
+        lines.append("")
+    means = {}
+    for t in report.tables:
+        if t.title.endswith(": depth variants"):
+            task = t.title[: -len(": depth variants")]
+            means[task] = [(r["variant"], r["mean"], r["std"], r["n_ok"]) for r in t.records]
+    paired: dict[str, list[dict]] = {}
+    for p in report.paired:
+        paired.setdefault(p["task"], []).append(p)
+    if means:
+        lines += ["| experiment / task | test metric, mean ± std (n) | vs stacked | vs the peer |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for task, vs in sorted(means.items()):
+            cells = "; ".join(f"{v} {_fmt(m, '.3f')}" + (f" ± {s:.3f}" if s is not None else "")
+                              + f" ({n})" for v, m, s, n in vs)  # fmt: skip
+            rows = paired.get(task, [])
+
+            def diffs(ref: bool, rows=rows) -> str:
+                sel = [p for p in rows if p["baseline"].endswith("(reference)") == ref
+                       and not p["variant"].endswith("(reference)")
+                       and p["variant"] != "stacked"]  # fmt: skip
+                return (
+                    "; ".join(
+                        f"{p['variant']} − {p['baseline']} {_fmt(p['mean'])} "
+                        + (
+                            f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+                            if p["ci_low"] is not None
+                            else ""
+                        )
+                        for p in sel
+                    )
+                    or "—"
+                )
+
+            lines.append(f"| {task} | {cells} | {diffs(False)} | {diffs(True)} |")
+        lines.append("")
+    for t in report.tables:
+        if t.title == "verdicts across study seeds":  # tuned studies: the pooled verdicts
+            lines += ["| comparison (tuned) | experiment | studies | spread of effects | verdict |",
+                      "|---|---|---|---|---|"]  # fmt: skip
+            for r, row in zip(t.records, t.rows, strict=True):
+                lines.append(f"| {r['comparison']} | {r['experiment']} | {len(r['studies'])} | "
+                             f"{row[4]} | {r['verdict']} |")  # fmt: skip
+            lines.append("")
+    if not lines:
+        lines = ["No claim or variant table in these runs.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def machine() -> str:
+    """CPU model and cores of this machine (``/proc/cpuinfo`` where there is one)."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores ({platform.system()})"  # fmt: skip
+
+
+def _wall(rec: dict) -> str:
+    times = [t for r in rec["runs"] if isinstance(t := r["results"].get("wall_time_s"), (int, float))]  # fmt: skip
+    if not times:
+        return "unknown"
+    return (f"{sum(times) / 60:.1f} min of training summed over {len(times)} runs "
+            f"(median {statistics.median(times):.0f} s per run)")  # fmt: skip
+
+
+def provenance(rec: dict, command: str, wall: str | None) -> str:
+    head = _git("rev-parse", "HEAD") or "unknown"
+    dirty = (
+        " (with uncommitted changes)"
+        if _git("status", "--porcelain", "--untracked-files=no")
+        else ""
+    )
+    commits = sorted({str(r["results"].get("git") or "unknown") for r in rec["runs"]})
+    return "\n".join([
+        "# Provenance of this snapshot", "",
+        f"- command: `{command}`",
+        f"- commit of the snapshot: `{head}`{dirty}",
+        f"- commits the runs were trained at: {', '.join(f'`{c}`' for c in commits) or 'none'}",
+        f"- machine: {machine()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- wall time of the sweep: {wall or 'not given'}",
+        f"- runs' own wall time: {_wall(rec)}",
+        f"- run folders: {', '.join(f'`{p}`' for p in rec['paths'])}", "",
+        f"Every table is re-rendered from `{RECORD}` by `tests/test_snapshot.py` and must equal "
+        "the committed files.", "",
+    ])  # fmt: skip
+
+
+# --------------------------------------------------------------------------- build and check
+
+
+def _write(out: Path, paths: list[Path]) -> tuple[dict, object]:
+    from score_exp.report.build import build_report
+
+    # Through JSON first: the snapshot is rendered from exactly what runs.json holds.
+    rec = json.loads(json.dumps(record(paths), sort_keys=True))
+    if not rec["runs"]:
+        raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
+    report = build_report(paths, out, recorded=rec)  # the same code path as the check
+    atomic_write_text(out / RECORD, json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / HEADLINE, headline(report))
+    return rec, report
+
+
+def _clear(out: Path) -> None:
+    """Empty a snapshot folder, refusing anything a snapshot never holds."""
+    for p in sorted(out.rglob("*"), reverse=True):
+        if p.is_symlink() or (p.is_file() and p.suffix not in ALLOWED):
+            raise DataError(f"{p}: not part of a results snapshot; remove it by hand")
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: str | None) -> None:
+    """Write the snapshot of ``runs`` (and of each ``tune`` folder, in ``tune_<name>/``) to ``out``."""
+    runs = [p for p in runs if p.exists()]
+    if not runs:
+        raise DataError("no run folder to publish: run `make claims-datasets-cpu` first")
+    if out.exists():
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec, _ = _write(out, runs)
+    for t in tune:
+        if t.exists() and scan_runs([t])[0]:
+            name = t.parent.name if t.name == "retrain" else t.name
+            rec_t, _ = _write(out / f"tune_{name}", [t])
+            atomic_write_text(out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None))
+    atomic_write_text(out / PROVENANCE, provenance(rec, command, wall))
+
+
+def readme_block(snap: Path) -> str:
+    """The README's headline block: the snapshot's HEADLINE.md, or 'not yet generated'."""
+    h = snap / HEADLINE
+    body = h.read_text() if h.is_file() else NOT_GENERATED + "\n"
+    for t in sorted(snap.glob(f"tune_*/{HEADLINE}")) if h.is_file() else []:
+        body = body.rstrip() + f"\n\nTuned (the snapshot's `{t.parent.name}/`):\n\n"
+        body += t.read_text()
+    return f"{README_START}\n{body.rstrip()}\n{README_END}"
+
+
+def splice_readme(readme: Path, snap: Path) -> None:
+    text = readme.read_text()
+    a, b = text.index(README_START), text.index(README_END) + len(README_END)
+    atomic_write_text(readme, text[:a] + readme_block(snap) + text[b:])
+
+
+def check(snap: Path) -> list[str]:
+    """Re-render every report of a snapshot from its ``runs.json``: the files that differ."""
+    from score_exp.report.build import build_report
+
+    problems = []
+    folders = [d for d in [snap, *sorted(snap.glob("tune_*"))] if d.is_dir()]
+    if not (snap / RECORD).is_file():
+        return [f"{snap}: no {RECORD}"]
+    for d in folders:
+        rec = json.loads((d / RECORD).read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            report = build_report([Path(p) for p in rec["paths"]], Path(tmp), recorded=rec)
+            for name in TABLE_FILES:
+                if (Path(tmp) / name).read_bytes() != (d / name).read_bytes():
+                    problems.append(f"{d / name}: differs from what score-report makes of {RECORD}")
+            if headline(report) != (d / HEADLINE).read_text():
+                problems.append(f"{d / HEADLINE}: differs from the re-rendered headline")
+            for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (d / "report.md").read_text()):
+                if not (d / fig).is_file():
+                    problems.append(f"{d / fig}: a plot of report.md is missing")
+            for p in d.iterdir():
+                if p.is_file() and p.suffix not in ALLOWED:
+                    problems.append(f"{p}: not text or an image")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m score_exp.report.snapshot",
+        description="Write (or --check) the published results snapshot under docs/results/.",
+    )
+    p.add_argument("runs", nargs="*", type=Path, help="run folders (make claims-datasets-cpu's)")
+    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--tune", type=Path, nargs="*", default=[], help="tune retrain folders, when present")  # fmt: skip
+    p.add_argument("--command", default="make results", help="recorded in PROVENANCE.md")
+    p.add_argument("--wall", help="wall time of the sweep, recorded in PROVENANCE.md")
+    p.add_argument("--readme", type=Path, help="splice HEADLINE.md into this README")
+    p.add_argument(
+        "--check", action="store_true", help="re-render OUT from its runs.json and compare"
+    )
+    args = p.parse_args(argv)
+    try:
+        if args.check:
+            problems = check(args.out)
+            for line in problems:
+                print(f"snapshot: {line}", file=sys.stderr)
+            return 1 if problems else 0
+        snapshot(args.out, args.runs, args.tune, args.command, args.wall)
+        if args.readme:
+            splice_readme(args.readme, args.out)
+    except ScoreExpError as e:
+        print(f"snapshot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"results snapshot: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
