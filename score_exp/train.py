@@ -157,6 +157,7 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         DepthDiagnostics,
         DepthGrowth,
         DivergenceDetector,
+        FixedPointSolves,
         RandomDepth,
         RNGStateCheckpoint,
         RunTimer,
@@ -182,6 +183,9 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         callbacks.append(DepthGrowth())
     if spec.train_steps != "fixed":
         callbacks.append(RandomDepth(seed=cfg.seed))
+    solves = FixedPointSolves() if spec.solver == "fixed_point" else None
+    if solves is not None:  # depth/solver_* in training, results.json's "solver"
+        callbacks.append(solves)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     # The Trainer first: it knows this process's rank and the world size (devices x nodes)
     # before any process is launched, so files are written by rank 0 only and a global batch
@@ -258,6 +262,8 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, spec: DepthSpec, record: dict)
         record["status"] = "failed"
         record["error"] = "no best checkpoint: the monitored metric was never logged"
     _record_learned_depth(record, find_depth(model))
+    if solves is not None:
+        record["solver"] = solves.summary(spec)
     _finite_or_diverged(record)
     # trainer.test has returned on every rank, with metrics synchronised over all of them, so
     # rank 0's record is the run's record.
