@@ -36,7 +36,7 @@ log = logging.getLogger("score_exp.eval")
 EVAL_CSV = "eval.csv"
 # Columns printed by the table (eval.csv keeps every metric of the split).
 SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
-         "seconds")  # fmt: skip
+         "solver_converged", "solver_max_residual", "seconds")  # fmt: skip
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -74,6 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     used: list[Any] = []
     spent: list[tuple[float, int]] = []  # (evaluations of F per sample, samples) per forward
+    solves: list[tuple[Any, Any]] = []  # solver=fixed_point: (converged, residual) per sample
 
     def count(mod, args, output):
         if mod.last_steps_used is not None:
@@ -81,6 +82,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if mod.last_nfe is not None:
             n = len(mod.last_steps_used) if mod.last_steps_used is not None else 1
             spent.append((float(mod.last_nfe), n))
+        if mod.last_converged is not None:
+            solves.append((mod.last_converged, mod.last_residual))
 
     # The core's re-discretisation: its rules (step counts, horizon, integrators) live there.
     try:
@@ -126,6 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "nfe_spent": round(sum(v * n for v, n in spent) / sum(n for _, n in spent), 4)
         if spent
         else d.nfe,
+        **_solver_columns(solves),
         "seconds": round(seconds, 4),
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         **merged,
@@ -148,6 +152,21 @@ def _check_request(cfg: DictConfig, run_dir: Path) -> None:
             f"{run_dir} is in training ({holder}): score-eval evaluates finished runs; "
             "wait for it to end"
         )
+
+
+def _solver_columns(solves: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """``solver=fixed_point``: the fraction of the split's samples whose solve converged and
+    the largest relative residual (no columns for a depth that is not solved)."""
+    import torch
+
+    if not solves:
+        return {}
+    converged = torch.cat([c.reshape(-1) for c, _ in solves])
+    residual = torch.cat([r.reshape(-1) for _, r in solves])
+    return {
+        "solver_converged": round(float(converged.float().mean()), 4),
+        "solver_max_residual": float(f"{float(residual.max()):.4g}"),
+    }
 
 
 def append_row(path: Path, row: dict[str, Any]) -> list[dict[str, str]]:

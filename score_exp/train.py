@@ -189,6 +189,7 @@ def _fit_and_test(
         DepthDiagnostics,
         DepthGrowth,
         DivergenceDetector,
+        FixedPointSolves,
         RandomDepth,
         RNGStateCheckpoint,
         RunTimer,
@@ -216,6 +217,9 @@ def _fit_and_test(
         callbacks.append(DepthGrowth())
     if spec.train_steps != "fixed":
         callbacks.append(RandomDepth(seed=cfg.seed))
+    solves = FixedPointSolves() if spec.solver == "fixed_point" else None
+    if solves is not None:  # depth/solver_* in training, results.json's "solver"
+        callbacks.append(solves)
     # A resumed run (a requeue) continues its W&B run (same id), not a new one.
     wandb_id = cluster.wandb_run_id(run_dir) if resume else None
     loggers = [
@@ -305,6 +309,8 @@ def _fit_and_test(
         record["status"] = "failed"
         record["error"] = "no best checkpoint: the monitored metric was never logged"
     _record_learned_depth(record, find_depth(model))
+    if solves is not None:
+        record["solver"] = solves.summary(spec)
     _finite_or_diverged(record)
     # trainer.test has returned on every rank, with metrics synchronised over all of them, so
     # rank 0's record is the run's record.

@@ -4,7 +4,8 @@ Each case builds a :class:`RecurrentDepth` in float64 from seeded blocks, runs i
 forward + backward, an evaluation-time re-discretisation, adaptive halting, growth stages, the
 trace) and returns named tensors. ``tests/data/core_golden.json`` holds what the ORIGINAL core
 (commit 92c1f43, before the core was split into parts) returned for every case; the test asserts
-that today's core returns the same tensors bit for bit (float64 default dtype). The only thing that differs between the
+that today's core returns the same tensors to float64 rounding (float64 default dtype; the steps
+used exactly; see the test for why not bit for bit). The only thing that differs between the
 two APIs is how an evaluation re-discretises the depth, so that is the ``rediscretise`` argument.
 """
 

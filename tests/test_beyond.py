@@ -59,7 +59,7 @@ def test_defaults_keep_the_plain_chain_and_its_state_dict():
     ref = h
     for _ in range(3):  # the euler integrator's own arithmetic: h + dt * (F(h) - h)
         ref = ref + 0.3 * (depth.blocks[0](ref) - ref)
-    assert torch.equal(depth(h), ref)  # bit for bit
+    assert torch.equal(depth(h), ref)  # bit for bit: the same operations in one process
     assert depth.last_steps_used is None
 
 

@@ -60,7 +60,7 @@ def test_defaults_are_the_score_closed_form_bit_for_bit():
     ref = h
     for _ in range(3):
         ref = ref + 0.5 * (depth.blocks[0](ref) - ref)
-    assert torch.equal(depth(h), ref)
+    assert torch.equal(depth(h), ref)  # the same operations in one process: the same bits
     assert depth.last_nfe == 3
 
 
@@ -344,14 +344,152 @@ def test_anderson_reaches_the_tolerance_on_a_contraction():
     f = Contractive()
     h0 = torch.randn(4, 5)
     with torch.no_grad():
-        h, evals, res = anderson(f, h0, tol=1e-6, max_iter=50)
-        assert res < 1e-6 and evals < 50
+        h, iterations, res, converged, evals = anderson(f, h0, tol=1e-6, max_iter=50)
+        assert converged.all() and (res < 1e-6).all() and evals == int(iterations.max()) < 50
         assert ((f(h) - h).norm() / f(h).norm()) < 1e-6
         # Picard iteration needs more evaluations to the same tolerance (||A|| = 0.5).
         x, picard = h0, 0
         while ((f(x) - x).norm() / f(x).norm()) >= 1e-6:
             x, picard = f(x), picard + 1
         assert evals < picard
+
+
+class Tanh(nn.Module):
+    """``F(h) = tanh(h A^T + b)``, ``A`` scaled to a spectral radius ``radius`` (float64)."""
+
+    def __init__(self, radius: float, seed: int, d: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        A = torch.randn(d, d, generator=g, dtype=torch.float64)
+        self.b = nn.Parameter(0.3 * torch.randn(d, generator=g, dtype=torch.float64))
+        self.A = nn.Parameter(radius * A / torch.linalg.eigvals(A).abs().max())
+
+    def forward(self, h):
+        return torch.tanh(h @ self.A.T + self.b)
+
+
+def _picard(f, h, iters: int = 5000):
+    """The float64 reference: ``iters`` Picard steps; the state and its per-row residual."""
+    with torch.no_grad():
+        for _ in range(iters):
+            h = f(h)
+        fh = f(h)
+        return h, (fh - h).norm(dim=1) / fh.norm(dim=1)
+
+
+def _fixed_point_depth(block, tol=1e-4, max_iter=30, grad="jfb"):
+    spec = DepthSpec(steps=4, dt=0.5, inject="add", solver="fixed_point", solver_tol=tol,
+                     solver_max_iter=max_iter, solver_grad=grad)  # fmt: skip
+    return RecurrentDepth(lambda: block, spec)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["rows", "groups"])
+def test_a_sample_is_solved_as_if_alone_in_its_batch(grouped):
+    # Per-sample Anderson: each sample's own history and stopping test. Solved in a batch of 8
+    # or alone, a sample takes the same iterations and reaches the same point up to float64
+    # rounding (the batch's matrix products round differently from one row's). Before, the
+    # batch was one vector with one stopping test: 8.7e-6 apart at the default tolerance.
+    block = Tanh(radius=0.9, seed=1)
+    g = torch.Generator().manual_seed(2)
+    scales = torch.tensor([0.05, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0], dtype=torch.float64)
+    e = torch.randn(8, 5, generator=g, dtype=torch.float64) * scales[:, None]
+    group = None
+    if grouped:  # a "molecule" of 1-3 rows per sample, F row-wise: solved as one vector each
+        group = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 6, 6, 7])
+        e = e[group] * (1 + 0.1 * torch.arange(len(group), dtype=torch.float64))[:, None]
+    depth = _fixed_point_depth(block).eval()
+    with torch.no_grad():
+        out = depth(e, group=group)
+    iterations, residual = depth.last_iterations, depth.last_residual
+    assert depth.last_converged.all() and (residual < 1e-4).all()
+    assert len(set(iterations.tolist())) > 1  # the samples stopped at different iterations
+    for i in range(8):
+        rows = (group == i) if grouped else torch.arange(8) == i
+        with torch.no_grad():
+            alone = depth(e[rows], group=torch.zeros(int(rows.sum()), dtype=torch.long)
+                          if grouped else None)  # fmt: skip
+        torch.testing.assert_close(out[rows], alone, rtol=1e-12, atol=1e-14)
+        assert depth.last_iterations.tolist() == [iterations[i].item()]
+        torch.testing.assert_close(depth.last_residual, residual[i : i + 1], rtol=1e-9, atol=0)
+
+
+def test_fixed_points_match_a_float64_picard_reference_on_a_contraction():
+    block = Contractive().double()  # ||A|| = 0.5: Picard converges from anywhere
+    scale = torch.tensor([0.01, 0.1, 1.0, 3.0, 10.0, 30.0], dtype=torch.float64)
+    e = torch.randn(6, 5, dtype=torch.float64) * scale[:, None]
+    ref, ref_res = _picard(lambda h: block(h + e), torch.zeros_like(e), iters=200)
+    assert (ref_res < 1e-15).all()
+    for tol in (1e-4, 1e-8):
+        depth = _fixed_point_depth(block, tol=tol).eval()
+        with torch.no_grad():
+            out = depth(e)
+        assert depth.last_converged.all() and (depth.last_residual < tol).all()
+        assert (depth.last_iterations < 30).all()
+        assert depth.last_nfe == depth.last_iterations.max() + 1
+        # Within a contraction factor of the reported residual (||A|| = 0.5).
+        err = (out - ref).norm(dim=1) / ref.norm(dim=1)
+        assert (err <= 2 * depth.last_residual).all(), (err, depth.last_residual)
+        if tol == 1e-8:
+            assert err.max() < 5e-8
+
+
+def test_a_non_converging_block_is_reported_with_its_residual():
+    # A block whose fixed point repels Picard iteration (spectral radius of A 1.2) for samples
+    # with no input (e = 0); inputs of scale 2-4 saturate tanh and make the same block contract.
+    block = Tanh(radius=1.2, seed=21)
+    g = torch.Generator().manual_seed(1)
+    scale = torch.tensor([0, 0, 0, 0, 2, 2, 4, 4], dtype=torch.float64)
+    e = torch.randn(8, 5, generator=g, dtype=torch.float64) * scale[:, None]
+    hard = scale == 0
+    ref, ref_res = _picard(lambda h: block(h + e), torch.zeros_like(e))
+    assert (ref_res[hard] > 1e-2).all() and (ref_res[~hard] < 1e-14).all()
+    with torch.no_grad():  # the Jacobian at the fixed point (Newton's) has radius > 1
+        x = torch.zeros(5, dtype=torch.float64)
+        for _ in range(50):
+            J = torch.autograd.functional.jacobian(block, x)
+            x = x - torch.linalg.solve(J - torch.eye(5, dtype=torch.float64), block(x) - x)
+        assert (block(x) - x).norm() < 1e-12
+        assert torch.linalg.eigvals(torch.autograd.functional.jacobian(block, x)).abs().max() > 1
+    depth = _fixed_point_depth(block).train()  # the default budget: tol 1e-4, 30 evaluations
+    e.requires_grad_(True)
+    out = depth(e)
+    out.sum().backward()  # training goes on; the record says what it got
+    assert depth.last_converged.tolist() == (~hard).tolist()
+    assert (depth.last_residual[hard] > 100 * 1e-4).all()
+    assert (depth.last_iterations[hard] == 30).all() and (depth.last_iterations[~hard] < 30).all()
+    assert depth.last_nfe == 31
+    # The converged samples are at Picard's fixed point (to the tolerance), the others are not.
+    err = (out.detach() - ref).norm(dim=1) / ref.norm(dim=1)
+    assert (err[~hard] < 1e-3).all() and (err[hard] > 1e-2).all()
+    # The residual reported is the solver's: with 2 evaluations, h1 = F(h0), h = F(h1).
+    with torch.no_grad():
+        sol = anderson(lambda h: block(h + e), torch.zeros_like(e), 1e-4, max_iter=2)
+        h1 = block(e)
+        torch.testing.assert_close(sol.h, block(h1 + e), rtol=0, atol=0)
+        want = (sol.h - h1).norm(dim=1) / sol.h.norm(dim=1)
+        torch.testing.assert_close(sol.residual, want, rtol=1e-15, atol=0)
+        assert not sol.converged.any() and sol.iterations.tolist() == [2] * 8
+
+
+def test_implicit_gradient_is_the_exact_inverse_jacobian_formula():
+    # dL/dtheta = dF/dtheta^T g with g = (I - J)^-T dL/dh* per sample, J = dF/dh at h*.
+    block = Contractive().double()
+    depth = _fixed_point_depth(block, tol=1e-12, max_iter=100, grad="implicit").train()
+    e = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64)
+    params = [e, block.A, block.b]
+    got = torch.autograd.grad((depth(e) * w).sum(), params)
+    assert depth.last_converged.all()
+    h_star = depth(e).detach()
+    eye = torch.eye(5, dtype=torch.float64)
+    g = torch.stack([
+        torch.linalg.solve((eye - torch.autograd.functional.jacobian(
+            lambda h, i=i: block(h + e[i].detach()), h_star[i])).T, w[i])
+        for i in range(4)
+    ])  # fmt: skip
+    want = torch.autograd.grad(block(h_star + e), params, g)
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() <= 4e-8 * b.abs().max(), (a - b).abs().max()
 
 
 def test_fixed_point_solver_output_and_jacobian_free_gradient():
@@ -434,8 +572,8 @@ TASKS = {
 UNROLLED = ["depth.steps=2", "trainer.log_every_n_steps=1", "depth.inject=concat", "depth.init_state=random",
             "depth.train_steps='uniform:1,3'", "depth.train_dt=horizon",
             "depth.backprop_steps=1", "depth.adaptive_eps=0.5"]  # fmt: skip
-FIXED_POINT = ["depth.steps=2", "depth.inject=add", "depth.solver=fixed_point",
-               "depth.solver_max_iter=4"]  # fmt: skip
+FIXED_POINT = ["depth.steps=2", "trainer.log_every_n_steps=1", "depth.inject=add",
+               "depth.solver=fixed_point", "depth.solver_max_iter=4"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -468,6 +606,48 @@ def test_cli_trains_every_task_with_the_dial_fields(tmp_path, task, dial):
     else:
         assert r["depth"]["solver"] == "fixed_point" and r["depth"]["inject"] == "add"
         assert r["depth"].get("solver_grad", "jfb") == ("implicit" if implicit else "jfb")
+        _check_solver_record(r["solver"], run, out.stderr)
+
+
+def _check_solver_record(solver: dict, run, stderr: str) -> None:
+    """results.json's "solver", metrics.csv's depth/solver_*, and the one-line warning."""
+    import csv
+
+    assert (solver["tol"], solver["max_iter"]) == (1e-4, 4)
+    for stage in ("train", "test"):
+        assert 0 <= solver[stage]["converged"] <= 1 and solver[stage]["max_residual"] >= 0
+        assert solver[stage]["samples"] > 0
+    with open(run / "metrics.csv") as f:
+        rows = [x for x in csv.DictReader(f) if x.get("depth/solver_converged")]
+    assert rows and all(0 <= float(x["depth/solver_converged"]) <= 1 for x in rows)
+    largest = max(float(x["depth/solver_max_residual"]) for x in rows)
+    assert 0 < largest <= solver["train"]["max_residual"]  # logged steps are a subset
+    warned = [line for line in stderr.splitlines() if "fixed point: only" in line]
+    if solver["train"]["converged"] < 0.5:  # 4 evaluations: mostly short of 1e-4
+        assert len(warned) == 1
+        assert "depth.solver_max_iter=4" in warned[0] and "depth.solver_tol=0.0001" in warned[0]
+    else:
+        assert not warned
+
+
+@pytest.mark.slow
+def test_score_eval_records_the_fixed_point_convergence(tmp_path):
+    import csv
+
+    from conftest import cli_env, load_results, run_cli, train_cli
+
+    run, env = tmp_path / "run", cli_env(OMP_NUM_THREADS="1")
+    out = train_cli(run, *TASKS["esol_mlp"], *FIXED_POINT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    test = load_results(run)["solver"]["test"]
+    out = run_cli(f"run_dir={run}", module="score_exp.eval", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(run / "eval.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    # The same checkpoint on the same split: the same solves as the run's own test pass.
+    assert float(row["solver_converged"]) == round(test["converged"], 4)
+    assert float(row["solver_max_residual"]) == pytest.approx(test["max_residual"], rel=1e-3)
+    assert "solver_converged" in out.stdout and "solver_max_residual" in out.stdout
 
 
 @pytest.mark.slow

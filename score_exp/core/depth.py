@@ -79,7 +79,12 @@ class RecurrentDepth(nn.Module):
             number of steps each sample (row of ``h``, or ``group`` of rows) took, a long
             tensor; None after any other forward.
         last_nfe: evaluations of ``F`` the last forward spent per sample (the mean over
-            samples when halting; the solver's iterations + 1 for ``solver=fixed_point``).
+            samples when halting; for ``solver=fixed_point`` the batch's solver evaluations
+            (its slowest sample's) + 1, the differentiable step).
+        last_iterations, last_residual, last_converged: after a ``solver=fixed_point``
+            forward, per sample (a row of ``h``, or a ``group`` of rows): the evaluations of
+            ``F`` its solve used (long), its final relative residual ``||F(h) - h|| / ||F(h)||``
+            and whether that is below ``solver_tol`` (bool); None after any other forward.
 
     Example:
         >>> spec = DepthSpec(share=True, steps=4, dt=0.25)
@@ -115,6 +120,9 @@ class RecurrentDepth(nn.Module):
         self._drawn_steps: int | None = None
         self.last_steps_used: Tensor | None = None
         self.last_nfe: float | None = None
+        self.last_iterations: Tensor | None = None
+        self.last_residual: Tensor | None = None
+        self.last_converged: Tensor | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -132,8 +140,9 @@ class RecurrentDepth(nn.Module):
         Args:
             h: the input ``e`` (the encoder output), ``(rows, ...)``; the iteration starts at
                 ``init_state`` (``e`` itself by default).
-            group: for halting, the sample of each row (PyG's ``batch``: a molecule stops as a
-                whole); None: each row is a sample.
+            group: for halting and the fixed-point solver, the sample of each row (PyG's
+                ``batch``: a molecule stops, or is solved, as a whole); None: each row is a
+                sample.
             select: for halting with a block context: ``select(rows_kept, ctx) -> ctx`` cuts
                 the context down to the rows still running (e.g. a subgraph).
             readout: for ``halt="kl"``: maps a state to logits (e.g. next-token logits).
@@ -146,8 +155,9 @@ class RecurrentDepth(nn.Module):
         h = inject.initial_state(self.spec, e)
         self._ponder = None
         if self.spec.solver == "fixed_point":
-            return self._solve(h, e, ctx)
+            return self._solve(h, e, ctx, group)
         self.last_steps_used, self.last_nfe = None, d.nfe
+        self.last_iterations = self.last_residual = self.last_converged = None
         training = torch.is_grad_enabled() and self.training
         if training and d.halt == "ponder":  # every step runs; its state and lambda are kept
             n = int(group.max()) + 1 if group is not None and group.numel() else h.shape[0]
@@ -224,21 +234,27 @@ class RecurrentDepth(nn.Module):
         """``F`` of step ``l`` as the update sees it (with the input injected, if asked)."""
         return self.injection(self.blocks[0 if self.spec.share else l], e)
 
-    def _solve(self, h: Tensor, e: Tensor, ctx: dict[str, Any]) -> Tensor:
-        """``solver=fixed_point``: Anderson to ``h* = F(h*)``, then one differentiable ``F``."""
+    def _solve(self, h: Tensor, e: Tensor, ctx: dict[str, Any], group: Tensor | None) -> Tensor:
+        """``solver=fixed_point``: Anderson to ``h* = F(h*)`` per sample, then one
+        differentiable ``F``."""
         F = self._block(0, e)
         spec = self.spec
-        h_star, evals, _ = solver.anderson(
-            lambda x: F(x, **ctx), h, spec.solver_tol, spec.solver_max_iter
+        sol = solver.anderson(
+            lambda x: F(x, **ctx), h, spec.solver_tol, spec.solver_max_iter, group=group
         )
-        self.last_nfe = evals + 1
+        h_star = sol.h
+        self.last_nfe = sol.evals + 1
         self.last_steps_used = None
+        self.last_iterations, self.last_residual = sol.iterations, sol.residual
+        self.last_converged = sol.converged
         if spec.solver_grad == "jfb" or not torch.is_grad_enabled():
             return F(h_star, **ctx)  # Jacobian-free backprop: one step carries the gradient
         h_star.requires_grad_()  # a leaf: the vector-Jacobian products below differentiate to it
         out = F(h_star, **ctx)
         if out.requires_grad:
-            solver.implicit_backward(out, h_star, spec.solver_tol, spec.solver_max_iter)
+            solver.implicit_backward(
+                out, h_star, spec.solver_tol, spec.solver_max_iter, group=group
+            )
         return out
 
     def _update(

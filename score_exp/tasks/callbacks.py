@@ -247,6 +247,96 @@ class RunTimer(L.Callback):
         }
 
 
+class FixedPointSolves(L.Callback):
+    """The convergence of a ``solver=fixed_point`` depth: each sample's solve, counted.
+
+    Every training step logs ``depth/solver_converged`` (the fraction of the batch's samples
+    whose solve reached ``solver_tol``) and ``depth/solver_max_residual`` (the batch's largest
+    relative residual). :meth:`summary` gives the totals of the whole training (kept in
+    checkpoints, so a resumed run counts on) and of the last test pass, for ``results.json``.
+    A run whose training solves mostly did not converge warns once, in one line, when training
+    ends. Nothing is counted for a depth that is not solved.
+    """
+
+    def __init__(self) -> None:
+        self.train = [0, 0, 0.0]  # samples, converged, largest residual
+        self.test = [0, 0, 0.0]
+        self._warned = False
+
+    @staticmethod
+    def _add(totals: list, depth) -> tuple[float, float] | None:
+        if depth is None or depth.last_converged is None:
+            return None
+        n, converged = depth.last_converged.numel(), int(depth.last_converged.sum())
+        largest = float(depth.last_residual.max()) if n else 0.0
+        totals[0] += n
+        totals[1] += converged
+        if not largest <= totals[2]:  # NaN (a diverged solve) stays NaN
+            totals[2] = largest if not math.isnan(totals[2]) else totals[2]
+        return converged / max(n, 1), largest
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        batch_stats = self._add(self.train, find_depth(pl_module))
+        if batch_stats is not None:
+            frac, largest = batch_stats
+            pl_module.log("depth/solver_converged", frac, on_step=True, on_epoch=False,
+                          batch_size=1)  # fmt: skip
+            pl_module.log("depth/solver_max_residual", largest, on_step=True, on_epoch=False,
+                          batch_size=1)  # fmt: skip
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.test = [0, 0, 0.0]
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dl_idx=0) -> None:
+        self._add(self.test, find_depth(pl_module))
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self.test = self._gathered(pl_module, self.test)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        totals = self._gathered(pl_module, self.train)
+        n, converged, largest = totals
+        depth = find_depth(pl_module)
+        if n and converged / n < 0.5 and not self._warned and trainer.is_global_zero:
+            spec = depth.spec
+            log.warning(
+                "fixed point: only %.0f%% of the training solves converged (largest residual "
+                "%.2g > depth.solver_tol=%g within depth.solver_max_iter=%d); raise "
+                "solver_max_iter or solver_tol",
+                100 * converged / n, largest, spec.solver_tol, spec.solver_max_iter,
+            )  # fmt: skip
+            self._warned = True
+
+    @staticmethod
+    def _gathered(pl_module, totals: list) -> list:
+        """The totals over every data-parallel rank (the rank's own on one process)."""
+        if pl_module.trainer.world_size == 1:
+            return totals
+        t = pl_module.all_gather(torch.tensor(totals, dtype=torch.float64, device=pl_module.device))
+        return [int(t[:, 0].sum()), int(t[:, 1].sum()), float(t[:, 2].max())]
+
+    @staticmethod
+    def _record(totals: list) -> dict | None:
+        n, converged, largest = totals
+        if not n:
+            return None
+        return {"converged": round(converged / n, 6), "max_residual": largest, "samples": n}
+
+    def summary(self, spec) -> dict:
+        """``results.json``'s ``solver``: the budget, and the training's and test's solves."""
+        record = {"tol": spec.solver_tol, "max_iter": spec.solver_max_iter}
+        for stage, totals in (("train", self.train), ("test", self.test)):
+            if (r := self._record(totals)) is not None:
+                record[stage] = r
+        return record
+
+    def state_dict(self) -> dict:
+        return {"train": list(self.train)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train = list(state_dict.get("train", self.train))
+
+
 class RNGStateCheckpoint(L.Callback):
     """Saves the Python, NumPy and torch RNG states in every checkpoint and restores them.
 
