@@ -44,7 +44,7 @@ from score_exp import run
 from score_exp.bench_measure import MARK, compose, summary
 from score_exp.bench_report import checkpoint_growth, ratios, report
 from score_exp.cli import check_output_dir
-from score_exp.errors import ConfigError, ScoreExpError, user_error
+from score_exp.errors import ConfigError, ScoreExpError
 
 # ----------------------------------------------------------------------------- configs
 
@@ -141,16 +141,9 @@ def _check_data(cfg) -> None:
     """Build (not prepare) the task's data module: its constructor checks its values.
 
     Raises:
-        ConfigError: a bad ``task.data`` value, unwrapped from Hydra's instantiate.
+        ConfigError: a bad ``task.data`` value.
     """
-    from hydra.utils import instantiate
-
-    try:
-        instantiate(cfg.task.data)
-    except Exception as e:
-        if (error := user_error(e)) is None:
-            raise
-        raise error from None
+    run.data_module(cfg)
 
 
 def _named_variants(given: list[list[str]] | None) -> list[tuple[str, list[str]]]:

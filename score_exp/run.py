@@ -303,7 +303,7 @@ def build(
     from hydra.utils import instantiate
 
     spec = depth_spec(cfg) if spec is None else spec
-    datamodule = instantiate(cfg.task.data)
+    datamodule = data_module(cfg)
     missing = [
         m for m in ("model_kwargs", "module_kwargs", "split_record") if not hasattr(datamodule, m)
     ]
@@ -321,6 +321,24 @@ def build(
     )
     module = instantiate(cfg.task.module, model=model, **datamodule.module_kwargs())
     return Task(datamodule, model, module, spec)
+
+
+def data_module(cfg: DictConfig):
+    """The task's data module, built but not prepared: its constructor checks its values.
+
+    Raises:
+        ScoreExpError: a bad ``task.data`` value, unwrapped from Hydra's instantiate.
+    """
+    from hydra.utils import instantiate
+
+    from score_exp.errors import user_error
+
+    try:
+        return instantiate(cfg.task.data)
+    except Exception as e:
+        if (error := user_error(e)) is None:
+            raise
+        raise error from None
 
 
 def training_step_fn(module, gradient_clip_val: float | None = None, autocast=None):

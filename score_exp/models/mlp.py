@@ -17,8 +17,11 @@ def _lookup(table: dict, name: str, key: str):
 
 def check_halt(halt: str, halts: tuple[str, ...] = ("state",), key: str = "depth.halt") -> str:
     """``halt`` is a criterion this model supports (``kl`` needs the readouts that only a
-    language model passes to its depth); a ConfigError naming ``key`` otherwise."""
-    if halt not in halts:
+    language model passes to its depth); a ConfigError naming ``key`` otherwise. A name that is
+    no criterion at all is left to the core's check, which lists the valid ones."""
+    from score_exp.core.spec import HALTS
+
+    if halt in HALTS and halt not in halts:
         raise ConfigError(
             f"{key}={halt} compares next-token distributions, which only a language model "
             f"passes to its depth; this model supports {key}={' or '.join(halts)}"
