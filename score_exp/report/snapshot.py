@@ -235,9 +235,18 @@ def _write(out: Path, paths: list[Path]) -> tuple[dict, object]:
     if not rec["runs"]:
         raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
     report = build_report(paths, out, recorded=rec)  # the same code path as the check
-    atomic_write_text(out / RECORD, json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    for svg in out.glob("*.svg"):  # report.md shows the PNGs: the vector copies stay out of git
+        svg.unlink()
+    atomic_write_text(out / RECORD, _record_text(rec))
     atomic_write_text(out / HEADLINE, headline(report))
     return rec, report
+
+
+def _record_text(rec: dict) -> str:
+    """runs.json, one compact run per line: small, and a new snapshot's diff names its runs."""
+    head = json.dumps({k: v for k, v in rec.items() if k != "runs"}, sort_keys=True)
+    runs = ",\n".join(json.dumps(r, sort_keys=True, separators=(",", ":")) for r in rec["runs"])
+    return f'{head[:-1]}, "runs": [\n{runs}\n]}}\n'
 
 
 def _clear(out: Path) -> None:
