@@ -129,7 +129,8 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
         figs += plots.metric_vs_wall_time(task, vs, out, slug)
         figs += plots.metric_vs_inference_nfe(task, vs, out, slug)
         figs += plots.connection_heatmaps(task, vs, out, slug)
-        figs += plots.diagnostics(task, vs, out, slug)
+        if recorded is None:  # read from the run folders' metrics.csv, which a record lacks
+            figs += plots.diagnostics(task, vs, out, slug)
         report.tables += tables
         report.figures += figs
         text = [f"## {task}", ""] + [t.markdown() for t in tables]
