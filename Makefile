@@ -88,10 +88,12 @@ endef
 reproduce-cpu: $(STAMP)  ## reduced paper sweeps + report on a CPU (JOBS parallel runs, 1 thread each)
 	$(call sweeps_cpu,$(REPRO_CPU),multirun/reproduce_cpu)
 
-# The claims on three MoleculeNet sets: MLP and GNN (score, stacked; + PyG's AttentiveFP as the
-# reference row) on ESOL, FreeSolv and Lipophilicity x 5 seeds; claims.md sums up across datasets.
+# The claims on three MoleculeNet sets x 5 seeds: MLP and GNN (score, stacked; + PyG's AttentiveFP
+# as the reference row), and on the MLP the integrator, dt x steps and depth grids; claims.md sums
+# every claim up across ESOL, FreeSolv and Lipophilicity.
 CLAIMS_DATASETS_CPU := claims_moleculenet_mlp_cpu claims_moleculenet_gnn_cpu \
-	claims_moleculenet_gnn_reference_cpu
+	claims_moleculenet_gnn_reference_cpu claims_moleculenet_integrators_mlp_cpu \
+	claims_moleculenet_dt_mlp_cpu claims_moleculenet_deep_mlp_cpu
 
 claims-datasets-cpu: $(STAMP)  ## the claims on ESOL, FreeSolv, Lipophilicity (MLP, GNN, AttentiveFP; CPU-sized) + report
 	$(call sweeps_cpu,$(CLAIMS_DATASETS_CPU),multirun/claims_datasets_cpu)

@@ -190,7 +190,9 @@ def test_the_cross_dataset_sweeps_run_and_report_the_reference_row(tmp_path):
 @pytest.mark.parametrize(
     "exp, model",
     [("claims_moleculenet_mlp_cpu", "mlp"), ("claims_moleculenet_gnn_cpu", "gnn"),
-     ("claims_moleculenet_gnn_reference_cpu", "gnn")],
+     ("claims_moleculenet_gnn_reference_cpu", "gnn"),
+     ("claims_moleculenet_integrators_mlp_cpu", "mlp"), ("claims_moleculenet_dt_mlp_cpu", "mlp"),
+     ("claims_moleculenet_deep_mlp_cpu", "mlp")],
 )  # fmt: skip
 def test_the_cross_dataset_grids_pair_three_datasets_over_five_seeds(compose, exp, model):
     from conftest import REPO
@@ -204,5 +206,39 @@ def test_the_cross_dataset_grids_pair_three_datasets_over_five_seeds(compose, ex
     assert exp in makefile.split("CLAIMS_DATASETS_CPU :=", 1)[1].split("claims-datasets-cpu:", 1)[0]
     if "reference" in exp:
         assert cfg.task.model._target_.endswith("AttentiveFPReference") and "depth" not in params
+    elif "integrators" in exp:
+        assert str(params["depth.integrator"]) == "euler,heun,rk4" and "depth" not in params
+    elif "_dt_" in exp:
+        assert str(params["depth.dt"]) == "0.25,0.5,1.0" and str(params["depth.steps"]) == "2,4,8"
+    elif "deep" in exp:
+        assert str(params.depth) == "score,stacked" and str(params["depth.steps"]) == "4,16"
     else:
         assert str(params.depth) == ("score,stacked" if model == "mlp" else "score025,stacked")
+
+
+@pytest.mark.slow
+def test_the_numerics_grids_give_each_claim_a_verdict_per_dataset_and_across(tmp_path):
+    """Integrators, dt and depth on two datasets (cut: 2 seeds, 1 epoch): claims.md has a row per
+    dataset for each of the three claims and a cross-dataset summary row for each."""
+    from conftest import QUIET, run_cli
+
+    cut = ["task=esol_mlp,freesolv_mlp", "seed=0,1", "task.model.hidden=16", "trainer.max_epochs=1"]
+    tiny = {
+        "claims_moleculenet_integrators_mlp_cpu": ["depth.integrator=euler,heun"],
+        "claims_moleculenet_dt_mlp_cpu": ["depth.dt=0.5,1.0", "depth.steps=2"],
+        "claims_moleculenet_deep_mlp_cpu": ["depth.steps=2,4"],
+    }
+    for experiment, overrides in tiny.items():
+        out = run_cli("-m", f"experiment={experiment}", f"hydra.sweep.dir={tmp_path / experiment}",
+                      *QUIET, *cut, *overrides)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list(tmp_path.glob("*/*/results.json"))) == 8 + 8 + 16
+    out = run_cli(str(tmp_path), "--out", str(tmp_path / "report"), module="score_exp.report")
+    assert out.returncode == 0, out.stderr[-3000:]
+    md = (tmp_path / "report" / "claims.md").read_text()
+    for claim, exp in [("Euler the best cost/quality trade-off", "integrators"),
+                       ("dt 0.5 often best", "dt"),
+                       ("shared contractive stable where stacking degrades", "deep")]:  # fmt: skip
+        for task in ("esol_mlp", "freesolv_mlp"):
+            assert f"| {claim} | claims_moleculenet_{exp}_mlp_cpu / {task} | 2 |" in md, (claim, task)
+        assert f"| {claim} | RecurrentMLP | 2 |" in md, claim
