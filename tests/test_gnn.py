@@ -96,6 +96,32 @@ def test_edge_network_conv_equals_pyg_nnconv():
     assert torch.allclose(conv(x, ei, ea), ref(x, ei, ea), atol=1e-5)
 
 
+@pytest.mark.parametrize("conv", CONVS)
+def test_every_conv_runs_on_molecules_without_bonds(conv):
+    """Single-atom molecules (ESOL has methane) have no edges: alone in a batch, or the last ones
+    left when halting removes the finished molecules, every conv still gives finite outputs
+    (score-eval of a halting GNN crashed in torch.cat on an empty list of messages)."""
+    torch.manual_seed(0)
+    spec = DepthSpec(share=True, steps=3, dt=0.25)
+    model = MolGNN(ATOM_FEATURES, BOND_FEATURES, spec, conv=conv, hidden=16).eval()
+    batch = Batch.from_data_list([Data(**mol_to_graph(s)) for s in ("C", "O", "N")])
+    assert batch.edge_index.size(1) == 0
+    with torch.no_grad():
+        pred = model(batch)
+    assert pred.shape == (3, 1) and torch.isfinite(pred).all()
+
+
+def test_edge_network_conv_without_edges_equals_pyg_nnconv():
+    from torch_geometric.nn import NNConv
+
+    torch.manual_seed(0)
+    conv = EdgeNetworkConv(16, 10)
+    ref = NNConv(16, 16, conv.edge_net, aggr="mean", root_weight=True, bias=True)
+    ref.lin.weight.data, ref.bias.data = conv.root.weight.data, conv.root.bias.data
+    x, ei, ea = torch.randn(5, 16), torch.empty(2, 0, dtype=torch.long), torch.empty(0, 10)
+    assert torch.allclose(conv(x, ei, ea), ref(x, ei, ea), atol=1e-6)
+
+
 def _batch(descriptors: int = 0) -> Batch:
     data = []
     for i, s in enumerate(SMILES):

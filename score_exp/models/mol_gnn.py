@@ -63,6 +63,8 @@ class EdgeNetworkConv(MessagePassing):
         )
 
     def message(self, x_j: Tensor, A: Tensor, order: Tensor, counts: list[int]) -> Tensor:
+        if not counts:  # no edge (single-atom molecules, e.g. the last ones left by halting)
+            return x_j.new_zeros(0, self.hidden)  # (0, hidden): mean aggregation gives zeros
         grouped = x_j[order].split(counts)  # K chunks of (E_k, hidden)
         msg = torch.cat([chunk @ A[k] for k, chunk in enumerate(grouped)])  # (E, hidden), sorted
         return torch.empty_like(msg).index_copy_(0, order, msg)  # back to edge order
