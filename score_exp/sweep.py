@@ -5,7 +5,8 @@ basic sweeper and Optuna alike): before a batch goes to it, every job's run fold
 against its configuration (:func:`score_exp.cluster.finished_run`, read only). A job whose folder
 already holds its finished run is not launched (no process, no Slurm allocation, the folder stays
 byte-identical) and counts as done with its recorded objective. The sweep ends with one summary
-line (:func:`report`): how many jobs were launched and skipped.
+line (:func:`report`): how many jobs were launched and skipped. :func:`objective` is what a job
+returns to the sweeper (a skipped one: from its recorded run).
 """
 
 from __future__ import annotations

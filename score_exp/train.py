@@ -163,12 +163,8 @@ def _fit_and_test(
         lg.log_hyperparams(flatten(resolved))  # rank 0 only (Lightning's loggers check)
     if resume:
         log.info("resuming from %s", resume)
-    trainer.fit(
-        task.module,
-        datamodule=task.datamodule,
-        ckpt_path=str(resume) if resume else None,
-        weights_only=True,
-    )
+    ckpt_path = str(resume) if resume else None
+    trainer.fit(task.module, datamodule=task.datamodule, ckpt_path=ckpt_path, weights_only=True)
     _record_training(record, trainer, task.model, callbacks, clock)
     _evaluate_best(record, trainer, task, folder)
     _record_depth(record, task.model, callbacks, spec)
