@@ -3,8 +3,8 @@
 The local safety nets of :mod:`score_exp.runs` must hold on a cluster too:
 
 - **Whose job is it** (:func:`submitter_here`): a sweep worker stops when its score-train parent
-  dies (:func:`score_exp.runs.sweeps.watch_parent`) only where that parent's PID means something: the
-  same host, PID namespace and Slurm allocation. A job that Slurm started (another allocation,
+  dies (:func:`score_exp.runs.sweeps.watch_parent`) only where that parent's PID means something:
+  the same host, PID namespace and Slurm allocation. A job that Slurm started (another allocation,
   maybe another node) belongs to the scheduler and outlives its submitter.
 - **All ranks decide together** (:func:`decide_together`): rank 0 claims the run folder (skip,
   refuse, resume, lock) once, and every rank acts on that one decision. Ranks that rank 0 starts
@@ -242,7 +242,7 @@ def decide_together(run_dir: Path, decide: Callable[[], dict]) -> dict:
     """Rank 0 runs ``decide()`` (claim the folder); every rank returns its one decision.
 
     ``decide`` returns ``{"action": "skip", "record": ...}`` or ``{"action": "run", "resume":
-    path or None}``; a :class:`~score_exp.RunDirError` it raises (another config, folder
+    path or None}``; a :class:`~score_exp.record.RunDirError` it raises (another config, folder
     in use) is raised on every rank with the same message. Ranks beside rank 0 (``srun``) get the
     decision over a TCP store before any process group exists; ranks that rank 0 starts later
     (local DDP) find it in ``$SCORE_EXP_RUN_DECISION``.

@@ -203,13 +203,8 @@ def read_run(result: dict, run_dir: Path) -> RunRecord | None:
     if not r.ok:
         result["status"] = "failed"
         result.setdefault("error", r.error or f"run status {r.status}")
-    result.update(
-        params=r.params,
-        nfe=r.nfe,
-        best_val=r.best_value,
-        test=r.test,
-        wall_time_s=r.wall_time_s,
-    )
+    result.update(params=r.params, nfe=r.nfe, best_val=r.best_value, test=r.test)
+    result["wall_time_s"] = r.wall_time_s
     return r
 
 
