@@ -160,10 +160,11 @@ def test_the_run_folder_names_its_files(tmp_path):
 
 
 def _set(cfg: dict, key: str, value) -> dict:
+    """``cfg`` with the dotted ``key`` set to ``value`` (its parents made where missing)."""
     node = cfg
     *parents, last = key.split(".")
     for p in parents:
-        node = node.setdefault(p, {}) if isinstance(node.get(p), dict) or p not in node else node[p]
+        node = node.setdefault(p, {})
     node[last] = value
     return cfg
 
