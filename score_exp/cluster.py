@@ -1,10 +1,10 @@
 """Jobs that a scheduler owns: Slurm sweeps, data-parallel ranks started by ``srun``, requeues.
 
-The local safety nets of :mod:`score_exp.rundir` must hold on a cluster too:
+The local safety nets of :mod:`score_exp.runs` must hold on a cluster too:
 
 - **Whose job is it** (:func:`submitter_here`): a sweep worker stops when its score-train parent
-  dies (:func:`score_exp.rundir.watch_parent`) only where that parent's PID means something: the
-  same host, PID namespace and Slurm allocation. A job that Slurm started (another allocation,
+  dies (:func:`score_exp.runs.sweeps.watch_parent`) only where that parent's PID means something:
+  the same host, PID namespace and Slurm allocation. A job that Slurm started (another allocation,
   maybe another node) belongs to the scheduler and outlives its submitter.
 - **All ranks decide together** (:func:`decide_together`): rank 0 claims the run folder (skip,
   refuse, resume, lock) once, and every rank acts on that one decision. Ranks that rank 0 starts
@@ -22,7 +22,9 @@ The local safety nets of :mod:`score_exp.rundir` must hold on a cluster too:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -34,9 +36,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from score_exp import rundir
 from score_exp.errors import ScoreExpError
-from score_exp.io import read_json
+from score_exp.record import RecordError, RunDirError, RunFolder, RunRecord
+from score_exp.runs import fingerprint as ident
+from score_exp.runs.checkpoints import load_checkpoint, resume_checkpoint
+
+log = logging.getLogger("score_exp.runs")
 
 # ----------------------------------------------------------------------------- whose job
 
@@ -114,36 +119,44 @@ if not OmegaConf.has_resolver("score_rank_log"):
 
 def finished_run(
     run_dir: Path, resolved: dict, *, overwrite: bool = False, skip_finished: bool = True
-) -> dict | None:
+) -> RunRecord | None:
     """The finished record a re-run into ``run_dir`` would skip on, or None. Reads only.
 
-    The same decision as :func:`score_exp.rundir.claim_run_dir` takes for a finished run (same
-    fingerprint, ``results.json`` with status ``ok``), taken before a job is launched so that a
-    finished job costs no allocation and its folder stays byte-identical.
+    The same decision as :func:`score_exp.runs.claim.claim_run_dir` takes for a finished run
+    (same fingerprint, ``results.json`` with status ``ok``), taken before a job is launched so
+    that a finished job costs no allocation and its folder stays byte-identical.
     """
-    run_dir = Path(run_dir)
-    if overwrite or not skip_finished or not (run_dir / rundir.RESULTS).is_file():
+    folder = RunFolder(run_dir)
+    if overwrite or not skip_finished or not folder.results.is_file():
         return None
     try:
-        old = rundir.stored_identity(run_dir)
-    except rundir.RunDirError:
+        old = ident.stored_identity(folder.path)
+    except RunDirError:
         return None  # the job itself reports it
     if old is None:
         return None
     try:
-        identity = rundir.comparable_identity(rundir.full_identity(resolved, run_dir), old)
+        identity = ident.comparable_identity(ident.full_identity(resolved, folder.path), old)
     except (OSError, ScoreExpError):
         return None  # an input file that cannot be read: the job itself reports it
-    if rundir.fingerprint(old) != rundir.fingerprint(identity):
+    if ident.fingerprint(old) != ident.fingerprint(identity):
         return None
-    try:
-        previous = read_json(run_dir / rundir.RESULTS)
-    except (OSError, ValueError):
-        return None
-    return previous if isinstance(previous, dict) and previous.get("status") == "ok" else None
+    return folder.finished_record()
 
 
 # ----------------------------------------------------------------------------- ranks decide together
+
+
+def is_rank_zero() -> bool:
+    """True in the process that writes files: global rank 0 (or the only process).
+
+    Lightning sets the rank when a Trainer is created; before that it is read from the
+    launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
 
 #: rank 0's decision, handed to the ranks it starts itself (Lightning's local DDP launcher).
 DECISION_ENV = "SCORE_EXP_RUN_DECISION"
@@ -192,7 +205,7 @@ def _store(rank: int, world: int, timeout: float):
             host, port, world, rank == 0, timedelta(seconds=timeout), wait_for_workers=False
         )
     except Exception as e:
-        raise rundir.RunDirError(
+        raise RunDirError(
             f"rank {rank} cannot reach rank 0's decision store at {host}:{port} within "
             f"{timeout:.0f}s ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             f"set {DECISION_PORT_ENV} to a free port"
@@ -213,11 +226,11 @@ def _exchange(decision: dict | None, rank: int, world: int) -> dict:
         got = json.loads(store.get(key))
         store.set(f"score_exp/read/{rank}", "1")
         return got
-    except rundir.RunDirError:
+    except RunDirError:
         raise
     except Exception as e:
         who = "the other ranks did not read rank 0's" if rank == 0 else "rank 0 published no"
-        raise rundir.RunDirError(
+        raise RunDirError(
             f"rank {rank}: {who} run-folder decision within {timeout:.0f}s "
             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
@@ -229,7 +242,7 @@ def decide_together(run_dir: Path, decide: Callable[[], dict]) -> dict:
     """Rank 0 runs ``decide()`` (claim the folder); every rank returns its one decision.
 
     ``decide`` returns ``{"action": "skip", "record": ...}`` or ``{"action": "run", "resume":
-    path or None}``; a :class:`~score_exp.rundir.RunDirError` it raises (another config, folder
+    path or None}``; a :class:`~score_exp.record.RunDirError` it raises (another config, folder
     in use) is raised on every rank with the same message. Ranks beside rank 0 (``srun``) get the
     decision over a TCP store before any process group exists; ranks that rank 0 starts later
     (local DDP) find it in ``$SCORE_EXP_RUN_DECISION``.
@@ -246,7 +259,7 @@ def decide_together(run_dir: Path, decide: Callable[[], dict]) -> dict:
         error: BaseException | None = None
         try:
             decision = decide()
-        except rundir.RunDirError as e:
+        except RunDirError as e:
             decision, error = {"action": "refuse", "error": str(e)}, e
         except BaseException as e:
             decision, error = {"action": "refuse", "error": f"rank 0 failed: {e}"}, e
@@ -264,9 +277,9 @@ def decide_together(run_dir: Path, decide: Callable[[], dict]) -> dict:
         except (KeyError, ValueError):
             decision = {"action": "run", "resume": None, "run_dir": here}
         if decision.get("run_dir", here) != here:
-            raise rundir.RunDirError(f"rank {rank}: rank 0 decided on another run folder")
+            raise RunDirError(f"rank {rank}: rank 0 decided on another run folder")
     if decision["action"] == "refuse":
-        raise rundir.RunDirError(decision["error"])
+        raise RunDirError(decision["error"])
     return decision
 
 
@@ -277,7 +290,7 @@ HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
 
 def _step(path: Path) -> int | None:
     try:
-        return int(rundir.load_checkpoint(path).get("global_step", -1))
+        return int(load_checkpoint(path).get("global_step", -1))
     except Exception:
         return None
 
@@ -288,7 +301,7 @@ def adopt_requeue_checkpoints(run_dir: Path) -> None:
     Lightning's SLURM auto-requeue handler saves ``<run>/hpc_ckpt_<n>.ckpt`` before requeueing.
     The newest readable one that is ahead of ``last.ckpt`` (by global step) becomes
     ``last.ckpt``; the others are removed (older states), an unreadable one is moved aside like
-    :func:`score_exp.rundir.resume_checkpoint` does. No orphan checkpoint is left.
+    :func:`score_exp.runs.checkpoints.resume_checkpoint` does. No orphan checkpoint is left.
     """
     run_dir = Path(run_dir)
     found = sorted(
@@ -297,7 +310,7 @@ def adopt_requeue_checkpoints(run_dir: Path) -> None:
     )
     if not found:
         return
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = RunFolder(run_dir).last_checkpoint
     best_step = _step(last) if last.is_file() else None
     best = None
     for path in reversed(found):
@@ -305,7 +318,7 @@ def adopt_requeue_checkpoints(run_dir: Path) -> None:
         if step is None:
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
             os.rename(path, aside)
-            rundir.log.warning("%s is unreadable; moved it to %s", path, aside.name)
+            log.warning("%s is unreadable; moved it to %s", path, aside.name)
             continue
         if best is None and (best_step is None or step > best_step):
             best = path
@@ -314,14 +327,14 @@ def adopt_requeue_checkpoints(run_dir: Path) -> None:
     if best is not None:
         last.parent.mkdir(parents=True, exist_ok=True)
         os.replace(best, last)
-        rundir.log.warning("resuming from the requeue checkpoint %s (now %s)", best.name, last)
+        log.warning("resuming from the requeue checkpoint %s (now %s)", best.name, last)
 
 
 def resume_point(run_dir: Path) -> Path | None:
     """The checkpoint a (re-)started run resumes from: requeue checkpoints adopted, then
-    :func:`score_exp.rundir.resume_checkpoint` (``last.ckpt`` or the newest readable one)."""
+    :func:`score_exp.runs.checkpoints.resume_checkpoint` (``last.ckpt`` or the newest readable one)."""
     adopt_requeue_checkpoints(run_dir)
-    return rundir.resume_checkpoint(run_dir)
+    return resume_checkpoint(run_dir)
 
 
 def slurm_job() -> dict | None:
@@ -342,19 +355,13 @@ def segments(run_dir: Path, resuming: bool) -> dict:
     ``results.json``, status ``interrupted`` or ``failed``); a fresh start begins a new one. A
     segment counts as a requeue when Slurm restarted the same job (its restart count went up).
     """
-    previous: dict = {}
-    if resuming and (Path(run_dir) / rundir.RESULTS).is_file():
-        try:
-            previous = read_json(Path(run_dir) / rundir.RESULTS)
-        except (OSError, ValueError):
-            previous = {}
-        if not isinstance(previous, dict):
-            previous = {}
-    walls = [
-        float(w) for w in previous.get("segments_wall_time_s", []) if isinstance(w, int | float)
-    ]
-    requeues = int(previous.get("requeues", 0) or 0)
-    job, before = slurm_job(), previous.get("slurm") or {}
+    previous = RunRecord()
+    if resuming:
+        with contextlib.suppress(RecordError):  # unreadable: a fresh record
+            previous = RunFolder(run_dir).read_record() or previous
+    walls = [float(w) for w in previous.segments_wall_time_s or [] if isinstance(w, int | float)]
+    requeues = int(previous.requeues or 0)
+    job, before = slurm_job(), previous.slurm or {}
     if (
         job is not None
         and isinstance(before, dict)

@@ -27,13 +27,13 @@ from score_exp.cli import require
 from score_exp.core.spec import HALTS
 from score_exp.errors import ConfigError, user_error
 from score_exp.io import atomic_write_text
+from score_exp.record import RunFolder
 from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
-from score_exp.rundir import in_training
 from score_exp.runs.files import read_text, refuse_links
+from score_exp.runs.lock import in_training
 
 log = logging.getLogger("score_exp.eval")
 
-EVAL_CSV = "eval.csv"
 # Columns printed by the table (eval.csv keeps every metric of the split).
 SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
          "solver_converged", "solver_max_residual", "seconds")  # fmt: skip
@@ -134,7 +134,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         **merged,
     }
-    append_row(run_dir / EVAL_CSV, row)
+    append_row(RunFolder(run_dir).eval_csv, row)
     return row
 
 
@@ -218,7 +218,7 @@ def _main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     run_cfg = run_config(Path(cfg.run_dir).expanduser())
     metric = f"{cfg.split}/{run_cfg.task.get('headline', 'rmse')}"
-    print(format_table(Path(cfg.run_dir).expanduser() / EVAL_CSV, metric), flush=True)
+    print(format_table(RunFolder(Path(cfg.run_dir).expanduser()).eval_csv, metric), flush=True)
     value = row.get(metric)
     return value if value is None or math.isfinite(value) else None
 

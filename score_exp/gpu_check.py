@@ -40,6 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from score_exp.record import RunFolder, RunRecord
+
 REPO = Path(__file__).resolve().parents[1]
 RECOMPILING = re.compile(r"Recompiling function")
 # nanoGPT's README: the GPU preset reaches val 1.4697 in about 3 minutes on one A100.
@@ -170,7 +172,7 @@ def _text(x) -> str:
 
 def _tokens_per_s(run_dir: Path) -> float | None:
     """Median of the logged ``train/tokens_per_s`` after the first interval (compilation)."""
-    path = run_dir / "metrics.csv"
+    path = RunFolder(run_dir).metrics
     if not path.exists():
         return None
     with open(path) as f:
@@ -190,24 +192,19 @@ def _flops_per_token(run_dir: Path) -> dict:
     return gpt_flops_per_token(model, cfg.task.data.block_size)
 
 
-def read_run(result: dict, run_dir: Path) -> dict | None:
+def read_run(result: dict, run_dir: Path) -> RunRecord | None:
     """Add a run's status, params, nfe, best val, test metrics and wall time to ``result``;
-    return its ``results.json`` (None when it wrote none)."""
-    path = run_dir / "results.json"
-    if not path.exists():
+    return its record (None when it wrote none)."""
+    folder = RunFolder(run_dir)
+    if not folder.results.exists():
         return None
-    r = json.loads(path.read_text())
-    result["run_status"] = r.get("status")
-    if r.get("status") != "ok":
+    r = RunRecord.load(folder)
+    result["run_status"] = r.status
+    if not r.ok:
         result["status"] = "failed"
-        result.setdefault("error", r.get("error", f"run status {r.get('status')}"))
-    result.update(
-        params=r.get("params"),
-        nfe=r.get("nfe"),
-        best_val=(r.get("best_val") or {}).get("value"),
-        test=r.get("test"),
-        wall_time_s=r.get("wall_time_s"),
-    )
+        result.setdefault("error", r.error or f"run status {r.status}")
+    result.update(params=r.params, nfe=r.nfe, best_val=r.best_value, test=r.test)
+    result["wall_time_s"] = r.wall_time_s
     return r
 
 

@@ -31,18 +31,16 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp import rundir
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError, DataError
+from score_exp.record import CONFIG as RUN_CONFIG
+from score_exp.runs.checkpoints import find_checkpoint, load_checkpoint
+from score_exp.runs.safe_load import load_run_config
 
 log = logging.getLogger("score_exp.run")
 
 #: The Hydra config tree (``configs/`` of the checkout). Defined here only.
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-#: A run folder's record, written once by ``score-train`` (the contract with everything that reads runs).
-RESULTS = "results.json"
-#: A run folder's resolved config (what the run trained; what ``load_run`` rebuilds).
-RUN_CONFIG = "config.yaml"
 
 
 # ----------------------------------------------------------------------------- the task contract
@@ -400,26 +398,6 @@ def trainable_params(model) -> int:
 # ----------------------------------------------------------------------------- run folders
 
 
-def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
-    """``checkpoint`` (relative to ``run_dir``), else results.json's best, else ``last.ckpt``.
-
-    See :func:`score_exp.rundir.find_checkpoint`.
-
-    Raises:
-        ConfigError: the folder or the checkpoint does not exist.
-    """
-    return rundir.find_checkpoint(Path(run_dir), checkpoint)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint as data: ``weights_only=True`` (a run folder is data, never code).
-
-    The one place a checkpoint is read (``score-train``'s best-epoch record included); an
-    unreadable or crafted file is a one-line :class:`ConfigError` (:mod:`score_exp.rundir`).
-    """
-    return rundir.load_checkpoint(Path(path))
-
-
 def run_config(run_dir: Path) -> DictConfig:
     """The config of a run folder, rebuilt: the project's task config with the folder's values.
 
@@ -427,7 +405,7 @@ def run_config(run_dir: Path) -> DictConfig:
     no interpolation), so that building it runs nothing but the project's (and the explicitly
     trusted) classes (:func:`score_exp.runs.safe_load.load_run_config`).
     """
-    return rundir.load_run_config(Path(run_dir))
+    return load_run_config(Path(run_dir))
 
 
 def load_run(

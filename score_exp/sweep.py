@@ -5,16 +5,22 @@ basic sweeper and Optuna alike): before a batch goes to it, every job's run fold
 against its configuration (:func:`score_exp.cluster.finished_run`, read only). A job whose folder
 already holds its finished run is not launched (no process, no Slurm allocation, the folder stays
 byte-identical) and counts as done with its recorded objective. The sweep ends with one summary
-line (:func:`report`): how many jobs were launched and skipped.
+line (:func:`report`): how many jobs were launched and skipped. :func:`objective` is what a job
+returns to the sweeper (a skipped one: from its recorded run).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from score_exp.errors import ConfigError
+from score_exp.record import RunRecord, coerce
 
 log = logging.getLogger("score_exp.sweep")
 
@@ -74,7 +80,6 @@ def _finished(overrides: list[str], hydra_context, config):
     from omegaconf import OmegaConf, open_dict, read_write
 
     from score_exp.cluster import finished_run
-    from score_exp.train import objective
 
     old = HydraConfig.instance().cfg
     try:
@@ -106,6 +111,27 @@ def _finished(overrides: list[str], hydra_context, config):
     finally:
         if old is not None:
             HydraConfig.instance().set_config(old)
+
+
+OBJECTIVES = ("best_val",)
+
+
+def objective(cfg: Any, record: RunRecord | dict) -> float:
+    """What a sweeper optimises: the best val metric; the worst value for a run without one.
+
+    A diverged or failed run returns ``inf`` (``-inf`` when the monitor is maximised), so a
+    study records it as its worst trial and goes on. ``record``: a :class:`RunRecord` or a
+    ``results.json`` mapping.
+    """
+    name = cfg.get("objective", "best_val")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective={name!r}: valid objectives: {', '.join(OBJECTIVES)}")
+    worst = -math.inf if cfg.task.get("monitor_mode", "min") == "max" else math.inf
+    record = coerce(record)
+    value = record.best_value
+    if not record.ok or value is None or not math.isfinite(value):
+        return worst
+    return float(value)
 
 
 def report(prog: str) -> None:

@@ -27,11 +27,11 @@ def test_only_a_job_in_the_submitters_place_watches_it(monkeypatch):
 def test_a_slurm_job_never_starts_the_parent_watchdog():
     # The submitter's PID does not exist where the job runs: the watchdog would stop the job.
     code = (
-        "import os; from score_exp import rundir, cluster;"
-        "os.environ[rundir.PARENT_ENV] = '999999999';"
+        "import os; from score_exp import cluster; from score_exp.runs import sweeps;"
+        "os.environ[sweeps.PARENT_ENV] = '999999999';"
         "os.environ[cluster.PARENT_WHERE_ENV] = 'login-node|pid:[1]|';"
         "os.environ['SLURM_JOB_ID'] = '5';"
-        "rundir.watch_parent(); print(rundir._watching)"
+        "sweeps.watch_parent(); print(sweeps._watching)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120

@@ -300,7 +300,7 @@ def test_rerun_of_a_finished_ddp_job_exits_at_once_on_every_rank(slurm_ddp):
 
 
 def test_a_refused_ddp_job_fails_on_every_rank_with_the_same_line(slurm_ddp):
-    from score_exp.rundir import RunLock
+    from score_exp.runs.lock import RunLock
 
     run_dir, _ = slurm_ddp
     before = folder_bytes(run_dir)

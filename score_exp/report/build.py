@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from score_exp.io import atomic_write_text
+from score_exp.record import HYDRA, MOVED_ASIDE, RunFolder
 from score_exp.report import plots
 from score_exp.report.claims import (
     across_datasets,
@@ -51,11 +52,11 @@ def missing_runs(paths: list[Path]) -> list[Path]:
     """Hydra job folders (``.hydra/`` present) that hold no ``results.json``: crashed or never ran."""
     out = []
     for root in paths:
-        for hydra_dir in sorted(Path(root).rglob(".hydra")):
+        for hydra_dir in sorted(Path(root).rglob(HYDRA)):
             folder = hydra_dir.parent
-            if ".overwritten" in folder.relative_to(root).parts:  # rundir.MOVED_ASIDE
+            if MOVED_ASIDE in folder.relative_to(root).parts:  # set aside by overwrite=true
                 continue
-            if not (folder / "results.json").exists():
+            if not RunFolder(folder).results.exists():
                 out.append(folder)
     return out
 

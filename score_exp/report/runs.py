@@ -1,6 +1,8 @@
 """Reading run folders: ``results.json`` + ``config.yaml`` + ``metrics.csv`` -> :class:`Run`.
 
-The report reads run folders only (never task internals): ``results.json`` is the contract.
+The report reads run folders only (never task internals): ``results.json`` is the contract,
+read through :class:`~score_exp.record.RunRecord`; files are named by
+:class:`~score_exp.record.RunFolder`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,24 @@ from typing import Any
 import yaml
 
 from score_exp.io import flatten
+from score_exp.record import (
+    CONFIG,
+    METRICS,
+    MOVED_ASIDE,
+    RESULTS,
+    RecordError,
+    RunFolder,
+    RunRecord,
+)
 from score_exp.runs.files import UnsafeRunFile, read_bytes, yaml_loader
+from score_exp.runs.fingerprint import non_identity
 
-# Config keys that identify a run but not a variant (seeds, paths, bookkeeping).
-NOT_A_VARIANT = ("seed", "task.data.split_seed", "task.data.seed", "run_dir", "experiment_name", "skip_finished",
-                 "fail_on_diverge", "trainer.enable_progress_bar", "trainer.default_root_dir")  # fmt: skip
-NOT_A_VARIANT_PREFIX = ("logger.", "callbacks.", "hydra.")
+# Config keys that make a run but not a variant: the seeds a comparison pairs over, and the run's
+# own folder. Keys that make no run at all (runs.fingerprint.NON_IDENTITY) are not variants either.
+NOT_A_VARIANT = ("seed", "task.data.split_seed", "task.data.seed", "run_dir")
+# Sub-keys that repeat a run's settings (callbacks read task.monitor, task.early_stopping_...;
+# hydra's are its launch): a variant is named by the setting itself.
+NOT_A_VARIANT_PREFIX = ("callbacks.", "hydra.")
 
 
 @dataclass
@@ -32,6 +46,11 @@ class Run:
     results: dict
     config: dict = field(default_factory=dict)  # flattened resolved config
     curve: list[dict] = field(default_factory=list)  # val rows: {"step", "epoch", "value"}
+
+    @property
+    def record(self) -> RunRecord:
+        """``results`` as a :class:`~score_exp.record.RunRecord`."""
+        return RunRecord.from_dict(self.results)
 
     @property
     def task(self) -> str:
@@ -116,10 +135,6 @@ class UnreadableRun(Exception):
     """A run folder whose files cannot be read; the message names the file and the cause."""
 
 
-# Fields of results.json that the report indexes into: each must be a mapping when present.
-_MAPPING_FIELDS = ("depth", "best_val", "val", "test")
-
-
 def _read(path: Path, parse) -> Any:
     """``parse(text)`` of a run folder's file: bounded, never through a link (runs.files)."""
     try:
@@ -135,33 +150,6 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=yaml_loader())  # noqa: S506 (safe, alias-limited)
 
 
-_INT, _NUMBER, _TEXT, _FLAG = (int,), (int, float), (str,), (bool,)
-# Scalars of results.json that the report sorts, pairs or prints, with their types (None, or
-# absent, is allowed; a bool is no number).
-_SCALARS = {
-    "status": _TEXT, "task": _TEXT, "seed": _INT, "params": _INT, "nfe": _NUMBER,
-    "depth_preset": _TEXT, "experiment": _TEXT, "wall_time_s": _NUMBER,
-    "depth.share": _FLAG, "depth.steps": _INT, "depth.dt": _NUMBER, "depth.update": _TEXT,
-    "depth.integrator": _TEXT, "best_val.value": _NUMBER, "best_val.metric": _TEXT,
-    "best_val.epoch": _INT, "best_val.step": _INT,
-}  # fmt: skip
-
-
-def _check_scalars(results: dict) -> None:
-    """Each of :data:`_SCALARS` present in ``results`` has its type (UnreadableRun otherwise)."""
-    for key, types in _SCALARS.items():
-        head, _, tail = key.partition(".")
-        v = results.get(head) if not tail else results.get(head, {}).get(tail)
-        bad = isinstance(v, bool) and types is not _FLAG
-        if (v is not None or (key == "status" and key in results)) and (
-            bad or not isinstance(v, types)
-        ):
-            what = {_INT: "an integer", _NUMBER: "a number", _TEXT: "a string"}.get(
-                types, "true or false"
-            )
-            raise UnreadableRun(f"results.json: {key} is {v!r}, not {what}")
-
-
 def load_run(folder: Path) -> Run:
     """Read one run folder.
 
@@ -169,33 +157,27 @@ def load_run(folder: Path) -> Run:
         UnreadableRun: ``results.json`` is not a JSON object of the expected shape, or
             ``config.yaml`` / ``metrics.csv`` cannot be parsed (the message says which file).
     """
-    results = _read(folder / "results.json", json.loads)
-    if not isinstance(results, dict):
-        raise UnreadableRun(f"results.json: a JSON {type(results).__name__}, not an object")
-    for key in _MAPPING_FIELDS:
-        if key in results and not isinstance(results[key], dict):
-            raise UnreadableRun(f"results.json: {key!r} is a {type(results[key]).__name__}, not an object")  # fmt: skip
-    for key in ("val", "test"):
-        for name, v in results.get(key, {}).items():
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise UnreadableRun(f"results.json: {key}.{name} is {v!r}, not a number")
-    _check_scalars(results)
-    config: dict = {}
-    if (folder / "config.yaml").exists():
-        raw = _read(folder / "config.yaml", _yaml) or {}
-        if not isinstance(raw, dict):
-            raise UnreadableRun(f"config.yaml: a YAML {type(raw).__name__}, not a mapping")
-        config = flatten(raw)
-    metric = results.get("best_val", {}).get("metric") or config.get("task.monitor", "val/loss")
+    files = RunFolder(folder)
     try:
-        curve = read_curve(folder / "metrics.csv", metric)
+        record = RunRecord.load(files.results)
+    except RecordError as e:
+        raise UnreadableRun(f"{RESULTS}: {e.reason}") from None
+    config: dict = {}
+    if files.config.exists():
+        raw = _read(files.config, _yaml) or {}
+        if not isinstance(raw, dict):
+            raise UnreadableRun(f"{CONFIG}: a YAML {type(raw).__name__}, not a mapping")
+        config = flatten(raw)
+    metric = (record.best_val or {}).get("metric") or config.get("task.monitor", "val/loss")
+    try:
+        curve = read_curve(files.metrics, metric)
     except UnsafeRunFile as e:
         raise UnreadableRun(
-            f"metrics.csv: {str(e).replace(str(folder / 'metrics.csv'), 'the file')}"
+            f"{METRICS}: {str(e).replace(str(files.metrics), 'the file')}"
         ) from None
     except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as e:
-        raise UnreadableRun(f"metrics.csv: {type(e).__name__}: {e}") from None
-    return Run(folder, results, config, curve)
+        raise UnreadableRun(f"{METRICS}: {type(e).__name__}: {e}") from None
+    return Run(folder, record.to_dict(), config, curve)
 
 
 def scan_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -206,8 +188,8 @@ def scan_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
     """
     runs, unreadable = [], []
     for root in paths:
-        for res in sorted(Path(root).rglob("results.json")):
-            if ".overwritten" in res.relative_to(root).parts:  # rundir.MOVED_ASIDE: set aside
+        for res in sorted(Path(root).rglob(RESULTS)):
+            if MOVED_ASIDE in res.relative_to(root).parts:  # set aside by overwrite=true
                 continue
             try:
                 runs.append(load_run(res.parent))
@@ -222,13 +204,13 @@ def find_runs(paths: list[Path]) -> list[Run]:
 
 
 def varied_keys(runs: list[Run]) -> list[str]:
-    """Config keys whose value differs between runs (seeds and bookkeeping excluded)."""
+    """Config keys whose value differs between runs (seeds and non-identity keys excluded)."""
     keys: set[str] = set()
     for r in runs:
         keys |= set(r.config)
     out = []
     for k in sorted(keys):
-        if k in NOT_A_VARIANT or k.startswith(NOT_A_VARIANT_PREFIX):
+        if k in NOT_A_VARIANT or k.startswith(NOT_A_VARIANT_PREFIX) or non_identity(k):
             continue
         values = {json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}
         if len(values) > 1:

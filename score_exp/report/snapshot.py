@@ -35,6 +35,7 @@ from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
 from score_exp.io import atomic_write_text
+from score_exp.record import RecordError, RunRecord
 from score_exp.report.runs import Run, scan_runs, varied_keys
 
 RECORD = "runs.json"
@@ -88,13 +89,20 @@ def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, st
         DataError: not the shape :func:`record` writes (one line).
     """
     try:
-        runs = [Run(Path(r["path"]), dict(r["results"]), dict(r["config"]), list(r["curve"]))
+        runs = [Run(Path(r["path"]), _record(r).to_dict(), dict(r["config"]), list(r["curve"]))
                 for r in rec["runs"]]  # fmt: skip
         missing = [Path(m) for m in rec["missing"]]
         unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]
+    except RecordError as e:
+        raise DataError(f"not a recorded {RECORD} (a run's {e.reason})") from None
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"not a recorded {RECORD} ({type(e).__name__}: {e})") from None
     return runs, missing, unreadable
+
+
+def _record(run: dict) -> RunRecord:
+    """A recorded run's ``results`` (a ``results.json`` as it was read)."""
+    return RunRecord.from_dict(run["results"], f"{run['path']}/results")
 
 
 # --------------------------------------------------------------------------- headline
@@ -194,7 +202,7 @@ def machine() -> str:
 
 
 def _wall(rec: dict) -> str:
-    times = [t for r in rec["runs"] if isinstance(t := r["results"].get("wall_time_s"), (int, float))]  # fmt: skip
+    times = [t for r in rec["runs"] if isinstance(t := _record(r).wall_time_s, (int, float))]
     if not times:
         return "unknown"
     return (f"{sum(times) / 60:.1f} min of training summed over {len(times)} runs "
@@ -208,7 +216,7 @@ def provenance(rec: dict, command: str, wall: str | None) -> str:
         if _git("status", "--porcelain", "--untracked-files=no")
         else ""
     )
-    commits = sorted({str(r["results"].get("git") or "unknown") for r in rec["runs"]})
+    commits = sorted({str(_record(r).git or "unknown") for r in rec["runs"]})
     return "\n".join([
         "# Provenance of this snapshot", "",
         f"- command: `{command}`",

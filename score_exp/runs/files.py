@@ -22,15 +22,16 @@ from typing import Any, BinaryIO
 import yaml
 
 from score_exp.errors import ConfigError
+from score_exp.record import CHECKPOINTS, CONFIG, EVAL, FINGERPRINT, HYDRA, METRICS, RESULTS
 
 MiB = 1 << 20
 #: Size limits of the files a reader takes from a run folder (bytes; others: :data:`MAX_BYTES`).
 LIMITS = {
-    "config.yaml": 4 * MiB,
-    "fingerprint.json": 16 * MiB,
-    "results.json": 16 * MiB,
-    "metrics.csv": 512 * MiB,
-    "eval.csv": 64 * MiB,
+    CONFIG: 4 * MiB,
+    FINGERPRINT: 16 * MiB,
+    RESULTS: 16 * MiB,
+    METRICS: 512 * MiB,
+    EVAL: 64 * MiB,
 }
 #: Size limit of a checkpoint (a GPT-2-sized run with its optimiser state is about 1.5 GB).
 CHECKPOINT_LIMIT = 64 << 30
@@ -38,7 +39,7 @@ MAX_BYTES = 64 * MiB
 #: Nodes a YAML document may hold once its aliases are expanded (score-train writes none).
 MAX_YAML_NODES = 100_000
 #: Where a run writes besides its top level: a symbolic link there is refused.
-WRITTEN_SUBDIRS = ("checkpoints", ".hydra")
+WRITTEN_SUBDIRS = (CHECKPOINTS, HYDRA)
 
 
 class UnsafeRunFile(ConfigError):

@@ -1,5 +1,14 @@
-"""A run's result is bound to its data: the content hash of every input file goes into its
-fingerprint (:func:`input_hashes`), so edited data is another configuration.
+"""A run folder's identity: its resolved config minus the keys that make no run, plus the
+content hash of every input file (edited data is another configuration).
+
+A folder is bound to the sha256 of its identity (:func:`fingerprint`, ``fingerprint.json``).
+Re-running with the same fingerprint skips a finished run or resumes an unfinished one; another
+fingerprint is refused with one line naming the keys that differ (:func:`differences`).
+
+:data:`NON_IDENTITY` is the one list of config keys that do not make a run. The fingerprint
+leaves them out (:func:`run_identity`), a sweep's job folders are not named by them
+(:func:`dirname_exclude_keys`, Hydra's ``exclude_keys`` in ``configs/train.yaml``), and the
+report does not group variants by them (:func:`score_exp.report.runs.varied_keys`).
 
 The files a task reads are named by its data config: ``task.data.path`` (and any
 ``task.data.*_path``), hashed by content (sha256), or, when ``path`` is null, the registered
@@ -9,8 +18,154 @@ sha256 the registry pins (:mod:`score_exp.data.registry` checks every copy again
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
+
+from score_exp.errors import ScoreExpError
+from score_exp.io import flatten
+from score_exp.record import CONFIG, FINGERPRINT, RunDirError, RunFolder
+
+#: Config keys that do not change a run's numbers (a key covers its sub-keys): where it is
+#: logged or shown, what a re-run does with a finished folder, the output paths, loader workers
+#: (the data streams do not depend on them) and how often last.ckpt is written. Device,
+#: precision, deterministic, the budget, early stopping and the monitored metric DO change
+#: results. Changing this list changes every run's fingerprint: old folders would be refused.
+NON_IDENTITY = (
+    "logger",
+    "experiment_name",
+    "skip_finished",
+    "fail_on_diverge",
+    "overwrite",
+    "objective",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.default_root_dir",
+    "task.data.num_workers",
+    "task.data.pin_memory",
+    "callbacks.model_checkpoint.dirpath",
+    "callbacks.model_checkpoint.save_last",
+    "callbacks.last_checkpoint",
+)
+#: Overrides that choose how a sweep is launched or grouped, not a config key of the run: also
+#: left out of a job's folder name (the experiment names the sweep folder; the trainer group is
+#: the device, whose change a run's fingerprint refuses in the same folder).
+LAUNCH_OVERRIDES = ("experiment", "trainer", "hydra.launcher", "hydra.sweep.dir", "hydra/launcher")
+LEGACY = "<from config.yaml>"  # marks an identity read from a folder made before fingerprints
+
+
+def non_identity(key: str) -> bool:
+    """True for a flat config key that :data:`NON_IDENTITY` covers (itself or a parent)."""
+    return any(key == c or key.startswith(c + ".") for c in NON_IDENTITY)
+
+
+def dirname_exclude_keys() -> list[str]:
+    """Hydra's ``override_dirname.exclude_keys`` of ``configs/train.yaml``: the overrides that
+    do not name a sweep job's folder (a test checks that the YAML holds exactly these)."""
+    return [*LAUNCH_OVERRIDES, *NON_IDENTITY]
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def run_identity(resolved: dict, run_dir: Path) -> dict[str, Any]:
+    """The flat ``{dotted key: value}`` that a run folder is bound to.
+
+    ``resolved`` is the resolved config; :data:`NON_IDENTITY` keys are dropped and the run
+    folder's own path is replaced by ``<run_dir>`` so that a moved or copied folder keeps its
+    identity.
+    """
+    here = str(Path(run_dir).resolve())
+    out = {}
+    for key, value in flatten(resolved).items():
+        if non_identity(key):
+            continue
+        if isinstance(value, str) and here in value:
+            value = value.replace(here, "<run_dir>")
+        out[key] = value
+    return out
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """sha256 of the identity (sorted JSON)."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    """``key: old -> new`` for every key that differs (at most ``limit``, then a count)."""
+    missing = "<absent>"
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+    # changed values first, then added/removed
+    keys.sort(key=lambda k: k not in old or k not in new)
+    parts = [f"{k}: {_show(old.get(k, missing))} -> {_show(new.get(k, missing))}" for k in keys]
+    if len(parts) > limit:
+        parts = parts[:limit] + [f"... {len(parts) - limit} more"]
+    return "; ".join(parts)
+
+
+def _show(value: Any) -> str:
+    return value if value == "<absent>" else json.dumps(value, default=str)
+
+
+def stored_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The identity a folder is bound to: ``fingerprint.json``, else its ``config.yaml``.
+
+    A folder written before fingerprints existed has only ``config.yaml`` (the resolved config);
+    its identity is computed from it (marked :data:`LEGACY`), so an unchanged config adopts the
+    folder. Keys added to the configs since then are not in it and are not compared.
+
+    Raises:
+        RunDirError: the folder holds a run (checkpoints or results) but neither file.
+    """
+    from score_exp.runs.files import load_yaml, read_json
+
+    folder = RunFolder(run_dir)
+    if folder.fingerprint.is_file():
+        try:
+            return dict(read_json(folder.fingerprint)["identity"])
+        except (OSError, ValueError, KeyError, TypeError, ScoreExpError) as e:
+            raise RunDirError(
+                f"{folder.fingerprint} is unreadable ({e}); pass overwrite=true to start afresh"
+            ) from None
+    if folder.config.is_file():
+        try:
+            resolved = load_yaml(folder.config)  # bounded, alias-limited, nothing resolved
+        except ScoreExpError as e:  # one line, not a traceback
+            raise RunDirError(f"{e}; pass overwrite=true to start afresh") from None
+        if not isinstance(resolved, dict):
+            raise RunDirError(
+                f"{folder.config} is not a mapping; pass overwrite=true to start afresh"
+            )
+        return {**run_identity(resolved, run_dir), LEGACY: True}
+    if folder.results.exists() or folder.checkpoints.exists():
+        raise RunDirError(
+            f"{run_dir} holds a run with no {CONFIG} or {FINGERPRINT}: its configuration is "
+            "unknown; pass overwrite=true to move it aside and start afresh"
+        )
+    return None
+
+
+def full_identity(resolved: dict, run_dir: Path) -> dict[str, Any]:
+    """What a run folder is bound to: the config's identity and the hashes of its input files."""
+    return {**run_identity(resolved, run_dir), **input_hashes(resolved)}
+
+
+def comparable_identity(identity: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` as the folder's stored ``old`` one was made, so the two compare.
+
+    A folder made before fingerprints (``old`` marked :data:`LEGACY`, a mark this removes) knows
+    only its own keys; one made before input files were hashed has no hashes.
+    """
+    if old.pop(LEGACY, False):
+        identity = {k: v for k, v in identity.items() if k in old}  # keys added since
+    if not has_inputs(old):  # made before data was fingerprinted
+        identity = without_inputs(identity)
+    return identity
+
+
+# ----------------------------------------------------------------------------- input files
 
 #: Prefix of the fingerprint's input keys: ``input:task.data.path`` -> ``sha256:<hex>``.
 INPUT = "input:"

@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from score_exp.errors import ConfigError, check_seed
+from score_exp.record import CONFIG, RunFolder
 from score_exp.runs.files import load_yaml
 
 #: The environment variable naming your own task's classes (exact dotted names, comma-separated).
@@ -136,11 +137,11 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
         ConfigError: no ``config.yaml``, or one line naming the key that is code, an
             interpolation, unknown to the project's config, or of the wrong kind.
     """
-    path = Path(run_dir) / "config.yaml"
+    path = RunFolder(run_dir).config
     try:
         raw = load_yaml(path)
     except FileNotFoundError:
-        raise ConfigError(f"{run_dir} is not a score-train run folder (no config.yaml)") from None
+        raise ConfigError(f"{run_dir} is not a score-train run folder (no {CONFIG})") from None
     if not isinstance(raw, dict):
         raise UnsafeRunConfig(f"{path} is not a score-train config (a mapping)")
     where = str(path)
