@@ -186,40 +186,35 @@ def _fit_and_test(
 
     from score_exp.tasks.callbacks import (
         AtomicCheckpointIO,
-        DepthDiagnostics,
-        DepthGrowth,
         DivergenceDetector,
         FixedPointSolves,
-        RandomDepth,
-        RNGStateCheckpoint,
         RunTimer,
         find_depth,
     )
-    from score_exp.tasks.relocation import RelativeBestCheckpoint
 
     # Lightning adds its own stderr handler on import; Hydra's handlers (stderr + run log) suffice.
     logging.getLogger("lightning").handlers.clear()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-    timer = RunTimer()
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    divergence = next((c for c in callbacks if isinstance(c, DivergenceDetector)), None)
-    if divergence is None:  # callbacks.divergence=null: non-finite training losses only
-        divergence = DivergenceDetector()
-        callbacks.append(divergence)
-    callbacks += [timer, RNGStateCheckpoint()]
-    # A moved or copied run folder resumes with its best checkpoint (found relative to it).
-    callbacks.append(RelativeBestCheckpoint())
-    # One no-grad pass of the depth on one validation batch per epoch (cheap; a model without a
-    # RecurrentDepth is left alone).
-    callbacks.append(DepthDiagnostics())
-    if spec.growth is not None:
-        callbacks.append(DepthGrowth())
-    if spec.train_steps != "fixed":
-        callbacks.append(RandomDepth(seed=cfg.seed))
-    solves = FixedPointSolves() if spec.solver == "fixed_point" else None
-    if solves is not None:  # depth/solver_* in training, results.json's "solver"
-        callbacks.append(solves)
+    # Every callback comes from configs/callbacks/, in its order; each is a no-op for a run
+    # without its feature. Two carry what results.json records (the status, the timings), so a
+    # run always has them: nulled (callbacks.divergence=null), each is replaced in its place by
+    # its default (the divergence detector's: non-finite training losses only); removed, it
+    # is added at the end.
+    required = {"divergence": DivergenceDetector, "timer": RunTimer}
+    callbacks = [
+        instantiate(c) if c is not None else required[name]()
+        for name, c in (cfg.get("callbacks") or {}).items()
+        if c is not None or name in required
+    ]
+
+    def found(cls):
+        return next((c for c in callbacks if isinstance(c, cls)), None)
+
+    callbacks += [cls() for cls in required.values() if found(cls) is None]
+    divergence, timer = found(DivergenceDetector), found(RunTimer)
+    # depth/solver_* in training, results.json's "solver"
+    solves = found(FixedPointSolves) if spec.solver == "fixed_point" else None
     # A resumed run (a requeue) continues its W&B run (same id), not a new one.
     wandb_id = cluster.wandb_run_id(run_dir) if resume else None
     loggers = [

@@ -27,7 +27,8 @@ class DepthGrowth(L.Callback):
     doubles its blocks (:meth:`RecurrentDepth.refine`) and the optimisers are re-created so
     that they see the new parameters (their moments restart; their schedulers are replayed to
     the current step; single-device strategies only). On resume the depth's stage comes back
-    with the checkpoint, so nothing is applied twice.
+    with the checkpoint, so nothing is applied twice. Registered for every run: a no-op for a
+    model whose depth does not grow (or that has no depth).
 
     Args:
         unit: what ``at`` counts: ``epoch`` (checked at each epoch start), ``step``
@@ -41,6 +42,11 @@ class DepthGrowth(L.Callback):
         if unit not in self.UNITS:
             raise ValueError(f"unknown unit {unit!r}; valid units: {', '.join(self.UNITS)}")
         self.unit = unit
+        self.active = False  # set in setup: registered for every run, a no-op unless it grows
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        depth = find_depth(pl_module)
+        self.active = depth is not None and depth.spec.growth is not None
 
     def _unit(self, trainer) -> str:
         if self.unit != "auto":
@@ -48,11 +54,11 @@ class DepthGrowth(L.Callback):
         return "step" if trainer.max_epochs in (None, -1) else "epoch"
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self._unit(trainer) == "epoch":
+        if self.active and self._unit(trainer) == "epoch":
             self._apply(trainer, pl_module, trainer.current_epoch)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._unit(trainer) == "step":
+        if self.active and self._unit(trainer) == "step":
             self._apply(trainer, pl_module, trainer.global_step)
 
     def _apply(self, trainer, pl_module, at: int) -> None:
@@ -85,7 +91,8 @@ class RandomDepth(L.Callback):
 
     The draw is a function of ``(seed, trainer.global_step)`` only, so every data-parallel rank
     draws the same count, gradient-accumulation micro-batches share one, and a resumed run
-    draws what the uninterrupted one drew. Logged as ``depth/train_steps``.
+    draws what the uninterrupted one drew. Logged as ``depth/train_steps``. Registered for
+    every run: a no-op for a depth with ``train_steps="fixed"`` (or no depth).
 
     Args:
         seed: the run's seed.
@@ -93,8 +100,15 @@ class RandomDepth(L.Callback):
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
+        self.active = False  # set in setup: registered for every run, a no-op unless drawn
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        depth = find_depth(pl_module)
+        self.active = depth is not None and depth.spec.train_steps != "fixed"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.active:
+            return
         depth = find_depth(pl_module)
         if depth is None or depth.spec.train_steps == "fixed":
             return
@@ -103,7 +117,7 @@ class RandomDepth(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         depth = find_depth(pl_module)
-        if depth is not None:
+        if self.active and depth is not None:
             depth.end_drawn_steps()  # results.json's nfe is the evaluation's, not the last draw's
 
 

@@ -105,13 +105,19 @@ class FixedPointSolves(L.Callback):
     relative residual). :meth:`summary` gives the totals of the whole training (kept in
     checkpoints, so a resumed run counts on) and of the last test pass, for ``results.json``.
     A run whose training solves mostly did not converge warns once, in one line, when training
-    ends. Nothing is counted for a depth that is not solved.
+    ends. Registered for every run: for a depth that is not solved, nothing is counted, logged,
+    gathered or saved in checkpoints.
     """
 
     def __init__(self) -> None:
         self.train = [0, 0, 0.0]  # samples, converged, largest residual
         self.test = [0, 0, 0.0]
         self._warned = False
+        self.active = False  # set in setup
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        depth = find_depth(pl_module)
+        self.active = depth is not None and depth.spec.solver == "fixed_point"
 
     @staticmethod
     def _add(totals: list, depth) -> tuple[float, float] | None:
@@ -126,6 +132,8 @@ class FixedPointSolves(L.Callback):
         return converged / max(n, 1), largest
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.active:
+            return
         batch_stats = self._add(self.train, find_depth(pl_module))
         if batch_stats is not None:
             frac, largest = batch_stats
@@ -135,15 +143,23 @@ class FixedPointSolves(L.Callback):
                           batch_size=1)  # fmt: skip
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
+        if not self.active:
+            return
         self.test = [0, 0, 0.0]
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dl_idx=0) -> None:
+        if not self.active:
+            return
         self._add(self.test, find_depth(pl_module))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if not self.active:
+            return
         self.test = self._gathered(pl_module, self.test)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if not self.active:
+            return
         totals = self._gathered(pl_module, self.train)
         n, converged, largest = totals
         depth = find_depth(pl_module)
@@ -181,7 +197,7 @@ class FixedPointSolves(L.Callback):
         return record
 
     def state_dict(self) -> dict:
-        return {"train": list(self.train)}
+        return {"train": list(self.train)} if self.active else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train = list(state_dict.get("train", self.train))
