@@ -160,3 +160,15 @@ def test_a_folder_made_before_the_callbacks_were_registered_is_still_recognised(
     path.write_text(json.dumps({"fingerprint": rundir.fingerprint(old), "identity": old}))
     out = train_cli(run_dir, *TINY)
     assert out.returncode == 0 and "already finished" in out.stderr, out.stderr[-400:]
+
+
+@pytest.mark.slow
+def test_a_nulled_divergence_detector_or_timer_is_replaced_by_its_default(tmp_path):
+    """The two callbacks whose state results.json records cannot be switched off: nulled, each
+    runs with its defaults (divergence: non-finite checks only), so the record stays complete."""
+    run_dir = tmp_path / "run"
+    out = train_cli(run_dir, *TINY, "callbacks.divergence=null", "callbacks.timer=null")
+    assert out.returncode == 0, out.stderr[-400:]
+    results = load_results(run_dir)
+    assert results["status"] == "ok" and results["epochs_timed"] == 2
+    assert results["time_per_step_s"] > 0
