@@ -15,7 +15,8 @@ model is called as ``model(depth=DepthSpec, **datamodule.model_kwargs())`` and t
 YAML file in a config group plus its classes (README "Add a task"); this module needs no edit.
 
 Importing this module registers the ``depth`` group's schema (:class:`DepthSpec`, made in
-:mod:`score_exp.schema`) with Hydra's ConfigStore, so a preset holds only what differs and a misspelt key is refused.
+:mod:`score_exp.schema`) with Hydra's ConfigStore, so a preset holds only what differs and a
+misspelt key is refused.
 """
 
 from __future__ import annotations

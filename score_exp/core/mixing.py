@@ -128,7 +128,7 @@ def weights(depth: RecurrentDepth) -> Tensor:
 
 
 def connection_weights(depth: RecurrentDepth) -> Tensor:
-    """See :meth:`RecurrentDepth.connection_weights`: ``(steps, steps + 1)``, the chain's or ANCRe's."""
+    """:meth:`RecurrentDepth.connection_weights`: ``(steps, steps + 1)``, the chain's or ANCRe's."""
     n = depth.spec.steps
     w = weights(depth) if depth.spec.connect == "ancre" else torch.eye(n)  # (n, n)
     return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from score_exp.report.runs import Run
-from score_exp.report.variants import (  # noqa: F401 (re-exported: the report's modules import them here)
+from score_exp.report.variants import (  # noqa: F401 (re-exported for the report's modules)
     SEED_KEYS,
     Stat,
     Variant,

@@ -21,7 +21,8 @@ from torchmetrics import MeanMetric
 from score_exp.errors import ConfigError, check_int, check_number
 from score_exp.tasks.depth_loss import with_depth_loss
 
-# The data side (re-exported: configs and run folders name score_exp.tasks.lm.ShakespeareDataModule).
+# The data side, re-exported: configs and run folders name
+# score_exp.tasks.lm.ShakespeareDataModule.
 from score_exp.tasks.shakespeare import (  # noqa: F401
     FixedWindows,
     RandomWindows,

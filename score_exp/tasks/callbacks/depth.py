@@ -1,4 +1,5 @@
-"""The depth during training: where it is (:func:`find_depth`), its growth and its drawn step count."""
+"""The depth during training: where it is (:func:`find_depth`), its growth and its drawn step
+count."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What the depth logs: per-step diagnostics on validation and the fixed-point solver's convergence."""
+"""What the depth logs: per-step diagnostics on validation and the fixed-point solver's
+convergence."""
 
 from __future__ import annotations
 
