@@ -14,28 +14,34 @@ model is called as ``model(depth=DepthSpec, **datamodule.model_kwargs())`` and t
 ``module(model=model, **datamodule.module_kwargs())``. Nothing else is required: a new task is a
 YAML file in a config group plus its classes (README "Add a task"); this module needs no edit.
 
-Importing this module registers the ``depth`` group's schema (:class:`DepthSpec`) with Hydra's
-ConfigStore, so a preset holds only what differs and a misspelt key is refused.
+Importing this module registers the ``depth`` group's schema (:class:`DepthSpec`, made in
+:mod:`score_exp.schema`) with Hydra's ConfigStore, so a preset holds only what differs and a
+misspelt key is refused.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
-import types
-import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError, DataError
 from score_exp.record import CONFIG as RUN_CONFIG
 from score_exp.runs.checkpoints import find_checkpoint, load_checkpoint
 from score_exp.runs.safe_load import load_run_config
+from score_exp.schema import (  # noqa: F401 (HELP_GROUPS, depth_schema, help_groups: re-exported)
+    HELP_GROUPS,
+    check_depth_overrides,
+    depth_schema,
+    depth_spec,
+    help_groups,
+    register_configs,
+)
+from score_exp.tasks.training_step import training_step_fn  # noqa: F401 (re-exported)
 
 log = logging.getLogger("score_exp.run")
 
@@ -119,71 +125,6 @@ class LoadedRun(NamedTuple):
 # ----------------------------------------------------------------------------- configs
 
 
-def _schema_type(tp: Any) -> Any:
-    """The OmegaConf type of a DepthSpec field: itself where OmegaConf knows it, else ``Any``."""
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if tp in (int, float, bool, str):
-        return tp
-    if origin is typing.Literal and all(isinstance(a, str) for a in args):
-        return str  # OmegaConf 2.3 has no Literal: a string, whose value DepthSpec checks
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        inner = _schema_type(args[0])
-        return typing.Optional[inner] if inner is not Any else Any  # noqa: UP045 (OmegaConf)
-    return Any  # lists, unions: checked by DepthSpec.__post_init__
-
-
-def depth_schema() -> type:
-    """A structured-config dataclass with DepthSpec's fields (derived, so new fields come free).
-
-    Its ``steps`` defaults to ``${task.steps}``: every preset takes the task's depth unless it
-    says otherwise. Types OmegaConf cannot express become ``Any`` (the spec validates them).
-    """
-    hints = typing.get_type_hints(DepthSpec)
-    fields = []
-    for f in dataclasses.fields(DepthSpec):
-        if f.default is not dataclasses.MISSING:
-            default = dataclasses.field(default=f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = dataclasses.field(default_factory=f.default_factory)
-        else:
-            default = dataclasses.field(default="???")
-        if f.name == "steps":
-            default = dataclasses.field(default="${task.steps}")  # type: ignore[arg-type]
-        fields.append((f.name, _schema_type(hints[f.name]), default))
-    return dataclasses.make_dataclass("DepthSchema", fields)
-
-
-def register_configs() -> None:
-    """Register the config schemas with Hydra's ConfigStore (idempotent).
-
-    ``depth/_schema``: every ``configs/depth/*.yaml`` preset starts from it (``defaults: [_schema,
-    _self_]``), so a preset holds only what differs and an unknown or mistyped key is refused.
-    """
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(group="depth", name="_schema", node=depth_schema())
-    if not OmegaConf.has_resolver("score_help_groups"):
-        OmegaConf.register_new_resolver("score_help_groups", help_groups)
-
-
-HELP_GROUPS = (
-    "task", "task/model", "depth", "trainer", "logger", "callbacks", "experiment", "hydra/launcher", "hydra/sweeper"
-)  # fmt: skip
-
-
-def help_groups() -> str:
-    """``--help``'s list of choices: user-facing groups; internals (``_``-prefixed) hidden."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    loader = GlobalHydra.instance().config_loader()
-    lines = []
-    for group in HELP_GROUPS:
-        options = [o for o in sorted(loader.get_group_options(group)) if not o.startswith("_")]
-        lines.append(f"{group}: {', '.join(options)}")
-    return "\n".join(lines)
-
-
 def compose(*overrides: str, config_name: str = "train") -> DictConfig:
     """The config ``score-train`` (or ``config_name``) would run, without a Hydra run.
 
@@ -213,67 +154,6 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
         if running is not None:
             GlobalHydra.instance().clear()
             GlobalHydra.instance().initialize(running)
-
-
-def check_depth_overrides(overrides: Sequence[str]) -> None:
-    """Refuse ``depth.<key>=`` overrides whose key is no DepthSpec field, in one line.
-
-    Hydra's own refusal (by the schema) is several lines; `score-train` and :func:`compose`
-    (hence `score-bench`) run this check first.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    fields = [f.name for f in dataclasses.fields(DepthSpec)]
-    candidates = [o for o in overrides if o.lstrip("+~").startswith("depth.")]
-    if not candidates:
-        return
-    try:
-        parsed = OverridesParser.create().parse_overrides(candidates)
-    except Exception:  # Hydra reports bad syntax itself, with its own message
-        return
-    for o in parsed:
-        key = o.key_or_group.split(".", 1)[1].split(".")[0]
-        if key not in fields:
-            near = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else f"; valid: {', '.join(fields)}"
-            raise ConfigError(f"unknown depth field {key!r}{hint}")
-        _check_depth_type(key, o)
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _check_depth_type(key: str, override: Any) -> None:
-    """A ``depth.<key>=value`` the schema cannot hold (``steps=2.5``): one line, not Hydra's."""
-    from omegaconf.errors import ValidationError
-
-    nested = override.key_or_group.count(".") > 1
-    if nested or override.is_sweep_override() or override.is_delete():
-        return  # a sweep's values are checked job by job; Hydra reports the rest itself
-    try:
-        value = override.value()
-        OmegaConf.merge(OmegaConf.structured(depth_schema()), {key: value})
-    except ValidationError:
-        tp = typing.get_type_hints(DepthSpec)[key]
-        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        what = _TYPE_NAMES.get(inner[0], "another type")
-        null = " or null" if type(None) in typing.get_args(tp) else ""
-        raise ConfigError(f"depth.{key} must be {what}{null}, got {value!r}") from None
-    except Exception:
-        return  # an interpolation, a resolver: Hydra reports it itself
-
-
-def depth_spec(cfg: DictConfig) -> DepthSpec:
-    """Build and validate the :class:`DepthSpec` of a composed config.
-
-    Raises:
-        ConfigError: a field the spec refuses (unknown name, ``steps < 1``, ``dt <= 0``, ...).
-    """
-    fields = OmegaConf.to_container(cfg.depth, resolve=True)
-    try:
-        return DepthSpec(**fields)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid depth config: {e}") from None
 
 
 # ----------------------------------------------------------------------------- building
@@ -337,57 +217,6 @@ def data_module(cfg: DictConfig):
         if (error := user_error(e)) is None:
             raise
         raise error from None
-
-
-def training_step_fn(module, gradient_clip_val: float | None = None, autocast=None):
-    """``step(batch, batch_idx) -> loss``: one optimisation step exactly as a run does it.
-
-    The module's own ``configure_optimizers()`` and ``training_step()`` (its loss), then
-    backward, gradient clipping, optimiser step, per-step scheduler step and ``zero_grad``, as
-    Lightning's automatic optimisation does, without a Trainer: benchmarks time this. Inside
-    ``training_step``, ``self.log`` does nothing and ``self.optimizers()`` is the optimiser.
-
-    Args:
-        module: a built :class:`TaskModule` (on its device, in train mode).
-        gradient_clip_val: clip the gradient norm to this (``task.gradient_clip_val``); falsy: no.
-        autocast: a context manager for the forward (e.g. bf16 autocast); default none.
-    """
-    import contextlib
-
-    import torch
-
-    conf = module.configure_optimizers()
-    sched = None
-    if isinstance(conf, dict):
-        lr_sched = conf.get("lr_scheduler")
-        if lr_sched and lr_sched.get("interval") == "step":
-            sched = lr_sched["scheduler"]
-        conf = conf["optimizer"]
-    opt = conf
-
-    @contextlib.contextmanager
-    def outside_trainer():
-        module.log = module.log_dict = lambda *args, **kwargs: None
-        module.optimizers = lambda *args, **kwargs: opt
-        try:
-            yield
-        finally:
-            del module.log, module.log_dict, module.optimizers
-
-    def step(batch, batch_idx: int = 0):
-        with outside_trainer(), autocast or contextlib.nullcontext():
-            loss = module.training_step(batch, batch_idx)
-        loss.backward()
-        if gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    step.optimizer, step.scheduler = opt, sched
-    return step
 
 
 def trainable_params(model) -> int:

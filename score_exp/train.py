@@ -150,7 +150,7 @@ def _fit_and_test(
     logging.getLogger("lightning").handlers.clear()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True)
-    callbacks = _callbacks(cfg, spec)
+    callbacks = _callbacks(cfg)
     loggers = _loggers(cfg, folder, resume)
     trainer = _trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:
@@ -178,36 +178,24 @@ def _fit_and_test(
     return record
 
 
-def _callbacks(cfg: DictConfig, spec: DepthSpec) -> list:
-    """The run's Lightning callbacks: ``cfg.callbacks`` and those every run or depth option needs."""
+def _callbacks(cfg: DictConfig) -> list:
+    """The run's Lightning callbacks: ``cfg.callbacks`` (configs/callbacks/), in their order."""
     from hydra.utils import instantiate
 
-    from score_exp.tasks.callbacks import (
-        DepthDiagnostics,
-        DepthGrowth,
-        DivergenceDetector,
-        FixedPointSolves,
-        RandomDepth,
-        RNGStateCheckpoint,
-        RunTimer,
-    )
-    from score_exp.tasks.relocation import RelativeBestCheckpoint
+    from score_exp.tasks.callbacks import DivergenceDetector, RunTimer
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if _find(callbacks, DivergenceDetector) is None:
-        callbacks.append(DivergenceDetector())  # callbacks.divergence=null: non-finite losses only
-    callbacks += [RunTimer(), RNGStateCheckpoint()]
-    # A moved or copied run folder resumes with its best checkpoint (found relative to it).
-    callbacks.append(RelativeBestCheckpoint())
-    # One no-grad pass of the depth on one validation batch per epoch (cheap; a model without a
-    # RecurrentDepth is left alone).
-    callbacks.append(DepthDiagnostics())
-    if spec.growth is not None:
-        callbacks.append(DepthGrowth())
-    if spec.train_steps != "fixed":
-        callbacks.append(RandomDepth(seed=cfg.seed))
-    if spec.solver == "fixed_point":  # depth/solver_* in training, results.json's "solver"
-        callbacks.append(FixedPointSolves())
+    # Every callback comes from configs/callbacks/, in its order; each is a no-op for a run
+    # without its feature. Two carry what results.json records (the status, the timings), so a
+    # run always has them: nulled (callbacks.divergence=null), each is replaced in its place by
+    # its default (the divergence detector's: non-finite training losses only); removed, it
+    # is added at the end.
+    required = {"divergence": DivergenceDetector, "timer": RunTimer}
+    callbacks = [
+        instantiate(c) if c is not None else required[name]()
+        for name, c in (cfg.get("callbacks") or {}).items()
+        if c is not None or name in required
+    ]
+    callbacks += [cls() for cls in required.values() if _find(callbacks, cls) is None]
     return callbacks
 
 
@@ -307,7 +295,8 @@ def _record_depth(record: RunRecord, model, callbacks: list, spec: DepthSpec) ->
     """The depth as it ended (:meth:`RunRecord.note_depth`) and the fixed-point solves."""
     from score_exp.tasks.callbacks import FixedPointSolves, find_depth
 
-    if (solves := _find(callbacks, FixedPointSolves)) is not None:
+    solves = _find(callbacks, FixedPointSolves)
+    if spec.solver == "fixed_point" and solves is not None:  # registered always, active then
         record.solver = solves.summary(spec)
     record.note_depth(find_depth(model))
 

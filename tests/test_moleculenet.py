@@ -240,5 +240,8 @@ def test_the_numerics_grids_give_each_claim_a_verdict_per_dataset_and_across(tmp
                        ("dt 0.5 often best", "dt"),
                        ("shared contractive stable where stacking degrades", "deep")]:  # fmt: skip
         for task in ("esol_mlp", "freesolv_mlp"):
-            assert f"| {claim} | claims_moleculenet_{exp}_mlp_cpu / {task} | 2 |" in md, (claim, task)
+            assert f"| {claim} | claims_moleculenet_{exp}_mlp_cpu / {task} | 2 |" in md, (
+                claim,
+                task,
+            )
         assert f"| {claim} | RecurrentMLP | 2 |" in md, claim

@@ -16,23 +16,8 @@ independent blocks in turn. Nothing else differs between the two.
 
 The loop (:meth:`RecurrentDepth.forward`) is the paper's: for each of ``steps`` steps, one
 integrator step of the update's vector field with that step's ``dt``. Everything optional is
-a small part in a file of its own, off by default (the plain chain, bit for bit):
-
-* input mixing (``mixing.py``): ``connect="ancre"``, step ``j`` starts from a learned softmax
-  mixture of ``h_0 .. h_j`` instead of ``h_j`` alone;
-* step size (``step_size.py``): fixed, or ``learn_dt`` (a sigmoid of a learned logit);
-* observers (``observers.py``): trace diagnostics;
-* growth (``growth.py``): ``set_steps`` / ``refine`` for incremental-in-depth training;
-* discretisation (``discretisation.py``): :meth:`RecurrentDepth.discretised` re-discretises a
-  trained depth at evaluation (steps, dt, integrator, halting), the one mechanism every model
-  honours without any change of its own;
-* depth as a dial: ``inject``/``init_state`` (``inject.py``, the :class:`~inject.Injection`
-  part), random step counts in training (``step_count.py``), truncated backprop
-  (``backprop_steps``, in the loop), halting that removes finished samples at inference
-  (``halting.py``: the one halting path, each criterion defined once) and the fixed-point
-  solver (``solver.py``);
-* learned halting (``ponder.py``, ``halt="ponder"``, PonderNet): the ``halting_head`` part
-  (``nn.Identity`` for the other criteria) and a training objective of its own.
+a small part in a file of its own, off by default (the plain chain, bit for bit); the parts are
+listed in ``score_exp/core/__init__.py``.
 
 A part with a training objective hands it to the task through one channel: after a training
 forward, :meth:`RecurrentDepth.loss_terms` returns a :class:`~ponder.DepthLoss` (per-step weights
@@ -238,23 +223,11 @@ class RecurrentDepth(nn.Module):
         """``solver=fixed_point``: Anderson to ``h* = F(h*)`` per sample, then one
         differentiable ``F``."""
         F = self._block(0, e)
-        spec = self.spec
-        sol = solver.anderson(
-            lambda x: F(x, **ctx), h, spec.solver_tol, spec.solver_max_iter, group=group
-        )
-        h_star = sol.h
+        out, sol = solver.fixed_point(lambda x: F(x, **ctx), h, self.spec, group)
         self.last_nfe = sol.evals + 1
         self.last_steps_used = None
         self.last_iterations, self.last_residual = sol.iterations, sol.residual
         self.last_converged = sol.converged
-        if spec.solver_grad == "jfb" or not torch.is_grad_enabled():
-            return F(h_star, **ctx)  # Jacobian-free backprop: one step carries the gradient
-        h_star.requires_grad_()  # a leaf: the vector-Jacobian products below differentiate to it
-        out = F(h_star, **ctx)
-        if out.requires_grad:
-            solver.implicit_backward(
-                out, h_star, spec.solver_tol, spec.solver_max_iter, group=group
-            )
         return out
 
     def _update(
@@ -298,10 +271,8 @@ class RecurrentDepth(nn.Module):
         """Run a trained depth with another discretisation inside the ``with`` block.
 
         Every forward (whoever calls it: a model, a LightningModule) uses it while active, so
-        models need no argument of their own. Rules (``ValueError`` before any work):
-        ``steps >= 1``; only a shared depth changes its step count (a stacked one runs its
-        blocks); ``connect='ancre'`` fixes the step count; ``dt > 0``; ``update='none'`` is
-        Euler only; ``adaptive_eps > 0``.
+        models need no argument of their own. A request that breaks a rule of
+        :func:`~discretisation.resolve` raises ``ValueError`` before any work.
 
         Args:
             steps: the number of steps (None: the trained count).
@@ -335,12 +306,7 @@ class RecurrentDepth(nn.Module):
 
     def dts(self) -> list[Any]:
         """The step size of each step a forward now takes (floats; 0-dim tensors when learned)."""
-        d = self.discretisation
-        if d.dt is not None:
-            return [d.dt] * d.steps
-        if d.steps == self._steps:
-            return step_size.learned_dts(self.dt_logit, d.steps)
-        return [step_size.learned_horizon(self.spec, self.dt_logit) / d.steps] * d.steps
+        return step_size.dts(self, self.discretisation)
 
     def draw_steps(self, index: int, seed: int = 0) -> int:
         """``train_steps``: draw the step count of optimiser step ``index`` (a pure function of
@@ -382,9 +348,7 @@ class RecurrentDepth(nn.Module):
         Rows sum to 1 and are zero above the diagonal (the last column, the output state, is
         never an input). The chain is the identity on the first ``steps`` columns.
         """
-        n = self.spec.steps
-        w = mixing.weights(self) if self.spec.connect == "ancre" else torch.eye(n)  # (n, n)
-        return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)
+        return mixing.connection_weights(self)
 
     @torch.no_grad()
     def trace(

@@ -82,6 +82,10 @@ def resolve(
 ) -> Discretisation:
     """Check a re-discretisation request against ``depth`` and resolve its step size.
 
+    Rules: ``steps >= 1``; only a shared depth changes its step count (a stacked one runs its
+    blocks); ``connect='ancre'`` fixes the step count; ``dt > 0``; ``update='none'`` is Euler
+    only; ``adaptive_eps > 0``.
+
     Raises:
         ValueError: with a message saying which rule the request breaks.
     """

@@ -127,6 +127,13 @@ def weights(depth: RecurrentDepth) -> Tensor:
     return ancre_weights(depth.connect_logits, depth.connect_mask, depth.spec.ancre_tau)
 
 
+def connection_weights(depth: RecurrentDepth) -> Tensor:
+    """:meth:`RecurrentDepth.connection_weights`: ``(steps, steps + 1)``, the chain's or ANCRe's."""
+    n = depth.spec.steps
+    w = weights(depth) if depth.spec.connect == "ancre" else torch.eye(n)  # (n, n)
+    return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)
+
+
 def for_forward(depth: RecurrentDepth, h0: Tensor) -> Chain:
     """The mixing of one forward of ``depth`` from ``h0``."""
     if depth.spec.connect != "ancre":

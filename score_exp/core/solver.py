@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from score_exp.core.spec import DepthSpec
 
 
 class FixedPoint(NamedTuple):
@@ -193,3 +196,30 @@ def implicit_backward(
         return anderson(step, grad, tol, max_iter, group=group).h
 
     handle = out.register_hook(hook)
+
+
+def fixed_point(
+    F: Callable[[Tensor], Tensor], h: Tensor, spec: DepthSpec, group: Tensor | None = None
+) -> tuple[Tensor, FixedPoint]:
+    """A depth's ``solver=fixed_point`` forward: Anderson to ``h* = F(h*)`` per sample, then one
+    differentiable ``F``, whose gradient is Jacobian-free (``solver_grad="jfb"``) or the implicit
+    one (:func:`implicit_backward`).
+
+    Args:
+        F: the block, ``(rows, ...) -> (rows, ...)``, its context bound.
+        h: the starting state.
+        spec: the depth's spec (``solver_tol``, ``solver_max_iter``, ``solver_grad``).
+        group: the sample of each row (PyG's ``batch``), None: each row is a sample.
+
+    Returns:
+        ``F(h*)`` and the solve (:class:`FixedPoint`).
+    """
+    sol = anderson(F, h, spec.solver_tol, spec.solver_max_iter, group=group)
+    h_star = sol.h
+    if spec.solver_grad == "jfb" or not torch.is_grad_enabled():
+        return F(h_star), sol  # Jacobian-free backprop: one step carries the gradient
+    h_star.requires_grad_()  # a leaf: the vector-Jacobian products below differentiate to it
+    out = F(h_star)
+    if out.requires_grad:
+        implicit_backward(out, h_star, spec.solver_tol, spec.solver_max_iter, group=group)
+    return out, sol

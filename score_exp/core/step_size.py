@@ -7,11 +7,16 @@ functions make it. ``dt`` is the configured value (``None`` = ``1 / steps``), ``
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from score_exp.core.spec import DepthSpec, configured_dt
+
+if TYPE_CHECKING:
+    from score_exp.core.depth import RecurrentDepth
+    from score_exp.core.discretisation import Discretisation
 
 
 def fixed_dt(spec: DepthSpec, steps: int, keep_horizon: bool) -> float:
@@ -41,3 +46,12 @@ def learned_horizon(spec: DepthSpec, logit: Tensor) -> Tensor:
     """The learned depth-time ``T``: the sum of the per-step dts, or ``steps * dt`` for one."""
     learned = torch.sigmoid(logit)  # (1,) or (steps,)
     return learned.sum() if spec.learn_dt == "per_step" else learned[0] * spec.steps
+
+
+def dts(depth: RecurrentDepth, d: Discretisation) -> list[Any]:
+    """The step size of each step of ``depth`` run as ``d`` (see :meth:`RecurrentDepth.dts`)."""
+    if d.dt is not None:
+        return [d.dt] * d.steps
+    if d.steps == depth.steps:
+        return learned_dts(depth.dt_logit, d.steps)
+    return [learned_horizon(depth.spec, depth.dt_logit) / d.steps] * d.steps

@@ -47,6 +47,16 @@ NON_IDENTITY = (
     "callbacks.model_checkpoint.dirpath",
     "callbacks.model_checkpoint.save_last",
     "callbacks.last_checkpoint",
+    # The callbacks every run registers (configs/callbacks/default.yaml): fixed wiring, driven by
+    # depth.* and seed, which the identity holds; a nulled entry still changes the fingerprint.
+    "callbacks.timer._target_",
+    "callbacks.rng_state._target_",
+    "callbacks.relative_best._target_",
+    "callbacks.depth_diagnostics._target_",
+    "callbacks.depth_growth._target_",
+    "callbacks.random_depth._target_",
+    "callbacks.fixed_point_solves._target_",
+    "callbacks.random_depth.seed",
 )
 #: Overrides that choose how a sweep is launched or grouped, not a config key of the run: also
 #: left out of a job's folder name (the experiment names the sweep folder; the trainer group is
