@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from score_exp.errors import ScoreExpError
+from score_exp.record import RESULTS
 
 NOTHING_TO_REPORT = 1  # exit status when no PATH holds a run (yet); 2 is bad input
 
@@ -15,8 +16,7 @@ NOTHING_TO_REPORT = 1  # exit status when no PATH holds a run (yet); 2 is bad in
 def has_runs(path: Path) -> bool:
     """``path`` holds a run folder (``results.json``) or a Hydra job folder that should."""
     return path.is_dir() and (
-        next(path.rglob("results.json"), None) is not None
-        or next(path.rglob(".hydra"), None) is not None
+        next(path.rglob(RESULTS), None) is not None or next(path.rglob(".hydra"), None) is not None
     )
 
 

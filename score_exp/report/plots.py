@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from score_exp.record import METRICS
 from score_exp.report.runs import Run
 from score_exp.report.tables import Variant, eval_settings, iteration_based
 
@@ -204,7 +205,7 @@ def diagnostics(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path
 
     series = []
     for v in vs:
-        per_run = [last_values(r.path / "metrics.csv", "diag/") for r in v.ok_runs]
+        per_run = [last_values(r.path / METRICS, "diag/") for r in v.ok_runs]
         per_run = [d for d in per_run if d]
         if per_run:
             series.append((v.label, per_run))

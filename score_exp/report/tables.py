@@ -15,6 +15,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from score_exp.record import EVAL
 from score_exp.report.runs import Run
 from score_exp.report.variants import (  # noqa: F401 (re-exported for the report's modules)
     SEED_KEYS,
@@ -221,7 +222,7 @@ def eval_settings(v: Variant) -> dict[tuple, list[dict]]:
     """
     out: dict[tuple, list[dict]] = {}
     for r in v.ok_runs:
-        path = r.path / "eval.csv"
+        path = r.path / EVAL
         if not path.is_file():
             continue
         seen = set()

@@ -11,6 +11,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
 from score_exp.errors import CheckpointWriteError
+from score_exp.record import LAST_CHECKPOINT
 
 
 class LastCheckpoint(Checkpoint):
@@ -30,7 +31,7 @@ class LastCheckpoint(Checkpoint):
             epoch-based task a mid-epoch resume does not reproduce the uninterrupted run).
     """
 
-    FILENAME = "last.ckpt"
+    FILENAME = LAST_CHECKPOINT
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None) -> None:
         if every_n_train_steps is not None and every_n_train_steps < 1:
