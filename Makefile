@@ -95,7 +95,7 @@ CLAIMS_DATASETS_CPU := claims_moleculenet_mlp_cpu claims_moleculenet_gnn_cpu \
 	claims_moleculenet_gnn_reference_cpu claims_moleculenet_integrators_mlp_cpu \
 	claims_moleculenet_dt_mlp_cpu claims_moleculenet_deep_mlp_cpu
 
-claims-datasets-cpu: $(STAMP)  ## the claims on ESOL, FreeSolv, Lipophilicity (MLP, GNN, AttentiveFP; CPU-sized) + report
+claims-datasets-cpu: $(STAMP)  ## every claim on ESOL, FreeSolv, Lipophilicity (MLP, GNN, AttentiveFP; MLP grids; ~1 h CPU) + report
 	$(call sweeps_cpu,$(CLAIMS_DATASETS_CPU),multirun/claims_datasets_cpu)
 
 reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hydra/launcher=slurm ...')
