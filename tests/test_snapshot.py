@@ -113,6 +113,7 @@ def test_readme_block_is_spliced_from_the_snapshot(tmp_path):
     assert text.endswith("## Next\n")
 
 
+@pytest.mark.slow  # re-renders every table of the committed snapshot (315 runs: about 30 s)
 def test_committed_snapshot_is_what_score_report_makes_of_its_runs():
     """On the committed docs/results/ when present; otherwise the README must say so honestly."""
     readme = (REPO / "README.md").read_text()
