@@ -139,3 +139,29 @@ def test_tiny_real_sweep_to_a_checked_snapshot(tmp_path):
     assert "score − stacked" in (snap / HEADLINE).read_text()
     check_proc = run_cli("--check", "--out", str(snap), module="score_exp.report.snapshot")
     assert check_proc.returncode == 0, check_proc.stderr
+
+
+def test_provenance_says_dirty_only_for_changes_other_than_the_snapshot_itself(
+    tmp_path, monkeypatch
+):
+    """Re-publishing over a committed snapshot rewrites tracked files; that alone is no
+    "uncommitted changes" (it was, before the state of the tree was asked first)."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    monkeypatch.chdir(tmp_path)
+    runs, out = _synthetic_runs(tmp_path), tmp_path / "docs" / "results"
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "code")
+    snapshot(out, [runs], [], "make results", None)
+    git("add", "docs")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
+    snapshot(out, [runs], [], "make results", None)  # rewrites (and first clears) its files
+    assert "uncommitted" not in (out / PROVENANCE).read_text()
+    (tmp_path / "code.py").write_text("x = 2\n")
+    snapshot(out, [runs], [], "make results", None)
+    assert "(with uncommitted changes)" in (out / PROVENANCE).read_text()

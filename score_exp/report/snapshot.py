@@ -209,13 +209,14 @@ def _wall(rec: dict) -> str:
             f"(median {statistics.median(times):.0f} s per run)")  # fmt: skip
 
 
-def provenance(rec: dict, command: str, wall: str | None) -> str:
+def _dirty() -> bool:
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = None) -> str:
+    """PROVENANCE.md; ``dirty``: the tree had uncommitted changes (asked of git when None)."""
     head = _git("rev-parse", "HEAD") or "unknown"
-    dirty = (
-        " (with uncommitted changes)"
-        if _git("status", "--porcelain", "--untracked-files=no")
-        else ""
-    )
+    dirty = " (with uncommitted changes)" if (_dirty() if dirty is None else dirty) else ""
     commits = sorted({str(_record(r).git or "unknown") for r in rec["runs"]})
     return "\n".join([
         "# Provenance of this snapshot", "",
@@ -271,6 +272,8 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
     runs = [p for p in runs if p.exists()]
     if not runs:
         raise DataError("no run folder to publish: run `make claims-datasets-cpu` first")
+    # Asked before the snapshot rewrites its own tracked files (which would always look dirty).
+    dirty = _dirty()
     if out.exists():
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,8 +282,10 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
         if t.exists() and scan_runs([t])[0]:
             name = t.parent.name if t.name == "retrain" else t.name
             rec_t, _ = _write(out / f"tune_{name}", [t])
-            atomic_write_text(out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None))
-    atomic_write_text(out / PROVENANCE, provenance(rec, command, wall))
+            atomic_write_text(
+                out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None, dirty)
+            )
+    atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty))
 
 
 def readme_block(snap: Path) -> str:
