@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp import cluster, sweep
+from score_exp import cluster, numerics, sweep
 from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
 from score_exp.errors import CheckpointWriteError, ScoreExpError, user_error
@@ -46,6 +46,9 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     """Run one configuration into ``run_dir`` and return its results record."""
     check_run_config(cfg)  # before anything else: bad top-level keys never start work
     spec = depth_spec(cfg)  # likewise a bad depth
+    # Before anything computes: the kernels of the run's numerics mode (configs/numerics/); a
+    # process that cannot give them is refused before its folder is touched.
+    kernels = numerics.apply(cfg.get("numerics"))
     # The folder is bound to this config (fingerprint) and locked before any work; a folder of
     # another config is refused untouched. Rank 0 decides (skip, refuse, resume, lock) once for
     # every data-parallel rank (score_exp.runs.claim.claim_for_ranks).
@@ -63,13 +66,15 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
         return RunRecord.from_dict(decision["record"])
     resume = Path(decision["resume"]) if decision.get("resume") else None
     try:
-        return _train(cfg, run_dir, spec, resume)
+        return _train(cfg, run_dir, spec, resume, kernels)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None) -> RunRecord:
+def _train(
+    cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None, kernels: dict
+) -> RunRecord:
     from score_exp.tasks.results import git_commit, package_versions
 
     t0 = time.perf_counter()
@@ -90,6 +95,7 @@ def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None)
         git=git_commit(),
         overrides=_overrides(),
         slurm=before.get("slurm") or None,
+        numerics=kernels,
     )
 
     def clock() -> None:  # total wall time over all segments, and the requeues
@@ -367,6 +373,7 @@ def _main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point of ``score-train``: a misspelt depth field is one error line; every
     failed job of a sweep is listed at the end."""
+    numerics.enter()  # numerics=portable: its kernels before torch computes (may re-execute)
     sweeps.adopt_jobs()
     try:
         check_depth_overrides(sys.argv[1:])
