@@ -215,6 +215,13 @@ def faster_convergence(name: str, vs: list[Variant]) -> list[Claim]:
     return out
 
 
+def _p(d: PairedDiff) -> float | None:
+    """The two-sided paired t p-value; 0 for a nonzero mean with zero spread (t is infinite)."""
+    if d.p_t is None and d.n >= 2 and d.ci_low == d.ci_high and d.mean:
+        return 0.0
+    return d.p_t
+
+
 def _ci(d: PairedDiff, digits: int = 4) -> str:
     """The t interval, or why there is none (zero spread: every difference the same)."""
     if d.ci_low is not None and d.ci_low == d.ci_high:
@@ -267,7 +274,7 @@ def euler_tradeoff(name: str, runs: list[Run]) -> list[Claim]:
         effect = (f"{key.strip(chr(39))} − euler: {_fmt(d.mean)} {metric}{cost}; margin "
                   f"{margin:.4f} (p non-inferiority / p difference)")  # fmt: skip
         out.append(Claim("Euler the best cost/quality trade-off", name, d.n, effect, _ci(d),
-                         INCONCLUSIVE, p=[p_ni, d.p_t], runs=_keys(rs + euler),
+                         INCONCLUSIVE, p=[p_ni, _p(d)], runs=_keys(rs + euler),
                          decide=decide))  # fmt: skip
     return out
 
@@ -300,7 +307,7 @@ def dt_often_best(name: str, runs: list[Run]) -> list[Claim]:
         worse = d.mean is not None and sign * d.mean > 0
         # per setting: non-inferiority of 0.5, then the two-sided test (None unless 0.5 is worse)
         ps += [noninferiority_p(_worse(cells[0.5], cells[best], sign), margin),
-               d.p_t if worse else None]  # fmt: skip
+               _p(d) if worse else None]  # fmt: skip
     total = best_count + tested
     if not total:
         return []
@@ -359,7 +366,7 @@ def deep_stability(name: str, vs: list[Variant]) -> list[Claim]:
                 f"{_fmt(stacked_deg.mean)} {stacked_deg.ci()})"
             )
             out.append(Claim("shared contractive stable where stacking degrades", name, d.n,
-                             effect, _ci(d), INCONCLUSIVE, p=[d.p_t],
+                             effect, _ci(d), INCONCLUSIVE, p=[_p(d)],
                              runs=_keys(v.runs + v0.runs + b.runs + b0.runs),
                              decide=decide))  # fmt: skip
     return out
@@ -412,11 +419,15 @@ def claims(runs: list[Run]) -> list[Claim]:
 
 def _once(rows: list[Claim]) -> list[Claim]:
     """Each configuration counted once: a row reading the same runs (by configuration) as an
-    earlier row of the same claim is dropped, and the kept row names the other experiment."""
-    kept: dict[tuple[str, frozenset], Claim] = {}
+    earlier row of the same claim is dropped, and the kept row names the other experiment. The
+    studies of a tuned comparison (``..._study<k>``) are replicates of the tuning, each judged on
+    its own and pooled after (:mod:`score_exp.report.studies`): never merged."""
+    from score_exp.report.studies import split_study
+
+    kept: dict[tuple, Claim] = {}
     out = []
     for c in rows:
-        key = (c.claim, c.runs)
+        key = (c.claim, c.runs, split_study(c.experiment)[1])
         if c.runs and key in kept:
             first = kept[key]
             first.experiment += f" (= {c.experiment.split(' / ')[0]})"
