@@ -36,11 +36,13 @@ from pathlib import Path
 from score_exp.errors import DataError, ScoreExpError
 from score_exp.io import atomic_write_text
 from score_exp.record import RecordError, RunRecord
+from score_exp.report import literature
 from score_exp.report.runs import Run, scan_runs, varied_keys
 
 RECORD = "runs.json"
 HEADLINE = "HEADLINE.md"
 PROVENANCE = "PROVENANCE.md"
+LITERATURE = "LITERATURE.md"
 # Files score-report writes that the check compares (the plots are drawn from the same runs).
 TABLE_FILES = ("report.md", "claims.md", "runs.csv", "paired.csv", "tables.tex")
 # What a snapshot may hold: small text and images.
@@ -114,7 +116,7 @@ def _fmt(x: float | None, spec: str = "+.3f") -> str:
 
 def headline(report) -> str:
     """Markdown: each claim's verdict per dataset, then SCORE vs stacked vs the peer per task."""
-    from score_exp.report.claims import MIXED
+    from score_exp.report.claims import dataset_verdict
 
     lines = []
     verdicts: dict[tuple[str, str], dict[str, set[str]]] = {}
@@ -125,8 +127,7 @@ def headline(report) -> str:
         lines += ["| claim | model | " + " | ".join(datasets) + " |",
                   "|---|---|" + "---|" * len(datasets)]  # fmt: skip
         for (claim, model), per in verdicts.items():
-            cells = [("—" if d not in per else next(iter(per[d])) if len(per[d]) == 1 else MIXED)
-                     for d in datasets]  # fmt: skip
+            cells = ["—" if d not in per else dataset_verdict(per[d]) for d in datasets]
             lines.append(f"| {claim} | {model or '?'} | " + " | ".join(cells) + " |")
         lines.append("")
     means = {}
@@ -213,13 +214,60 @@ def _dirty() -> bool:
     return bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
-def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = None) -> str:
-    """PROVENANCE.md; ``dirty``: the tree had uncommitted changes (asked of git when None)."""
+def unpublishable(rec: dict) -> dict[str, list[str]]:
+    """Runs that a published snapshot must not hold: trained on a tree with uncommitted changes
+    (``git`` ending in ``-dirty``, or unknown), or outside the portable numerics mode."""
+    out: dict[str, list[str]] = {"dirty": [], "not portable": []}
+    for r in rec["runs"]:
+        res = _record(r)
+        if not res.git or str(res.git).endswith("-dirty"):
+            out["dirty"].append(r["path"])
+        if (res.numerics or {}).get("mode") != "portable":
+            out["not portable"].append(r["path"])
+    return {k: v for k, v in out.items() if v}
+
+
+def training_commands(rec: dict) -> list[str]:
+    """One line per experiment: its runs and the score-train overrides of one of them."""
+    groups: dict[str, list[dict]] = {}
+    for r in rec["runs"]:
+        groups.setdefault(str(r["config"].get("experiment_name") or "?"), []).append(r)
+    lines = []
+    for exp, runs in sorted(groups.items()):
+        over = _record(runs[0]).overrides or []
+        lines.append(f"  - `{exp}`: {len(runs)} runs, e.g. `score-train {' '.join(over)}`")
+    return lines
+
+
+def _numerics(rec: dict) -> str:
+    modes: dict[str, int] = {}
+    cpus: set[str] = set()
+    for r in rec["runs"]:
+        n = _record(r).numerics or {}
+        mode = n.get("mode", "default (not recorded: made before numerics modes)")
+        if n:
+            mode += f" ({n.get('cpu_capability')} ATen, MKL {n.get('mkl_branch')}, {n.get('threads')} thread(s))"
+            cpus.add(str(n.get("cpu")))
+        modes[mode] = modes.get(mode, 0) + 1
+    text = "; ".join(f"{k}: {v} runs" for k, v in sorted(modes.items()))
+    return text + (f"; CPU of the runs: {', '.join(sorted(cpus))}" if cpus else "")
+
+
+def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = None,
+               train: str | None = None) -> str:  # fmt: skip
+    """PROVENANCE.md; ``dirty``: the tree had uncommitted changes (asked of git when None);
+    ``train``: the command that trained the runs (make target)."""
     head = _git("rev-parse", "HEAD") or "unknown"
     dirty = " (with uncommitted changes)" if (_dirty() if dirty is None else dirty) else ""
     commits = sorted({str(_record(r).git or "unknown") for r in rec["runs"]})
+    bad = unpublishable(rec)
+    marks = [f"- **published anyway** (--allow-unpublishable): {len(v)} runs {k}" for k, v in bad.items()]
     return "\n".join([
         "# Provenance of this snapshot", "",
+        f"- training command: `{train or 'not given'}`; per experiment:",
+        *training_commands(rec),
+        f"- numerics: {_numerics(rec)}",
+        *marks,
         f"- command: `{command}`",
         f"- commit of the snapshot: `{head}`{dirty}",
         f"- commits the runs were trained at: {', '.join(f'`{c}`' for c in commits) or 'none'}",
@@ -267,11 +315,27 @@ def _clear(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: str | None) -> None:
-    """Write the snapshot of ``runs`` (and of each ``tune`` folder, in ``tune_<name>/``) to ``out``."""
+def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: str | None,
+             train: str | None = None, tune_train: str | None = None, tune_wall: str | None = None,
+             allow_unpublishable: bool = True) -> None:  # fmt: skip
+    """Write the snapshot of ``runs`` (and of each ``tune`` folder, in ``tune_<name>/``) to ``out``.
+
+    Raises:
+        DataError: (``allow_unpublishable`` false) a run was trained on a dirty tree or outside the
+            portable numerics mode: named before anything is written.
+    """
     runs = [p for p in runs if p.exists()]
     if not runs:
         raise DataError("no run folder to publish: run `make claims-datasets-cpu` first")
+    if not allow_unpublishable:
+        for paths in [runs, *([t] for t in tune if t.exists())]:
+            if bad := unpublishable(json.loads(json.dumps(record(paths)))):
+                raise DataError(
+                    "refusing to publish: "
+                    + "; ".join(f"{len(v)} runs {k} (e.g. {v[0]})" for k, v in bad.items())
+                    + ". Re-train them from a clean tree with numerics=portable (the claims and "
+                    "tuning targets do), or pass --allow-unpublishable to publish them marked"
+                )
     # Asked before the snapshot rewrites its own tracked files (which would always look dirty).
     dirty = _dirty()
     if out.exists():
@@ -283,9 +347,11 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
             name = t.parent.name if t.name == "retrain" else t.name
             rec_t, _ = _write(out / f"tune_{name}", [t])
             atomic_write_text(
-                out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None, dirty)
+                out / f"tune_{name}" / PROVENANCE,
+                provenance(rec_t, command, tune_wall, dirty, tune_train),
             )
-    atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty))
+    atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty, train))
+    atomic_write_text(out / LITERATURE, literature.markdown())
 
 
 def readme_block(snap: Path) -> str:
@@ -304,6 +370,39 @@ def splice_readme(readme: Path, snap: Path) -> None:
     atomic_write_text(readme, text[:a] + readme_block(snap) + text[b:])
 
 
+_VERDICT_WORDS = ("supported", "contradicted", "inconclusive", "mixed")
+
+
+def check_prose(readme: str, snap: Path) -> list[str]:
+    """The README's own sentences about a claim's verdict, checked against the snapshot: a
+    sentence outside the generated block that names a claim of ``claims.md`` and a verdict word
+    must name a verdict that claim has in the snapshot (per dataset or across datasets)."""
+    from score_exp.report.claims import ORDER
+
+    verdicts: dict[str, set[str]] = {}
+    for line in (snap / "claims.md").read_text().splitlines() if (snap / "claims.md").is_file() else []:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells and cells[0] in ORDER:
+            verdicts.setdefault(cells[0].lower(), set()).update(c for c in cells if c in _VERDICT_WORDS)
+            for part in " ".join(cells).split(";"):  # "esol: supported; freesolv: ..."
+                verdicts[cells[0].lower()].update(w for w in _VERDICT_WORDS if part.strip().endswith(w))
+    if README_START in readme and README_END in readme:
+        a, b = readme.index(README_START), readme.index(README_END)
+        readme = readme[:a] + readme[b:]
+    problems = []
+    for sentence in re.split(r"(?<=[.;])\s+|\n\s*\n", readme):
+        flat = " ".join(sentence.split()).lower()
+        for claim, seen in verdicts.items():
+            short = claim.split(" the ")[0] if claim.startswith("euler") else claim
+            if short.lower() not in flat and claim not in flat:
+                continue
+            said = {w for w in _VERDICT_WORDS if re.search(rf"\b{w}\b", flat)}
+            if said and not said & seen:
+                problems.append(f"README: \"{' '.join(sentence.split())[:120]}\" says {'/'.join(sorted(said))} "
+                                f"about {claim!r}; the snapshot says {'/'.join(sorted(seen))}")
+    return problems
+
+
 def check(snap: Path) -> list[str]:
     """Re-render every report of a snapshot from its ``runs.json``: the files that differ."""
     from score_exp.report.build import build_report
@@ -312,6 +411,9 @@ def check(snap: Path) -> list[str]:
     folders = [d for d in [snap, *sorted(snap.glob("tune_*"))] if d.is_dir()]
     if not (snap / RECORD).is_file():
         return [f"{snap}: no {RECORD}"]
+    lit = snap / LITERATURE
+    if lit.is_file() and lit.read_text() != literature.markdown():
+        problems.append(f"{lit}: differs from score_exp.report.literature")
     for d in folders:
         rec = json.loads((d / RECORD).read_text())
         with tempfile.TemporaryDirectory() as tmp:
@@ -340,7 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", type=Path, nargs="*", default=[], help="tune retrain folders, when present")  # fmt: skip
     p.add_argument("--command", default="make results", help="recorded in PROVENANCE.md")
     p.add_argument("--wall", help="wall time of the sweep, recorded in PROVENANCE.md")
-    p.add_argument("--readme", type=Path, help="splice HEADLINE.md into this README")
+    p.add_argument("--readme", type=Path, help="splice HEADLINE.md into this README (with --check: "
+                   "check its prose against the snapshot's verdicts)")
+    p.add_argument("--train-command", help="the command that trained the runs (PROVENANCE.md)")
+    p.add_argument("--tune-train-command", help="the command that trained the tuned runs")
+    p.add_argument("--tune-wall", help="wall time of the tuning, recorded in tune_*/PROVENANCE.md")
+    p.add_argument("--allow-unpublishable", action="store_true",
+                   help="publish runs from a dirty tree or outside numerics=portable (marked)")
     p.add_argument(
         "--check", action="store_true", help="re-render OUT from its runs.json and compare"
     )
@@ -348,10 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check:
             problems = check(args.out)
+            if args.readme:
+                problems += check_prose(args.readme.read_text(), args.out)
             for line in problems:
                 print(f"snapshot: {line}", file=sys.stderr)
             return 1 if problems else 0
-        snapshot(args.out, args.runs, args.tune, args.command, args.wall)
+        snapshot(args.out, args.runs, args.tune, args.command, args.wall, args.train_command,
+                 args.tune_train_command, args.tune_wall, args.allow_unpublishable)
         if args.readme:
             splice_readme(args.readme, args.out)
     except ScoreExpError as e:
