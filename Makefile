@@ -53,7 +53,7 @@ test-cluster: $(STAMP)  ## start a local Slurm, run the cluster tests (pytest -m
 	SLURM_CONF=$$(scripts/slurm_local.sh conf) $(BIN)/python -m pytest -n 0 -m slurm $(ARGS)
 
 gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
-	$(BIN)/python -m score_exp.gpu_check $(ARGS)
+	$(BIN)/python -m score_exp.bench.gpu_check $(ARGS)
 
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .
@@ -127,7 +127,7 @@ tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget) x 3 study se
 	    trainer.enable_progress_bar=false hydra.sweep.dir=$(TUNE_DIR)/study$$k/$$v $(ARGS) \
 	    || exit $$?; \
 	done; \
-	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.tune retrain --out $(TUNE_DIR)/retrain/study$$k \
+	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.cli.tune retrain --out $(TUNE_DIR)/retrain/study$$k \
 	  --study-seed $$k --seeds $(SEEDS) --jobs $(JOBS) $(TUNE_DIR)/study$$k \
 	  $(if $(RETRAIN_ARGS),-- $(RETRAIN_ARGS)) || exit $$?; \
 	done; \
@@ -158,7 +158,7 @@ tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-trai
 	    $(BIN)/score-train -m experiment=tune_$$t depth=$$v hydra.sweep.dir=multirun/tune/$$t/$$v \
 	      $(ARGS) || exit $$?; \
 	  done; \
-	  $(BIN)/python -m score_exp.tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
+	  $(BIN)/python -m score_exp.cli.tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
 	  $(BIN)/score-report multirun/tune/$$t/retrain || exit $$?; \
 	done
 

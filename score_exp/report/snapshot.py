@@ -34,9 +34,8 @@ import tempfile
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
-from score_exp.io import atomic_write_text
-from score_exp.record import RecordError, RunRecord
-from score_exp.report.runs import Run, scan_runs, varied_keys
+from score_exp.report.runs import missing_runs, recorded_result, scan_runs, varied_keys
+from score_exp.runs.files import atomic_write_text
 
 RECORD = "runs.json"
 HEADLINE = "HEADLINE.md"
@@ -60,8 +59,6 @@ READ_KEYS = ("task.name", "task.headline", "task.monitor", "task.monitor_mode", 
 
 def record(paths: list[Path]) -> dict:
     """The numbers the report reads from the run folders under ``paths`` (``runs.json``)."""
-    from score_exp.report.build import missing_runs
-
     runs, unreadable = scan_runs(paths)
     keys = set(varied_keys(runs)) | set(READ_KEYS)
     return {
@@ -80,29 +77,6 @@ def record(paths: list[Path]) -> dict:
         "missing": [str(m) for m in missing_runs(paths)],
         "unreadable": [[str(p), reason] for p, reason in unreadable],
     }
-
-
-def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, str]]]:
-    """:class:`Run` objects (and the runs not averaged in) from a :func:`record`.
-
-    Raises:
-        DataError: not the shape :func:`record` writes (one line).
-    """
-    try:
-        runs = [Run(Path(r["path"]), _record(r).to_dict(), dict(r["config"]), list(r["curve"]))
-                for r in rec["runs"]]  # fmt: skip
-        missing = [Path(m) for m in rec["missing"]]
-        unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]
-    except RecordError as e:
-        raise DataError(f"not a recorded {RECORD} (a run's {e.reason})") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"not a recorded {RECORD} ({type(e).__name__}: {e})") from None
-    return runs, missing, unreadable
-
-
-def _record(run: dict) -> RunRecord:
-    """A recorded run's ``results`` (a ``results.json`` as it was read)."""
-    return RunRecord.from_dict(run["results"], f"{run['path']}/results")
 
 
 # --------------------------------------------------------------------------- headline
@@ -202,7 +176,9 @@ def machine() -> str:
 
 
 def _wall(rec: dict) -> str:
-    times = [t for r in rec["runs"] if isinstance(t := _record(r).wall_time_s, (int, float))]
+    times = [
+        t for r in rec["runs"] if isinstance(t := recorded_result(r).wall_time_s, (int, float))
+    ]
     if not times:
         return "unknown"
     return (f"{sum(times) / 60:.1f} min of training summed over {len(times)} runs "
@@ -217,7 +193,7 @@ def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = N
     """PROVENANCE.md; ``dirty``: the tree had uncommitted changes (asked of git when None)."""
     head = _git("rev-parse", "HEAD") or "unknown"
     dirty = " (with uncommitted changes)" if (_dirty() if dirty is None else dirty) else ""
-    commits = sorted({str(_record(r).git or "unknown") for r in rec["runs"]})
+    commits = sorted({str(recorded_result(r).git or "unknown") for r in rec["runs"]})
     return "\n".join([
         "# Provenance of this snapshot", "",
         f"- command: `{command}`",
