@@ -87,7 +87,10 @@ def requested_mode(argv: list[str], config_dir: Path = _CONFIG_DIR) -> str | Non
         key, _, value = arg.lstrip("+").partition("=")
         if key == "experiment" and value:
             for name in value.split(","):
-                if _experiment_mode(config_dir / "experiment" / f"{name.strip()}.yaml") == "portable":
+                if (
+                    _experiment_mode(config_dir / "experiment" / f"{name.strip()}.yaml")
+                    == "portable"
+                ):
                     return "portable"
     return None
 

@@ -23,12 +23,18 @@ from pathlib import Path
 ENVS = [{}, {"ATEN_CPU_CAPABILITY": "default"}, {"ATEN_CPU_CAPABILITY": "avx2"},
         {"ATEN_CPU_CAPABILITY": "avx512"}, {"MKL_CBWR": "AUTO"}, {"MKL_CBWR": "AVX2"},
         {"MKL_CBWR": "AVX512"}, {"MKL_CBWR": "COMPATIBLE"}, {"OMP_NUM_THREADS": "1"}]  # fmt: skip
-KNOBS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ONEDNN_MAX_CPU_ISA")
+KNOBS = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "ONEDNN_MAX_CPU_ISA",
+)
 
 
 def run(task: str, epochs: int, mode: str, env: dict, out: Path) -> dict:
     base = {k: v for k, v in os.environ.items() if k not in KNOBS}
-    cmd = [sys.executable, "-m", "score_exp.train", f"task={task}", f"numerics={mode}",
+    cmd = [sys.executable, "-m", "score_exp.cli.train", f"task={task}", f"numerics={mode}",
            f"task.max_epochs={epochs}", "trainer.enable_progress_bar=false",
            f"hydra.run.dir={out}"]  # fmt: skip
     proc = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True)
@@ -57,7 +63,9 @@ def main() -> None:
                              repr(r["best_val"]["value"]), repr(r["test"]["rmse"])))  # fmt: skip
                 times.setdefault((task, mode), []).append(r["time_per_epoch_s"])
                 print(" | ".join(rows[-1]), flush=True)
-    print("\n| task | mode | environment | kernels (ATen/MKL/threads) | best val RMSE | test RMSE |")
+    print(
+        "\n| task | mode | environment | kernels (ATen/MKL/threads) | best val RMSE | test RMSE |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
@@ -68,8 +76,10 @@ def main() -> None:
             print(f"{task} {mode}: {len(values)} distinct result(s) over {len(envs)} environments"
                   + (" (bit-identical)" if len(values) == 1 else ""))  # fmt: skip
         d, q = (statistics.median(times[(task, m)]) for m in ("default", "portable"))
-        print(f"{task} time per epoch, median over {len(envs)} interleaved runs: default {d:.3f} s, "
-              f"portable {q:.3f} s, portable / default {q / d:.2f}x")
+        print(
+            f"{task} time per epoch, median over {len(envs)} interleaved runs: default {d:.3f} s, "
+            f"portable {q:.3f} s, portable / default {q / d:.2f}x"
+        )
     print(f"run folders: {root}")
 
 

@@ -20,7 +20,6 @@ MODE = sys.argv[1]
 numerics.enter([f"numerics={MODE}"])  # before torch computes anything, as score-train does
 
 import torch  # noqa: E402
-
 from torch_geometric.data import Data  # noqa: E402
 
 from score_exp.core import DepthSpec  # noqa: E402
@@ -58,8 +57,12 @@ torch.manual_seed(0)
 n, e, g = 400, 800, 20  # nodes, edges (both directions), graphs
 src = torch.randint(0, n, (e // 2,))
 dst = (src + torch.randint(1, 5, (e // 2,))) % n
-edge_index = torch.stack([torch.stack([src, dst], 1).flatten(), torch.stack([dst, src], 1).flatten()])
-edge_attr = torch.nn.functional.one_hot(torch.randint(0, 4, (e // 2,)), 10).float().repeat_interleave(2, 0)
+edge_index = torch.stack(
+    [torch.stack([src, dst], 1).flatten(), torch.stack([dst, src], 1).flatten()]
+)
+edge_attr = (
+    torch.nn.functional.one_hot(torch.randint(0, 4, (e // 2,)), 10).float().repeat_interleave(2, 0)
+)
 batch = torch.arange(n) * g // n
 gnn = MolGNN(39, 10, DepthSpec(share=True, steps=4, dt=0.25), hidden=64, dropout=0.0)
 graph = Data(x=torch.randn(n, 39), edge_index=edge_index, edge_attr=edge_attr, batch=batch)

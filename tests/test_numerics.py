@@ -25,7 +25,12 @@ ENVS = [
     {"MKL_CBWR": "AVX2"},
     {"MKL_CBWR": "AVX512"},
     {"MKL_CBWR": "COMPATIBLE"},
-    {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX512", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"},  # fmt: skip
+    {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_CBWR": "AVX512",
+        "OMP_NUM_THREADS": "2",
+        "MKL_NUM_THREADS": "2",
+    },  # fmt: skip
 ]
 
 

@@ -28,7 +28,9 @@ def _mark(runs, git: str, mode: str | None) -> None:
 def test_dirty_or_default_mode_runs_are_refused_unless_asked_then_marked(tmp_path):
     runs = _synthetic_runs(tmp_path)
     _mark(runs, "abc123-dirty", None)
-    with pytest.raises(DataError, match=r"refusing to publish: 12 runs dirty .*12 runs not portable"):
+    with pytest.raises(
+        DataError, match=r"refusing to publish: 12 runs dirty .*12 runs not portable"
+    ):
         snapshot(tmp_path / "out", [runs], [], "make results", None, allow_unpublishable=False)
     assert not (tmp_path / "out").exists()  # refused before anything is written
     snapshot(tmp_path / "out", [runs], [], "make results", None, train="make claims-datasets-cpu")

@@ -27,7 +27,9 @@ def portable_snapshot(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_portable_snapshot_verifies_and_a_changed_number_does_not(portable_snapshot, tmp_path, capsys):
+def test_a_portable_snapshot_verifies_and_a_changed_number_does_not(
+    portable_snapshot, tmp_path, capsys
+):
     assert verify(portable_snapshot, per_task=2, budget_s=1e9, jobs=2) == 0
     out = capsys.readouterr().out
     assert "2/2 runs bit-identical; largest difference 0" in out

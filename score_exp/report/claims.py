@@ -24,8 +24,9 @@ from score_exp.report.stats import (
     paired_diff,
     sign_test,
 )
+from score_exp.report.tables import Table, iteration_based
+from score_exp.report.variants import Variant, by_task, variants
 from score_exp.runs.fingerprint import non_identity
-from score_exp.report.tables import Table, Variant, by_task, iteration_based, variants
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 #: Family-wise error rate of each claim's family of tests (Holm over the claim's rows).

@@ -10,8 +10,9 @@
   curve, and the runs not averaged in. :func:`check` re-renders every table from this file alone,
   through :func:`score_exp.report.build.build_report`, and compares it byte for byte with the
   committed files, so the page never drifts from the runs (``tests/test_snapshot.py``);
-- ``HEADLINE.md``: each claim's verdict per dataset and SCORE vs stacked vs the peer, spliced into
-  the README between its ``results`` markers;
+- ``HEADLINE.md``: each claim's verdict per dataset and SCORE vs stacked vs the peer, spliced
+  between the ``results`` markers of ``docs/reproducing.md`` (all of it) and of the README (its
+  short form: the verdict tables, without the per-experiment rows);
 - ``PROVENANCE.md``: commit, command, machine (CPU model, cores), date, the runs' own commits and
   their wall time.
 
@@ -34,10 +35,9 @@ import tempfile
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
-from score_exp.io import atomic_write_text
-from score_exp.record import RecordError, RunRecord
 from score_exp.report import literature
-from score_exp.report.runs import Run, scan_runs, varied_keys
+from score_exp.report.runs import missing_runs, recorded_result, scan_runs, varied_keys
+from score_exp.runs.files import atomic_write_text
 
 RECORD = "runs.json"
 HEADLINE = "HEADLINE.md"
@@ -49,6 +49,14 @@ TABLE_FILES = ("report.md", "claims.md", "runs.csv", "paired.csv", "tables.tex")
 ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg")
 README_START = "<!-- results:start (written by `make results`: docs/results/HEADLINE.md) -->"
 README_END = "<!-- results:end -->"
+# The headline's per-experiment table (long rows): in the full block only, never the README's.
+EXPERIMENTS_HEADER = (
+    "| experiment / task | test metric, mean ± std (n) | vs stacked | vs the peer |"
+)
+SHORT_MORE = (
+    "Per experiment, SCORE vs stacked vs the peer with paired 95% CIs: "
+    "[docs/reproducing.md](docs/reproducing.md#headline)."
+)
 NOT_GENERATED = (
     "**Not yet generated**: no snapshot under `docs/results/` on this branch. Run "
     "`make claims-datasets-cpu` (about 60 minutes on a 2-core CPU), then `make results`."
@@ -62,8 +70,6 @@ READ_KEYS = ("task.name", "task.headline", "task.monitor", "task.monitor_mode", 
 
 def record(paths: list[Path]) -> dict:
     """The numbers the report reads from the run folders under ``paths`` (``runs.json``)."""
-    from score_exp.report.build import missing_runs
-
     runs, unreadable = scan_runs(paths)
     keys = set(varied_keys(runs)) | set(READ_KEYS)
     return {
@@ -82,29 +88,6 @@ def record(paths: list[Path]) -> dict:
         "missing": [str(m) for m in missing_runs(paths)],
         "unreadable": [[str(p), reason] for p, reason in unreadable],
     }
-
-
-def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, str]]]:
-    """:class:`Run` objects (and the runs not averaged in) from a :func:`record`.
-
-    Raises:
-        DataError: not the shape :func:`record` writes (one line).
-    """
-    try:
-        runs = [Run(Path(r["path"]), _record(r).to_dict(), dict(r["config"]), list(r["curve"]))
-                for r in rec["runs"]]  # fmt: skip
-        missing = [Path(m) for m in rec["missing"]]
-        unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]
-    except RecordError as e:
-        raise DataError(f"not a recorded {RECORD} (a run's {e.reason})") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"not a recorded {RECORD} ({type(e).__name__}: {e})") from None
-    return runs, missing, unreadable
-
-
-def _record(run: dict) -> RunRecord:
-    """A recorded run's ``results`` (a ``results.json`` as it was read)."""
-    return RunRecord.from_dict(run["results"], f"{run['path']}/results")
 
 
 # --------------------------------------------------------------------------- headline
@@ -139,8 +122,7 @@ def headline(report) -> str:
     for p in report.paired:
         paired.setdefault(p["task"], []).append(p)
     if means:
-        lines += ["| experiment / task | test metric, mean ± std (n) | vs stacked | vs the peer |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [EXPERIMENTS_HEADER, "|---|---|---|---|"]
         for task, vs in sorted(means.items()):
             cells = "; ".join(f"{v} {_fmt(m, '.3f')}" + (f" ± {s:.3f}" if s is not None else "")
                               + f" ({n})" for v, m, s, n in vs)  # fmt: skip
@@ -203,7 +185,9 @@ def machine() -> str:
 
 
 def _wall(rec: dict) -> str:
-    times = [t for r in rec["runs"] if isinstance(t := _record(r).wall_time_s, (int, float))]
+    times = [
+        t for r in rec["runs"] if isinstance(t := recorded_result(r).wall_time_s, (int, float))
+    ]
     if not times:
         return "unknown"
     return (f"{sum(times) / 60:.1f} min of training summed over {len(times)} runs "
@@ -219,7 +203,7 @@ def unpublishable(rec: dict) -> dict[str, list[str]]:
     (``git`` ending in ``-dirty``, or unknown), or outside the portable numerics mode."""
     out: dict[str, list[str]] = {"dirty": [], "not portable": []}
     for r in rec["runs"]:
-        res = _record(r)
+        res = recorded_result(r)
         if not res.git or str(res.git).endswith("-dirty"):
             out["dirty"].append(r["path"])
         if (res.numerics or {}).get("mode") != "portable":
@@ -234,7 +218,7 @@ def training_commands(rec: dict) -> list[str]:
         groups.setdefault(str(r["config"].get("experiment_name") or "?"), []).append(r)
     lines = []
     for exp, runs in sorted(groups.items()):
-        over = _record(runs[0]).overrides or []
+        over = recorded_result(runs[0]).overrides or []
         lines.append(f"  - `{exp}`: {len(runs)} runs, e.g. `score-train {' '.join(over)}`")
     return lines
 
@@ -243,7 +227,7 @@ def _numerics(rec: dict) -> str:
     modes: dict[str, int] = {}
     cpus: set[str] = set()
     for r in rec["runs"]:
-        n = _record(r).numerics or {}
+        n = recorded_result(r).numerics or {}
         mode = n.get("mode", "default (not recorded: made before numerics modes)")
         if n:
             mode += f" ({n.get('cpu_capability')} ATen, MKL {n.get('mkl_branch')}, {n.get('threads')} thread(s))"
@@ -259,9 +243,11 @@ def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = N
     ``train``: the command that trained the runs (make target)."""
     head = _git("rev-parse", "HEAD") or "unknown"
     dirty = " (with uncommitted changes)" if (_dirty() if dirty is None else dirty) else ""
-    commits = sorted({str(_record(r).git or "unknown") for r in rec["runs"]})
+    commits = sorted({str(recorded_result(r).git or "unknown") for r in rec["runs"]})
     bad = unpublishable(rec)
-    marks = [f"- **published anyway** (--allow-unpublishable): {len(v)} runs {k}" for k, v in bad.items()]
+    marks = [
+        f"- **published anyway** (--allow-unpublishable): {len(v)} runs {k}" for k, v in bad.items()
+    ]
     return "\n".join([
         "# Provenance of this snapshot", "",
         f"- training command: `{train or 'not given'}`; per experiment:",
@@ -354,20 +340,29 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
     atomic_write_text(out / LITERATURE, literature.markdown())
 
 
-def readme_block(snap: Path) -> str:
-    """The README's headline block: the snapshot's HEADLINE.md, or 'not yet generated'."""
+def readme_block(snap: Path, short: bool = False) -> str:
+    """The headline block: the snapshot's HEADLINE.md (and its tuned ones), or 'not yet generated'.
+
+    ``short`` (the README's) keeps the verdict tables and leaves the per-experiment rows to the
+    full block (``docs/reproducing.md``), with a link to it.
+    """
     h = snap / HEADLINE
     body = h.read_text() if h.is_file() else NOT_GENERATED + "\n"
     for t in sorted(snap.glob(f"tune_*/{HEADLINE}")) if h.is_file() else []:
         body = body.rstrip() + f"\n\nTuned (the snapshot's `{t.parent.name}/`):\n\n"
         body += t.read_text()
+    if short and h.is_file():
+        blocks = body.strip().split("\n\n")
+        body = "\n\n".join(b for b in blocks if not b.startswith(EXPERIMENTS_HEADER))
+        body += "\n\n" + SHORT_MORE
     return f"{README_START}\n{body.rstrip()}\n{README_END}"
 
 
-def splice_readme(readme: Path, snap: Path) -> None:
+def splice_readme(readme: Path, snap: Path, short: bool = False) -> None:
+    """Replace the block between the ``results`` markers of ``readme`` by :func:`readme_block`."""
     text = readme.read_text()
     a, b = text.index(README_START), text.index(README_END) + len(README_END)
-    atomic_write_text(readme, text[:a] + readme_block(snap) + text[b:])
+    atomic_write_text(readme, text[:a] + readme_block(snap, short) + text[b:])
 
 
 _VERDICT_WORDS = ("supported", "contradicted", "inconclusive", "mixed")
@@ -380,12 +375,18 @@ def check_prose(readme: str, snap: Path) -> list[str]:
     from score_exp.report.claims import ORDER
 
     verdicts: dict[str, set[str]] = {}
-    for line in (snap / "claims.md").read_text().splitlines() if (snap / "claims.md").is_file() else []:
+    for line in (
+        (snap / "claims.md").read_text().splitlines() if (snap / "claims.md").is_file() else []
+    ):
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells and cells[0] in ORDER:
-            verdicts.setdefault(cells[0].lower(), set()).update(c for c in cells if c in _VERDICT_WORDS)
+            verdicts.setdefault(cells[0].lower(), set()).update(
+                c for c in cells if c in _VERDICT_WORDS
+            )
             for part in " ".join(cells).split(";"):  # "esol: supported; freesolv: ..."
-                verdicts[cells[0].lower()].update(w for w in _VERDICT_WORDS if part.strip().endswith(w))
+                verdicts[cells[0].lower()].update(
+                    w for w in _VERDICT_WORDS if part.strip().endswith(w)
+                )
     if README_START in readme and README_END in readme:
         a, b = readme.index(README_START), readme.index(README_END)
         readme = readme[:a] + readme[b:]
@@ -398,8 +399,10 @@ def check_prose(readme: str, snap: Path) -> list[str]:
                 continue
             said = {w for w in _VERDICT_WORDS if re.search(rf"\b{w}\b", flat)}
             if said and not said & seen:
-                problems.append(f"README: \"{' '.join(sentence.split())[:120]}\" says {'/'.join(sorted(said))} "
-                                f"about {claim!r}; the snapshot says {'/'.join(sorted(seen))}")
+                problems.append(
+                    f'README: "{" ".join(sentence.split())[:120]}" says {"/".join(sorted(said))} '
+                    f"about {claim!r}; the snapshot says {'/'.join(sorted(seen))}"
+                )
     return problems
 
 
@@ -442,13 +445,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", type=Path, nargs="*", default=[], help="tune retrain folders, when present")  # fmt: skip
     p.add_argument("--command", default="make results", help="recorded in PROVENANCE.md")
     p.add_argument("--wall", help="wall time of the sweep, recorded in PROVENANCE.md")
-    p.add_argument("--readme", type=Path, help="splice HEADLINE.md into this README (with --check: "
-                   "check its prose against the snapshot's verdicts)")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        help="splice HEADLINE.md's short form into this README "
+        "(with --check: check its prose against the snapshot's verdicts)",
+    )
+    p.add_argument("--page", type=Path, help="splice all of HEADLINE.md into this page")
     p.add_argument("--train-command", help="the command that trained the runs (PROVENANCE.md)")
     p.add_argument("--tune-train-command", help="the command that trained the tuned runs")
     p.add_argument("--tune-wall", help="wall time of the tuning, recorded in tune_*/PROVENANCE.md")
-    p.add_argument("--allow-unpublishable", action="store_true",
-                   help="publish runs from a dirty tree or outside numerics=portable (marked)")
+    p.add_argument(
+        "--allow-unpublishable",
+        action="store_true",
+        help="publish runs from a dirty tree or outside numerics=portable (marked)",
+    )
     p.add_argument(
         "--check", action="store_true", help="re-render OUT from its runs.json and compare"
     )
@@ -461,10 +472,21 @@ def main(argv: list[str] | None = None) -> int:
             for line in problems:
                 print(f"snapshot: {line}", file=sys.stderr)
             return 1 if problems else 0
-        snapshot(args.out, args.runs, args.tune, args.command, args.wall, args.train_command,
-                 args.tune_train_command, args.tune_wall, args.allow_unpublishable)
+        snapshot(
+            args.out,
+            args.runs,
+            args.tune,
+            args.command,
+            args.wall,
+            args.train_command,
+            args.tune_train_command,
+            args.tune_wall,
+            args.allow_unpublishable,
+        )
         if args.readme:
-            splice_readme(args.readme, args.out)
+            splice_readme(args.readme, args.out, short=True)
+        if args.page:
+            splice_readme(args.page, args.out)
     except ScoreExpError as e:
         print(f"snapshot: error: {e}", file=sys.stderr)
         return 2

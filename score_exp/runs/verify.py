@@ -46,7 +46,9 @@ def sample(rec: dict, per_task: int, budget_s: float) -> list[dict]:
     picked = []
     for rank in range(per_task):
         for key in sorted(groups, key=str):
-            runs = sorted(groups[key], key=lambda r: (r["results"].get("wall_time_s") or 0, r["path"]))
+            runs = sorted(
+                groups[key], key=lambda r: (r["results"].get("wall_time_s") or 0, r["path"])
+            )
             if rank < len(runs):
                 picked.append(runs[rank])
     out, total = [], 0.0
@@ -60,15 +62,17 @@ def sample(rec: dict, per_task: int, budget_s: float) -> list[dict]:
 
 
 def not_portable(runs: list[dict]) -> list[str]:
-    return [r["path"] for r in runs if (r["results"].get("numerics") or {}).get("mode") != "portable"]
+    return [
+        r["path"] for r in runs if (r["results"].get("numerics") or {}).get("mode") != "portable"
+    ]
 
 
 def config_drift(run: dict) -> str | None:
     """The recorded config keys that today's config (same overrides) gives otherwise, or None."""
     from omegaconf import OmegaConf
 
-    from score_exp.io import flatten
-    from score_exp.run import compose
+    from score_exp.config import compose
+    from score_exp.runs.record import flatten
 
     try:
         cfg = compose(*run["results"]["overrides"])
@@ -89,7 +93,7 @@ def config_drift(run: dict) -> str | None:
 
 def retrain(run: dict, where: Path) -> dict:
     overrides = [o for o in run["results"]["overrides"] if not o.startswith("hydra.run.dir=")]
-    cmd = [sys.executable, "-m", "score_exp.train", *overrides, f"hydra.run.dir={where}",
+    cmd = [sys.executable, "-m", "score_exp.cli.train", *overrides, f"hydra.run.dir={where}",
            "trainer.enable_progress_bar=false", "overwrite=true"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     path = where / "results.json"
@@ -123,7 +127,10 @@ def verify(snapshot: Path, per_task: int = 2, budget_s: float = 480, jobs: int =
         print(f"verify-results: error: {snapshot / RECORD} unreadable ({e})", file=sys.stderr)
         return 2
     if not runs:
-        print(f"verify-results: error: no ok run with recorded overrides in {snapshot}", file=sys.stderr)
+        print(
+            f"verify-results: error: no ok run with recorded overrides in {snapshot}",
+            file=sys.stderr,
+        )
         return 2
     if bad := not_portable(runs):
         print(f"verify-results: error: {len(bad)} of the {len(runs)} sampled runs were not trained with "
@@ -143,6 +150,7 @@ def verify(snapshot: Path, per_task: int = 2, budget_s: float = 480, jobs: int =
     print(f"verify-results: re-training {len(runs)} runs of {snapshot} ({jobs} at a time, about "
           f"{est / 60:.1f} min by their recorded times)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="verify_results_") as tmp:
+
         def one(i_run):
             i, run = i_run
             now = retrain(run, Path(tmp) / f"run{i}")
@@ -162,14 +170,23 @@ def verify(snapshot: Path, per_task: int = 2, budget_s: float = 480, jobs: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m score_exp.runs.verify", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m score_exp.runs.verify", description=__doc__.splitlines()[0]
+    )
     p.add_argument("snapshot", type=Path, nargs="?", default=Path("docs/results"))
     p.add_argument("--per-task", type=int, default=2, help="runs per experiment and task")
-    p.add_argument("--budget-s", type=float, default=480,
-                   help="sum of the sampled runs' recorded wall times, at most (seconds)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480,
+        help="sum of the sampled runs' recorded wall times, at most (seconds)",
+    )
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--no-config-check", action="store_true",
-                   help="re-train even where today's config differs from the recorded one")
+    p.add_argument(
+        "--no-config-check",
+        action="store_true",
+        help="re-train even where today's config differs from the recorded one",
+    )
     args = p.parse_args(argv)
     return verify(args.snapshot, args.per_task, args.budget_s, args.jobs, not args.no_config_check)
 
