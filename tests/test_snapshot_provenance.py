@@ -67,3 +67,13 @@ def test_readme_prose_about_verdicts_is_checked_against_the_snapshot(tmp_path):
     bad = "In short, faster convergence is supported everywhere."
     (problem,) = check_prose(bad, out)
     assert "says supported about 'faster convergence'" in problem and "inconclusive" in problem
+
+
+def test_the_readme_prose_agrees_with_the_committed_snapshot():
+    from conftest import REPO
+
+    snap = REPO / "docs" / "results"
+    if not (snap / "claims.md").is_file():  # no snapshot: the README says "not yet generated"
+        assert "Not yet generated" in (REPO / "README.md").read_text()
+        return
+    assert check_prose((REPO / "README.md").read_text(), snap) == []
