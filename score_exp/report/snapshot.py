@@ -13,7 +13,13 @@
 - ``HEADLINE.md``: each claim's verdict per dataset and SCORE vs stacked vs the peer, spliced into
   the README between its ``results`` markers;
 - ``PROVENANCE.md``: commit, command, machine (CPU model, cores), date, the runs' own commits and
-  their wall time.
+  their wall time;
+- ``index.html``: the results page, one self-contained file (:mod:`score_exp.report.html`): the
+  headline, claims, every table (sortable), the plots inline and the provenance, of this snapshot
+  and its ``tune_<task>/`` folders; checked like the tables (its images masked).
+
+``--rerender`` re-renders a committed snapshot (tables, plots, headline, page) from its own
+``runs.json`` files when the run folders are gone, e.g. after the report's code changed.
 
 Text and images only: checkpoints, logs and run folders are never copied.
 """
@@ -44,7 +50,8 @@ PROVENANCE = "PROVENANCE.md"
 # Files score-report writes that the check compares (the plots are drawn from the same runs).
 TABLE_FILES = ("report.md", "claims.md", "runs.csv", "paired.csv", "tables.tex")
 # What a snapshot may hold: small text and images.
-ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg")
+ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg", ".html")
+PAGE_TITLE = "score_exp: published results"
 README_START = "<!-- results:start (written by `make results`: docs/results/HEADLINE.md) -->"
 README_END = "<!-- results:end -->"
 NOT_GENERATED = (
@@ -277,15 +284,74 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
     if out.exists():
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    rec, _ = _write(out, runs)
+    rec, report = _write(out, runs)
+    reports = {"": report}
     for t in tune:
         if t.exists() and scan_runs([t])[0]:
             name = t.parent.name if t.name == "retrain" else t.name
-            rec_t, _ = _write(out / f"tune_{name}", [t])
+            rec_t, reports[f"tune_{name}"] = _write(out / f"tune_{name}", [t])
             atomic_write_text(
                 out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None, dirty)
             )
     atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty))
+    write_page(out, reports)
+
+
+def write_page(snap: Path, reports: dict) -> Path:
+    """The snapshot's ``index.html`` from its reports (``""``: the main one, ``tune_<task>``: the
+    tuned ones) with their committed HEADLINE.md and PROVENANCE.md."""
+    from score_exp.report import html
+
+    return html.write_page(snap, _parts(snap, reports), PAGE_TITLE)
+
+
+def _parts(snap: Path, reports: dict) -> list:
+    from score_exp.report.html import Part
+
+    def text(path: Path) -> str:
+        return path.read_text() if path.is_file() else ""
+
+    return [
+        Part(name, report, text(snap / name / PROVENANCE), text(snap / name / HEADLINE))
+        for name, report in reports.items()
+    ]
+
+
+RERENDERED = "- re-rendered from `runs.json`"
+
+
+def rerender(snap: Path) -> None:
+    """Re-render a snapshot (and its ``tune_*`` folders) from its own ``runs.json`` files: the
+    tables, plots, headline and page the current code makes of the recorded numbers. No run is
+    read or trained; PROVENANCE.md keeps the training's provenance and says when it was
+    re-rendered."""
+    from score_exp.report.build import build_report
+
+    if not (snap / RECORD).is_file():
+        raise DataError(f"{snap}: no {RECORD} to re-render from")
+    head = _git("rev-parse", "HEAD") or "unknown"
+    dirty = " (with uncommitted changes)" if _dirty() else ""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    reports = {}
+    for d in [snap, *sorted(p for p in snap.glob("tune_*") if p.is_dir())]:
+        rec = json.loads((d / RECORD).read_text())
+        for p in d.iterdir():  # what the report writes; runs.json and PROVENANCE.md stay
+            if p.is_file() and p.name not in (RECORD, PROVENANCE) and p.suffix in ALLOWED:
+                p.unlink()
+        report = build_report([Path(p) for p in rec["paths"]], d, recorded=rec)
+        for svg in d.glob("*.svg"):
+            svg.unlink()
+        atomic_write_text(d / HEADLINE, headline(report))
+        prov = d / PROVENANCE
+        if prov.is_file():
+            lines = [x for x in prov.read_text().splitlines() if not x.startswith(RERENDERED)]
+            at = next((i for i, x in enumerate(lines) if not x.startswith("- ")
+                       and i > 0 and lines[i - 1].startswith("- ")), len(lines))  # fmt: skip
+            lines.insert(at, f"{RERENDERED} at commit `{head}`{dirty}, {when} (tables, plots, "
+                             "page; no run re-trained): `make results-page`")  # fmt: skip
+            atomic_write_text(prov, "\n".join(lines) + "\n")
+        reports["" if d == snap else d.name] = report
+    write_page(snap, reports)
 
 
 def readme_block(snap: Path) -> str:
@@ -312,12 +378,16 @@ def check(snap: Path) -> list[str]:
     folders = [d for d in [snap, *sorted(snap.glob("tune_*"))] if d.is_dir()]
     if not (snap / RECORD).is_file():
         return [f"{snap}: no {RECORD}"]
-    for d in folders:
-        rec = json.loads((d / RECORD).read_text())
-        with tempfile.TemporaryDirectory() as tmp:
-            report = build_report([Path(p) for p in rec["paths"]], Path(tmp), recorded=rec)
+    reports = {}
+    # One temporary folder for all: the page is rendered last, from every report's plots.
+    with tempfile.TemporaryDirectory() as top:
+        for k, d in enumerate(folders):
+            rec = json.loads((d / RECORD).read_text())
+            tmp = Path(top) / str(k)
+            report = build_report([Path(p) for p in rec["paths"]], tmp, recorded=rec)
+            reports["" if d == snap else d.name] = report
             for name in TABLE_FILES:
-                if (Path(tmp) / name).read_bytes() != (d / name).read_bytes():
+                if (tmp / name).read_bytes() != (d / name).read_bytes():
                     problems.append(f"{d / name}: differs from what score-report makes of {RECORD}")
             if headline(report) != (d / HEADLINE).read_text():
                 problems.append(f"{d / HEADLINE}: differs from the re-rendered headline")
@@ -327,6 +397,29 @@ def check(snap: Path) -> list[str]:
             for p in d.iterdir():
                 if p.is_file() and p.suffix not in ALLOWED:
                     problems.append(f"{p}: not text or an image")
+        problems += _check_page(snap, reports)
+    return problems
+
+
+def _check_page(snap: Path, reports: dict) -> list[str]:
+    """The committed page against the one re-rendered from runs.json (images masked: the plots
+    are drawn from the same runs), and each of its images a PNG."""
+    import base64
+
+    from score_exp.report import html
+
+    page = snap / html.PAGE
+    if not page.is_file():
+        return [f"{page}: missing (make results writes it)"]
+    committed = page.read_text()
+    problems = []
+    made = html.page(_parts(snap, reports), PAGE_TITLE)
+    if html.mask_images(committed) != html.mask_images(made):
+        problems.append(f"{page}: differs from the page score-report makes of {RECORD}")
+    for uri in html.IMAGE_RE.findall(committed):
+        if not base64.b64decode(uri.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n"):
+            problems.append(f"{page}: an inlined image is not a PNG")
+            break
     return problems
 
 
@@ -344,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--check", action="store_true", help="re-render OUT from its runs.json and compare"
     )
+    p.add_argument(
+        "--rerender",
+        action="store_true",
+        help="re-render OUT (tables, plots, HEADLINE.md, index.html) from its own runs.json "
+        "files, with the current code; no run folder needed",
+    )
     args = p.parse_args(argv)
     try:
         if args.check:
@@ -351,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             for line in problems:
                 print(f"snapshot: {line}", file=sys.stderr)
             return 1 if problems else 0
-        snapshot(args.out, args.runs, args.tune, args.command, args.wall)
+        if args.rerender:
+            rerender(args.out)
+        else:
+            snapshot(args.out, args.runs, args.tune, args.command, args.wall)
         if args.readme:
             splice_readme(args.readme, args.out)
     except ScoreExpError as e:
