@@ -101,7 +101,7 @@ def _scatter(task: str, vs: list[Variant], out: Path, slug: str, key: str, xlabe
             continue
         err = statistics.stdev(ys) if len(ys) > 1 else 0.0
         pts.append((v.label, x, statistics.fmean(ys), err))
-    if not pts:
+    if len({x for _, x, _, _ in pts}) < 2:  # one x for every variant (equal params): says nothing
         return []
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, x, y, err in pts:
