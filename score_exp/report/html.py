@@ -338,7 +338,7 @@ JS = """
 
 def write_page(out: Path, parts: list[Part], title: str = "score_exp results") -> Path:
     """Write :func:`page` to ``out/index.html`` (atomically) and return its path."""
-    from score_exp.io import atomic_write_text
+    from score_exp.runs.files import atomic_write_text
 
     path = out / PAGE
     atomic_write_text(path, page(parts, title))
