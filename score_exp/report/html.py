@@ -57,17 +57,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
 
 
-def _cell(text: str, tag: str = "td") -> str:
+def _cell(text: str, lists: bool = False) -> str:
     classes = ["verdict", text] if text in VERDICT_CLASSES else []
     if len(text) <= 24:  # numbers, intervals, short labels: never broken over two lines
         classes.append("nw")
     cls = f' class="{" ".join(classes)}"' if classes else ""
-    return f"<{tag}{cls}>{_inline(text)}</{tag}>"
+    body = "<br>".join(_inline(x) for x in text.split("; ")) if lists else _inline(text)
+    return f"<td{cls}>{body}</td>"
 
 
-def table_html(header: list[str], rows: list[list[str]], title: str = "", note: str = "") -> str:
+def table_html(header: list[str], rows: list[list[str]], title: str = "", note: str = "",
+               lists: bool = False) -> str:  # fmt: skip
     """A sortable table; ``data-rows`` holds how many rows the data has (the browser test counts
-    the rendered rows against the report's own tables)."""
+    the rendered rows against the report's own tables). ``lists``: a cell's "; "-separated items
+    (HEADLINE.md's per-experiment cells) one per line."""
     out = ['<div class="table">']
     if title:
         out.append(f"<h4>{_inline(title)}</h4>")
@@ -76,7 +79,7 @@ def table_html(header: list[str], rows: list[list[str]], title: str = "", note: 
         f'<th scope="col" aria-sort="none" title="sort by {esc(h)}">{_inline(h)}</th>'
         for h in header) + "</tr></thead>")  # fmt: skip
     out.append("<tbody>")
-    out += ["<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows]
+    out += ["<tr>" + "".join(_cell(c, lists) for c in row) + "</tr>" for row in rows]
     out.append("</tbody></table></div>")
     if note:
         out.append(f'<div class="note">{markdown(note)}</div>')
@@ -108,7 +111,7 @@ def markdown(text: str) -> str:
                 block.append([c.strip() for c in lines[i].strip().strip("|").split(" | ")])
                 i += 1
             header, body = block[0], [r for r in block[1:] if not re.fullmatch(r"[-|: ]*", "|".join(r))]  # fmt: skip
-            out.append(table_html(header, body))
+            out.append(table_html(header, body, lists=True))
         elif line.startswith("- "):
             items: list[str] = []
             while i < len(lines) and (lines[i].startswith("- ") or (items and lines[i].startswith("  "))):  # fmt: skip
@@ -207,12 +210,17 @@ def _part_html(part: Part, prefix: str) -> tuple[str, list[tuple[str, str]]]:
 
 def page(parts: list[Part], title: str = "score_exp results") -> str:
     """The whole page: a table of contents, then each part (the main report first)."""
-    bodies, toc = [], []
+    bodies, nav = [], []
     for k, part in enumerate(parts):
         body, entries = _part_html(part, "" if k == 0 else f"{_slug(part.name)}-")
         bodies.append(body)
-        toc += entries
-    nav = "".join(f'<li><a href="#{a}">{esc(t)}</a></li>' for a, t in toc)
+        # Long experiment names break after an underscore, not inside a word.
+        items = [f'<li><a href="#{a}">{esc(t).replace("_", "_<wbr>")}</a></li>' for a, t in entries]
+        if k == 0:
+            nav += items
+        else:  # a tuned part: its own entry, with its sections under it
+            nav.append(f"{items[0][:-5]}<ol>{''.join(items[1:])}</ol></li>")
+    nav = "".join(nav)
     return TEMPLATE.format(title=esc(title), nav=nav, body="\n".join(bodies), css=CSS, js=JS)
 
 
@@ -263,17 +271,18 @@ CSS = """
 * { box-sizing: border-box; }
 body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
   color: var(--fg); display: flex; align-items: flex-start; }
-nav { position: sticky; top: 0; width: 17rem; flex: none; height: 100vh; overflow-y: auto;
+nav { position: sticky; top: 0; width: 19rem; flex: none; height: 100vh; overflow-y: auto;
   padding: 1rem; border-right: 1px solid var(--line); background: #fbfcfd; font-size: 13px; }
 nav h1 { font-size: 1.15rem; margin: 0 0 .3rem; }
 nav ol { padding-left: 1.2rem; margin: .5rem 0; }
-nav li { margin: .15rem 0; }
+nav li { margin: .15rem 0; overflow-wrap: anywhere; }
 nav a { color: var(--accent); text-decoration: none; }
 .hint { color: var(--muted); margin: 0; }
 main { flex: 1; min-width: 0; padding: 1rem 2rem 4rem; max-width: 1500px; }
 h2 { border-bottom: 2px solid var(--line); padding-bottom: .2rem; margin-top: 2.2rem; }
 h2.part { border-bottom-color: var(--accent); }
 h4 { margin: 1.2rem 0 .4rem; }
+.table { margin-bottom: 1.2rem; }
 .summary, .direction { color: var(--muted); }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
