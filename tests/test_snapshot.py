@@ -88,7 +88,7 @@ def test_the_results_page_is_checked_like_the_tables(tmp_path):
     assert "http://" not in text and "https://" not in text
     for part in ("Headline", "Claims of the paper", "Provenance", "command: <code>make results"):
         assert part in text, part
-    assert 'class="verdict supported"' in text and "lower is better" in text
+    assert 'class="verdict supported' in text and "lower is better" in text
     page.write_text(text.replace("verdict supported", "verdict contradicted", 1))
     assert check(out) == [f"{page}: differs from the page score-report makes of {RECORD}"]
     page.write_text(IMAGE_RE.sub("data:image/png;base64,AAAA", text, count=1))
