@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary(report))
     if args.html:
-        from score_exp.report.html import Part, provenance_markdown, write_page
+        from score_exp.report.html import Part, write_page
 
         command = " ".join(["score-report", *(argv if argv is not None else sys.argv[1:])])
-        page = write_page(args.out, [Part("", report, provenance_markdown(report, command))])
+        page = write_page(args.out, [Part("", report, provenance(report, command))])
     if args.wandb:
         where = log_to_wandb(report, project=args.wandb_project)
         print(f"W&B run written to {where}")
@@ -121,6 +121,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.html:
         print(f"page: {page}")
     return 0
+
+
+def provenance(report, command: str) -> str:
+    """Provenance of a ``score-report --html`` page: command, the commit of the code that made it
+    (the checkout score_exp runs from, not the working folder), machine, date, the runs' own
+    commits and folders."""
+    import datetime
+    import subprocess
+
+    from score_exp.report.snapshot import machine
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[2],
+                                 capture_output=True, text=True, timeout=10)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""  # fmt: skip
+    commits = sorted({str(run.results.get("git") or "unknown") for run in report.runs})
+    folders = sorted({str(run.path.parent) for run in report.runs})
+    shown = folders[:10] + ([f"... and {len(folders) - 10} more"] if len(folders) > 10 else [])
+    return "\n".join([
+        f"- command: `{command}`",
+        f"- commit of the code that made this page: `{head}`{dirty}",
+        f"- commits the runs were trained at: {', '.join(f'`{c}`' for c in commits) or 'none'}",
+        f"- machine: {machine()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- folders of the runs: {', '.join(f'`{f}`' for f in shown)}",
+        f"- the same tables as Markdown, LaTeX and CSV: `{report.out}`",
+    ])  # fmt: skip
 
 
 # Tables printed in full on the terminal: what a researcher reads first. The others (integrators,

@@ -35,7 +35,7 @@ class Part:
 
     name: str
     report: object  # score_exp.report.build.Report
-    provenance: str  # Markdown (PROVENANCE.md, or :func:`provenance_markdown`)
+    provenance: str  # Markdown (PROVENANCE.md, or score-report's own: report.cli.provenance)
     headline: str = ""  # Markdown (HEADLINE.md), shown first
 
 
@@ -222,29 +222,6 @@ def page(parts: list[Part], title: str = "score_exp results") -> str:
             nav.append(f"{items[0][:-5]}<ol>{''.join(items[1:])}</ol></li>")
     nav = "".join(nav)
     return TEMPLATE.format(title=esc(title), nav=nav, body="\n".join(bodies), css=CSS, js=JS)
-
-
-def provenance_markdown(report, command: str) -> str:
-    """Provenance of a ``score-report --html`` page: command, code commit, machine, date, the
-    runs' own commits and folders."""
-    import datetime
-
-    from score_exp.report.snapshot import _git, machine
-
-    head = _git("rev-parse", "HEAD") or "unknown"
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else ""  # fmt: skip
-    commits = sorted({str(run.results.get("git") or "unknown") for run in report.runs})
-    folders = sorted({str(run.path.parent) for run in report.runs})
-    shown = folders[:10] + ([f"... and {len(folders) - 10} more"] if len(folders) > 10 else [])
-    return "\n".join([
-        f"- command: `{command}`",
-        f"- commit of the code that made this page: `{head}`{dirty}",
-        f"- commits the runs were trained at: {', '.join(f'`{c}`' for c in commits) or 'none'}",
-        f"- machine: {machine()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- folders of the runs: {', '.join(f'`{f}`' for f in shown)}",
-        f"- the same tables as Markdown, LaTeX and CSV: `{report.out}`",
-    ])  # fmt: skip
 
 
 TEMPLATE = """<!DOCTYPE html>
