@@ -208,14 +208,19 @@ def _part_html(part: Part, prefix: str) -> tuple[str, list[tuple[str, str]]]:
     return "\n".join(out), toc
 
 
+def _breakable(text: str) -> str:
+    """Long experiment names may break after an underscore (never inside a word); short ones
+    (``esol_gnn``) stay whole."""
+    return " ".join(w.replace("_", "_<wbr>") if len(w) > 20 else w for w in esc(text).split(" "))
+
+
 def page(parts: list[Part], title: str = "score_exp results") -> str:
     """The whole page: a table of contents, then each part (the main report first)."""
     bodies, nav = [], []
     for k, part in enumerate(parts):
         body, entries = _part_html(part, "" if k == 0 else f"{_slug(part.name)}-")
         bodies.append(body)
-        # Long experiment names break after an underscore, not inside a word.
-        items = [f'<li><a href="#{a}">{esc(t).replace("_", "_<wbr>")}</a></li>' for a, t in entries]
+        items = [f'<li><a href="#{a}">{_breakable(t)}</a></li>' for a, t in entries]
         if k == 0:
             nav += items
         else:  # a tuned part: its own entry, with its sections under it
