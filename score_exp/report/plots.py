@@ -41,7 +41,7 @@ def val_curves(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]
     for v in vs:
         curves: dict[int, list[float]] = {}
         for r in v.ok_runs:
-            metric = r.results.get("best_val", {}).get("metric", metric)
+            metric = (r.record.best_val or {}).get("metric", metric)
             for row in r.curve:
                 x = row["step"] if by_step or row["epoch"] is None else row["epoch"] + 1
                 curves.setdefault(x, []).append(row["value"])
@@ -179,7 +179,7 @@ def connection_heatmaps(task: str, vs: list[Variant], out: Path, slug: str) -> l
 
     maps = []
     for v in vs:
-        ws = [np.asarray(w) for r in v.ok_runs if (w := r.results.get("connection_weights"))]
+        ws = [np.asarray(w) for r in v.ok_runs if (w := r.record.connection_weights)]
         if ws and all(w.shape == ws[0].shape for w in ws):
             maps.append((v.label, np.mean(ws, axis=0), len(ws)))
     if not maps:

@@ -66,7 +66,7 @@ def record(paths: list[Path]) -> dict:
         "runs": [
             {
                 "path": str(r.path),
-                "results": r.results,
+                "results": r.record.to_dict(),
                 "config": {
                     k: v for k, v in sorted(r.config.items()) if k in keys or k.startswith("depth.")
                 },  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 from score_exp.runs import fingerprint as ident
 from score_exp.runs.files import UnsafeRunFile, check_move_aside
 from score_exp.runs.lock import RunLock
-from score_exp.runs.record import MOVED_ASIDE, RunDirError, RunFolder, RunRecord
+from score_exp.runs.record import ASIDE_STAMP, MOVED_ASIDE, RunDirError, RunFolder, RunRecord
 
 log = logging.getLogger("score_exp.runs")
 
@@ -27,7 +27,7 @@ def move_aside(run_dir: Path) -> Path:
         check_move_aside(run_dir, MOVED_ASIDE)  # never moves anything outside the run's parent
     except UnsafeRunFile as e:
         raise RunDirError(str(e)) from None
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    stamp = datetime.datetime.now().strftime(ASIDE_STAMP)
     aside = RunFolder(run_dir).moved_aside
     target = aside / f"{run_dir.name}-{stamp}"
     n = 1
