@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from score_exp.errors import DataError
 from score_exp.report import plots
 from score_exp.report.claims import (
     across_datasets,
@@ -70,8 +71,6 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
     else:
         runs, missing, unreadable = recorded_runs(recorded)
     if not runs and not missing and not unreadable:
-        from score_exp.errors import DataError
-
         raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from score_exp.report.runs import Run
+from score_exp.report.runs import Run, last_values
 from score_exp.report.tables import eval_settings, iteration_based
 from score_exp.report.variants import Variant
 from score_exp.runs.record import METRICS
@@ -202,8 +202,6 @@ def connection_heatmaps(task: str, vs: list[Variant], out: Path, slug: str) -> l
 
 def diagnostics(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]:
     """Per-step contraction ratio and relative state change at the last validation, per variant."""
-    from score_exp.report.runs import last_values
-
     series = []
     for v in vs:
         per_run = [last_values(r.path / METRICS, "diag/") for r in v.ok_runs]

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from score_exp.runs import cluster
 from score_exp.runs import fingerprint as ident
 from score_exp.runs.files import UnsafeRunFile, check_move_aside
 from score_exp.runs.lock import RunLock
@@ -146,8 +147,6 @@ def claim_for_ranks(
         RunDirError: on every rank, when rank 0 refused the folder
             (:func:`score_exp.runs.cluster.decide_together`).
     """
-    from score_exp.runs import cluster
-
     lock = None
 
     def decide() -> dict:
