@@ -124,7 +124,7 @@ class RunRecord:
     task: str | None = None
     status: str | None = None  # running, ok, diverged, failed, interrupted
     seed: int | None = None
-    depth: dict[str, Any] | None = None  # share, update, steps, dt, integrator (+ options on)
+    depth: dict[str, Any] | None = None  # tasks.results.depth_fields: the paper five + options on
     depth_preset: str | None = _null()
     experiment: str | None = _null()
     run_dir: str | None = None
