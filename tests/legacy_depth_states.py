@@ -35,8 +35,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[tuple]]] = {
         [("set_steps", 2)],
     ),
     "growth_stacked": (
-        {"share": False, "steps": 4, "dt": 0.5, "update": "residual",
-         "growth": [[0, 1], [2, 2], [4, 4]]},  # fmt: skip
+        {
+            "share": False,
+            "steps": 4,
+            "dt": 0.5,
+            "update": "residual",
+            "growth": [[0, 1], [2, 2], [4, 4]],
+        },  # fmt: skip
         [("refine",)],
     ),
     "inject_concat": ({"steps": 3, "dt": 0.5, "inject": "concat"}, []),
@@ -84,7 +89,11 @@ def _generate() -> dict[str, Any]:
         with torch.no_grad():
             y = depth(h0())
         state = {
-            k: {"shape": list(v.shape), "dtype": str(v.dtype), "values": v.double().reshape(-1).tolist()}
+            k: {
+                "shape": list(v.shape),
+                "dtype": str(v.dtype),
+                "values": v.double().reshape(-1).tolist(),
+            }
             for k, v in depth.state_dict().items()
         }
         out[name] = {"spec": VARIANTS[name][0], "calls": VARIANTS[name][1], "state_dict": state,

@@ -66,7 +66,8 @@ class RecurrentDepth(nn.Module):
             ``F(h, **ctx) -> Tensor`` of the same shape as ``h``. Called once when
             ``spec.share`` else once per (initial) step. A block whose forward takes a
             keyword ``step`` is also given a :class:`~loop.StepContext` (step index,
-            integrator stage, running rows) at every call.
+            integrator stage, running rows) at every call (``takes_step``, read from the
+            first block's signature).
         spec: the depth specification.
         width: the state's last dimension; needed by ``inject="concat"`` (its ``(C, 2C)``
             projection) and ``halt="ponder"`` (the halting head).
@@ -101,13 +102,14 @@ class RecurrentDepth(nn.Module):
         self.growth = Growth(spec)  # the active step count (active_steps with a schedule)
         n_blocks = 1 if spec.share else self.growth.steps
         self.blocks = nn.ModuleList(block_factory() for _ in range(n_blocks))
+        # Read once from the factory's block (a plain bool, so torch.compile guards on it).
+        self.takes_step = takes_step(self.blocks[0])
         # Parameter order as before the parts (an optimiser's state is saved by position).
         self.mixing = Mixing(spec)  # the chain, or ANCRe's connections
         self.step_size = StepSize(spec)  # fixed dt, or the learned logit
         self.injection = Injection(spec, width)  # F as every step sees it, and h_0
         self.halting = Halting(spec, width)  # PonderNet's head, or the identity
         self.step_count = StepCount(spec)  # train_steps: the drawn count
-        self._takes_step = [takes_step(b) for b in self.blocks]
         self._active: Discretisation | None = None  # discretised() / replaying()
         self._record: PonderRecorder | None = None  # the last training forward's record
         self.last_steps_used: Tensor | None = None
@@ -190,16 +192,16 @@ class RecurrentDepth(nn.Module):
         return self._update(l, x, e, dt, integrator, rows, **ctx)
 
     def _update(self, l, x, e, dt, integrator, rows, **ctx) -> Tensor:
-        i = 0 if self.spec.share else l
-        F = self.injection(self.blocks[i], e)
-        context = (lambda stage: StepContext(l, stage, rows)) if self._takes_step[i] else None
+        block = self.blocks[0 if self.spec.share else l]
+        F = self.injection(block, e)
+        context = (lambda stage: StepContext(l, stage, rows)) if self.takes_step else None
         return update_step(F, x, dt, self.spec.update, integrator, ctx, context)
 
     def _call_block(self, l: int, x: Tensor, e: Tensor, ctx: dict, rows: Tensor | None) -> Tensor:
         """``F`` of step ``l`` at ``x`` as a step sees it (injected), without the update rule."""
-        i = 0 if self.spec.share else l
-        F = self.injection(self.blocks[i], e)
-        if self._takes_step[i]:
+        block = self.blocks[0 if self.spec.share else l]
+        F = self.injection(block, e)
+        if self.takes_step:
             return F(x, step=StepContext(l, 0, rows), **ctx)
         return F(x, **ctx)
 
@@ -354,12 +356,8 @@ class RecurrentDepth(nn.Module):
         if self.spec.share:
             raise ValueError("refine is for stacked depths; a shared depth grows by set_steps()")
         self.growth.check()
-        self._set_blocks(doubled(self.blocks))
+        self.blocks = doubled(self.blocks)
         self.growth.set(len(self.blocks))
-
-    def _set_blocks(self, blocks: nn.ModuleList) -> None:
-        self.blocks = blocks
-        self._takes_step = [takes_step(b) for b in blocks]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Checkpoints from before the parts were child modules: their keys, renamed.
@@ -368,7 +366,7 @@ class RecurrentDepth(nn.Module):
         # now: resize the block list before the children load their tensors.
         n = blocks_in_state_dict(state_dict, prefix)
         if not self.spec.share and n and n != len(self.blocks):
-            self._set_blocks(resized(self.blocks, n))
+            self.blocks = resized(self.blocks, n)
             self.growth.steps = n
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -44,7 +44,8 @@ class StepContext:
 
 
 def takes_step(block: nn.Module) -> bool:
-    """Whether ``block``'s forward takes the :class:`StepContext` (a parameter named ``step``)."""
+    """Whether ``block``'s forward takes the :class:`StepContext` (a parameter named ``step``),
+    read from its signature (as PyG's ``MessagePassing`` reads its ``message``'s)."""
     try:
         return "step" in inspect.signature(block.forward).parameters
     except (TypeError, ValueError):  # a builtin without a signature
