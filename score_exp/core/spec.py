@@ -2,7 +2,8 @@
 
 Also the schema of the ``depth`` config group. Every choice is a typed ``Literal`` whose values
 are also the tuple of valid names (``UPDATES``, ...); OmegaConf 2.3 has no ``Literal``, so the
-group's schema (``depth_schema``) declares them ``str`` and ``__post_init__`` checks the value.
+group's schema (``score_exp.config.depth_schema``) declares them ``str`` and ``__post_init__``
+checks the value.
 """
 
 from __future__ import annotations
