@@ -157,7 +157,7 @@ results: $(STAMP)  ## publish docs/results/ (report, claims, plots, index.html, 
 # The committed snapshot re-rendered by the current report code from its own runs.json files (no
 # run folder, nothing trained): tables, plots, headline and the page docs/results/index.html.
 results-page: $(STAMP)  ## re-render docs/results/ (tables, plots, index.html) from its runs.json, then check it
-	$(BIN)/python -m score_exp.report.snapshot --rerender --out $(RESULTS_DIR) \
+	$(BIN)/python -m score_exp.report.rerender --out $(RESULTS_DIR) \
 	  --readme $(RESULTS_README) --page $(RESULTS_PAGE)
 	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 

@@ -15,6 +15,7 @@ from conftest import QUIET, REPO, cli_env, run_cli
 from test_report import write_run
 
 from score_exp.report.html import IMAGE_RE
+from score_exp.report.rerender import rerender
 from score_exp.report.snapshot import (
     HEADLINE,
     NOT_GENERATED,
@@ -24,7 +25,6 @@ from score_exp.report.snapshot import (
     RECORD,
     check,
     readme_block,
-    rerender,
     snapshot,
     splice_readme,
 )

@@ -142,7 +142,7 @@ def provenance(report, command: str) -> str:
 
     head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
     dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""  # fmt: skip
-    commits = sorted({str(run.results.get("git") or "unknown") for run in report.runs})
+    commits = sorted({str(run.get("git") or "unknown") for run in report.runs})
     folders = sorted({str(run.path.parent) for run in report.runs})
     shown = folders[:10] + ([f"... and {len(folders) - 10} more"] if len(folders) > 10 else [])
     return "\n".join([

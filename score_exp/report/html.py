@@ -327,6 +327,33 @@ JS = """
 """
 
 
+def folder_parts(snap: Path, reports: dict, provenance: str, headline: str) -> list[Part]:
+    """The parts of a published snapshot's page: ``reports`` by folder (``""``: ``snap`` itself,
+    ``tune_<task>``: a tuned one), each with its own provenance and headline files."""
+
+    def text(path: Path) -> str:
+        return path.read_text() if path.is_file() else ""
+
+    return [Part(name, report, text(snap / name / provenance), text(snap / name / headline))
+            for name, report in reports.items()]  # fmt: skip
+
+
+def check_page(path: Path, made: str, record: str) -> list[str]:
+    """A committed page against ``made``, the one re-rendered from ``record`` (images masked: the
+    plots are drawn from the same runs), and each of its images a PNG."""
+    if not path.is_file():
+        return [f"{path}: missing (make results writes it)"]
+    committed = path.read_text()
+    problems = []
+    if mask_images(committed) != mask_images(made):
+        problems.append(f"{path}: differs from the page score-report makes of {record}")
+    for uri in IMAGE_RE.findall(committed):
+        if not base64.b64decode(uri.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n"):
+            problems.append(f"{path}: an inlined image is not a PNG")
+            break
+    return problems
+
+
 def write_page(out: Path, parts: list[Part], title: str = "score_exp results") -> Path:
     """Write :func:`page` to ``out/index.html`` (atomically) and return its path."""
     from score_exp.runs.files import atomic_write_text

@@ -19,8 +19,7 @@
   headline, claims, every table (sortable), the plots inline and the provenance, of this snapshot
   and its ``tune_<task>/`` folders; checked like the tables (its images masked).
 
-``--rerender`` re-renders a committed snapshot (tables, plots, headline, page) from its own
-``runs.json`` files when the run folders are gone, e.g. after the report's code changed.
+:mod:`score_exp.report.rerender` re-renders a committed snapshot from its own ``runs.json`` files.
 
 Text and images only: checkpoints, logs and run folders are never copied.
 """
@@ -41,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
+from score_exp.report import html
 from score_exp.report.build import build_report
 from score_exp.report.runs import missing_runs, recorded_result, scan_runs, varied_keys
 from score_exp.runs.files import atomic_write_text
@@ -282,59 +282,8 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
 
 def write_page(snap: Path, reports: dict) -> Path:
     """The snapshot's ``index.html`` from its reports (``""``: the main one, ``tune_<task>``: the
-    tuned ones) with their committed HEADLINE.md and PROVENANCE.md."""
-    from score_exp.report import html
-
-    return html.write_page(snap, _parts(snap, reports), PAGE_TITLE)
-
-
-def _parts(snap: Path, reports: dict) -> list:
-    from score_exp.report.html import Part
-
-    def text(path: Path) -> str:
-        return path.read_text() if path.is_file() else ""
-
-    return [
-        Part(name, report, text(snap / name / PROVENANCE), text(snap / name / HEADLINE))
-        for name, report in reports.items()
-    ]
-
-
-RERENDERED = "- re-rendered from `runs.json`"
-
-
-def rerender(snap: Path) -> None:
-    """Re-render a snapshot (and its ``tune_*`` folders) from its own ``runs.json`` files: the
-    tables, plots, headline and page the current code makes of the recorded numbers. No run is
-    read or trained; PROVENANCE.md keeps the training's provenance and says when it was
-    re-rendered."""
-    from score_exp.report.build import build_report
-
-    if not (snap / RECORD).is_file():
-        raise DataError(f"{snap}: no {RECORD} to re-render from")
-    head = _git("rev-parse", "HEAD") or "unknown"
-    dirty = " (with uncommitted changes)" if _dirty() else ""
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    reports = {}
-    for d in [snap, *sorted(p for p in snap.glob("tune_*") if p.is_dir())]:
-        rec = json.loads((d / RECORD).read_text())
-        for p in d.iterdir():  # what the report writes; runs.json and PROVENANCE.md stay
-            if p.is_file() and p.name not in (RECORD, PROVENANCE) and p.suffix in ALLOWED:
-                p.unlink()
-        report = build_report([Path(p) for p in rec["paths"]], d, recorded=rec)
-        for svg in d.glob("*.svg"):
-            svg.unlink()
-        atomic_write_text(d / HEADLINE, headline(report))
-        prov = d / PROVENANCE
-        if prov.is_file():
-            lines = [x for x in prov.read_text().splitlines() if not x.startswith(RERENDERED)]
-            at = next((i for i, x in enumerate(lines) if not x.startswith("- ")
-                       and i > 0 and lines[i - 1].startswith("- ")), len(lines))  # fmt: skip
-            lines.insert(at, f"{RERENDERED} at commit `{head}`{dirty}, {when} (tables, plots, "
-                             "page; no run re-trained): `make results-page`")  # fmt: skip
-            atomic_write_text(prov, "\n".join(lines) + "\n")
-        reports["" if d == snap else d.name] = report
-    write_page(snap, reports)
+    tuned ones) and their HEADLINE.md and PROVENANCE.md."""
+    return html.write_page(snap, html.folder_parts(snap, reports, PROVENANCE, HEADLINE), PAGE_TITLE)
 
 
 def readme_block(snap: Path, short: bool = False) -> str:
@@ -387,29 +336,8 @@ def check(snap: Path) -> list[str]:
             for p in d.iterdir():
                 if p.is_file() and p.suffix not in ALLOWED:
                     problems.append(f"{p}: not text or an image")
-        problems += _check_page(snap, reports)
-    return problems
-
-
-def _check_page(snap: Path, reports: dict) -> list[str]:
-    """The committed page against the one re-rendered from runs.json (images masked: the plots
-    are drawn from the same runs), and each of its images a PNG."""
-    import base64
-
-    from score_exp.report import html
-
-    page = snap / html.PAGE
-    if not page.is_file():
-        return [f"{page}: missing (make results writes it)"]
-    committed = page.read_text()
-    problems = []
-    made = html.page(_parts(snap, reports), PAGE_TITLE)
-    if html.mask_images(committed) != html.mask_images(made):
-        problems.append(f"{page}: differs from the page score-report makes of {RECORD}")
-    for uri in html.IMAGE_RE.findall(committed):
-        if not base64.b64decode(uri.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n"):
-            problems.append(f"{page}: an inlined image is not a PNG")
-            break
+        made = html.page(html.folder_parts(snap, reports, PROVENANCE, HEADLINE), PAGE_TITLE)
+        problems += html.check_page(snap / html.PAGE, made, RECORD)
     return problems
 
 
@@ -428,12 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--check", action="store_true", help="re-render OUT from its runs.json and compare"
     )
-    p.add_argument(
-        "--rerender",
-        action="store_true",
-        help="re-render OUT (tables, plots, HEADLINE.md, index.html) from its own runs.json "
-        "files, with the current code; no run folder needed",
-    )
     args = p.parse_args(argv)
     try:
         if args.check:
@@ -441,10 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in problems:
                 print(f"snapshot: {line}", file=sys.stderr)
             return 1 if problems else 0
-        if args.rerender:
-            rerender(args.out)
-        else:
-            snapshot(args.out, args.runs, args.tune, args.command, args.wall)
+        snapshot(args.out, args.runs, args.tune, args.command, args.wall)
         if args.readme:
             splice_readme(args.readme, args.out, short=True)
         if args.page:
