@@ -17,7 +17,7 @@ export WANDB_SILENT ?= true
 ARGS ?=
 
 .PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
-	gpu-check claims-datasets-cpu tune-gnn-cpu test-cluster results verify-results
+	gpu-check claims-datasets-cpu tune-gnn-cpu test-cluster results results-page verify-results
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -151,7 +151,7 @@ RESULTS_PAGE ?= docs/reproducing.md
 
 # Refused when a run was trained on a tree with uncommitted changes (git '-dirty') or outside the
 # portable numerics mode: ALLOW_UNPUBLISHABLE=1 publishes them anyway, marked in PROVENANCE.md.
-results: $(STAMP)  ## publish docs/results/ (report, claims, plots, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
+results: $(STAMP)  ## publish docs/results/ (report, claims, plots, index.html, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
 	$(BIN)/python -m score_exp.report.snapshot $(RESULTS_RUNS) --tune $(RESULTS_TUNE) \
 	  --out $(RESULTS_DIR) --readme $(RESULTS_README) \
 	  --page $(RESULTS_PAGE) $(if $(WALL),--wall "$(WALL)") \
@@ -165,6 +165,13 @@ results: $(STAMP)  ## publish docs/results/ (report, claims, plots, runs.csv + P
 # difference, 2 when the snapshot holds runs made outside the portable mode.
 verify-results: $(STAMP)  ## re-train a sample of docs/results/'s runs here and check they give the same bits
 	$(BIN)/python -m score_exp.runs.verify $(RESULTS_DIR) --jobs $(JOBS) $(ARGS)
+
+# The committed snapshot re-rendered by the current report code from its own runs.json files (no
+# run folder, nothing trained): tables, plots, headline and the page docs/results/index.html.
+results-page: $(STAMP)  ## re-render docs/results/ (tables, plots, index.html) from its runs.json, then check it
+	$(BIN)/python -m score_exp.report.rerender --out $(RESULTS_DIR) \
+	  --readme $(RESULTS_README) --page $(RESULTS_PAGE)
+	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 
 tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-training + report
 	@for t in esol_mlp esol_gnn; do \
