@@ -72,7 +72,7 @@ def config_drift(run: dict) -> str | None:
     from omegaconf import OmegaConf
 
     from score_exp.config import compose
-    from score_exp.runs.record import flatten
+    from score_exp.runs.fingerprint import flatten
 
     try:
         cfg = compose(*run["results"]["overrides"])
