@@ -299,16 +299,25 @@ def _value_text(o: Any) -> str:
 
 
 def _arguments(target: str) -> list[str] | None:
-    """The keyword arguments ``target`` (a class or function path) takes; None if any (**kw)."""
+    """The keyword arguments ``target`` (a class or function path) takes, through the classes
+    its ``**kwargs`` reach (``super().__init__(**kwargs)``); None when that cannot be told."""
     import inspect
 
     from hydra.utils import get_object
 
     try:
         obj = get_object(target)
-        sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+        inits = (
+            [k.__dict__["__init__"] for k in obj.__mro__ if "__init__" in k.__dict__]
+            if inspect.isclass(obj)
+            else [obj]
+        )
+        names: list[str] = []
+        for init in inits:
+            params = inspect.signature(init).parameters.values()
+            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                return names
     except Exception:
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return list(sig.parameters)
+    return None  # **kwargs all the way up: anything may be taken

@@ -411,10 +411,27 @@ def check_command_line(argv: list[str]) -> None:
     config groups, keys and, for one run, the values no constructor owns (seed, budget, depth,
     objective)."""
     cfg = check_overrides(argv, CONFIG_DIR)
-    if cfg is not None and not {"-m", "--multirun"} & set(argv):
-        check_run_config(cfg)
-        depth_spec(cfg)
-        objective(cfg, {})
+    if cfg is None or {"-m", "--multirun"} & set(argv):
+        return  # a sweep's values may differ job by job: each job checks its own
+    check_run_config(cfg)
+    depth_spec(cfg)
+    objective(cfg, {})
+    _check_constructors(cfg)
+
+
+def _check_constructors(cfg: DictConfig) -> None:
+    """The values the data module and the LightningModule check in their constructors (cheap:
+    nothing is read or built), before Hydra makes the run folder."""
+    import torch
+    from hydra.utils import instantiate
+
+    for node, kwargs in (("data", {}), ("module", {"model": torch.nn.Identity()})):
+        try:
+            instantiate(cfg.task[node], **kwargs)
+        except Exception as e:
+            if (error := user_error(e)) is not None:
+                raise error from None
+            # Anything else (an argument only the data provides): the run reports it itself.
 
 
 def main() -> None:
