@@ -222,8 +222,18 @@ def _trainer(cfg: DictConfig, callbacks: list, loggers: list):
 
     from score_exp.tasks.callbacks import AtomicCheckpointIO
 
+    # task.val_check_interval counts optimiser steps; Lightning's counts training batches, which
+    # gradient accumulation makes several per step.
+    every, accumulate = (
+        cfg.trainer.get("val_check_interval"),
+        cfg.trainer.get("accumulate_grad_batches"),
+    )
+    steps = {}
+    if isinstance(every, int) and isinstance(accumulate, int) and accumulate > 1:
+        steps["val_check_interval"] = every * accumulate
     trainer = instantiate(
         cfg.trainer,
+        **steps,
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],  # atomic checkpoint writes, weights_only reads
@@ -305,6 +315,8 @@ def _record_depth(record: RunRecord, model, callbacks: list, spec: DepthSpec) ->
     if spec.solver == "fixed_point" and solves is not None:  # registered always, active then
         record.solver = solves.summary(spec)
     record.note_depth(find_depth(model))
+    if (spent := (record.solver or {}).get("test", {}).get("nfe")) is not None:
+        record.nfe = spent  # a solved depth's cost is what its solves spent, not its steps
 
 
 def _strip(metrics: list[dict], prefix: str) -> dict:
