@@ -246,17 +246,24 @@ def check_overrides(
                     keys.append(o)
             if not choices and not keys:
                 return None
-            try:
-                base = hydra_compose(config_name, overrides=[c for c in choices if c])
+            choices = [c for c in choices if c]
+            try:  # as the run will compose it (a sweep: its first values)
+                cfg = hydra_compose(
+                    config_name, overrides=[*choices, *filter(None, map(_first, keys))]
+                )
             except Exception:
-                return None  # Hydra reports it itself
-            for o in keys:
-                _check_key(base, o)
-            try:
-                return hydra_compose(config_name, overrides=[*filter(None, choices),
-                                                             *filter(None, map(_first, keys))])  # fmt: skip
-            except Exception:
+                cfg = None
+            if cfg is None:  # which key is wrong? (else Hydra reports it itself)
+                try:
+                    base = hydra_compose(config_name, overrides=choices)
+                except Exception:
+                    return None
+                for o in keys:
+                    _check_key(base, o)
                 return None
+            for o in keys:
+                _check_key(cfg, o)  # an added key is an argument its constructor takes
+            return cfg
     finally:
         GlobalHydra.instance().clear()
         if running is not None:
@@ -311,6 +318,9 @@ def _check_key(cfg: DictConfig, o: Any) -> None:
     key = o.key_or_group
     parent_key, _, name = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+    adding = o.type.name in ("ADD", "FORCE_ADD")
+    if adding and parent is None:
+        return  # `+a.b.c=1` makes its parents too
     if parent is None or not isinstance(parent, DictConfig):
         where = parent_key.rpartition(".")[0]
         node = OmegaConf.select(cfg, where) if where else cfg
@@ -318,14 +328,11 @@ def _check_key(cfg: DictConfig, o: Any) -> None:
             _near(parent_key.rpartition(".")[2], list(node)) if isinstance(node, DictConfig) else ""
         )
         raise ConfigError(f"unknown key {parent_key!r} in {key}={_value_text(o)}{near}")
-    adding = o.type.name in ("ADD", "FORCE_ADD")
-    if name in parent:
-        return
-    if not adding:
+    if not adding and name not in parent:
         raise ConfigError(
             f"unknown key {key!r}{_near(name, [k for k in parent if k != '_target_'])}"
         )
-    if parent_key in _CONSTRUCTED and "_target_" in parent:
+    if adding and parent_key in _CONSTRUCTED and "_target_" in parent:
         params = _arguments(str(parent._target_))
         if params is not None and name not in params:
             taken = [p for p in params if p not in ("self", "depth", "model")]

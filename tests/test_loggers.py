@@ -130,3 +130,25 @@ def test_tensorboard_hparams_tab_holds_the_config_and_the_headline_metrics(tmp_p
     # The tab shows each metric's logged value: the run's own numbers.
     assert acc.Scalars("test/rmse")[-1].value == pytest.approx(results["test"]["rmse"], rel=1e-6)
     assert acc.Scalars("best/val/rmse")[-1].value == pytest.approx(results["val"]["rmse"], rel=1e-6)
+
+
+def test_the_default_mlflow_store_is_one_place_for_every_run(compose, tmp_path, monkeypatch):
+    """Without MLFLOW_TRACKING_URI, every run (any run folder, any sweep) logs to the one
+    SQLite store where score-train was started, the store `mlflow ui` opens there."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, read_write
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uris = set()
+    for run_dir in ("outputs/a/run1", "multirun/b/depth_stacked"):
+        cfg = compose("logger=mlflow", f"hydra.run.dir={run_dir}", return_hydra_config=True)
+        with read_write(cfg.hydra.runtime):  # as Hydra sets it when the job starts
+            cfg.hydra.runtime.output_dir = str(tmp_path / run_dir)
+        HydraConfig.instance().set_config(cfg)
+        uris.add(OmegaConf.select(cfg, "logger.mlflow.tracking_uri"))
+        assert OmegaConf.select(cfg, "logger.mlflow.run_dir") == str(tmp_path / run_dir)
+    assert uris == {f"sqlite:///{tmp_path}/mlflow.db"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    cfg = compose("logger=mlflow")
+    assert cfg.logger.mlflow.tracking_uri == "http://mlflow.example:5000"
