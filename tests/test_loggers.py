@@ -152,3 +152,4 @@ def test_the_default_mlflow_store_is_one_place_for_every_run(compose, tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     cfg = compose("logger=mlflow")
     assert cfg.logger.mlflow.tracking_uri == "http://mlflow.example:5000"
+    HydraConfig.instance().cfg = None  # as it was for the next test

@@ -446,8 +446,9 @@ def _check_constructors(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point of ``score-train``: a misspelt depth field is one error line; every
-    failed job of a sweep is listed at the end."""
+    """Console entry point of ``score-train``: a mistake in the command (a config group's
+    option, a key, a value) is one error line before any folder exists; every failed job of a
+    sweep is listed at the end."""
     sweeps.adopt_jobs()
     try:
         check_command_line(sys.argv[1:])
