@@ -32,8 +32,6 @@ from score_exp.runs.files import atomic_write_text, read_text
 from score_exp.runs.lock import in_training
 from score_exp.runs.record import RunFolder, limit
 
-log = logging.getLogger("score_exp.cli.eval")
-
 # Columns printed by the table (eval.csv keeps every metric of the split).
 SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
          "solver_converged", "solver_max_residual", "seconds")  # fmt: skip
