@@ -238,9 +238,11 @@ def plan_study(overrides: list[str], folder: Path | None = None, seed: int | Non
         raise ConfigError("score-tune study needs an experiment with a search space (tune:): "
                           f"experiment={' | '.join(tunes)}")  # fmt: skip
     # The depth preset chosen (Hydra's runtime choices): names the study and its folder.
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        depth = hydra_compose("train", overrides=list(overrides), return_hydra_config=True
-                              ).hydra.runtime.choices.depth  # fmt: skip
+    depth = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("depth=")), None)
+    if depth is None:  # the experiment's default preset
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            depth = hydra_compose("train", overrides=list(overrides), return_hydra_config=True
+                                  ).hydra.runtime.choices.depth  # fmt: skip
     space = search_space(tune.get("params"))
     for p in space:
         if OmegaConf.select(cfg, p.key, default=KeyError) is KeyError:
@@ -367,9 +369,17 @@ def run_study(plan: StudyPlan) -> dict:
         print(f"score-tune: study {plan.name}: {finished} of {plan.n_trials} trials finished, "
               f"{todo} to run ({plan.db})", file=sys.stderr, flush=True)  # fmt: skip
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        ran: list[int] = []
+
+        def trial_fn(trial) -> float:
+            ran.append(trial.number)
+            return _run_trial(plan, trial, env)
+
         if todo:
+            # Optuna's own line for a failed trial carries a traceback: _run_trial says it in one.
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
             study.optimize(
-                lambda t: _run_trial(plan, t, env),
+                trial_fn,
                 n_trials=todo,  # at most this many in this process; failed ones are not counted
                 n_jobs=plan.jobs,  # threads, each waiting on its own score-train process
                 callbacks=[MaxTrialsCallback(plan.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],
@@ -385,7 +395,7 @@ def run_study(plan: StudyPlan) -> dict:
         best = {"number": b.number, "value": b.value, "params": b.params}
     return {
         "study": plan.name, "db": str(plan.db), "finished": len(done), "total": plan.n_trials,
-        "ran": len(trials) - len(before), "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "ran": len(ran), "failed": sum(t.state == TrialState.FAIL for t in trials),
         "best": best,
     }  # fmt: skip
 
@@ -546,7 +556,7 @@ def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
 # --------------------------------------------------------------------------- the CLI
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         prog="score-tune",
         description="Tuning with the same budget for every depth variant. Stage 1 (study): an "
@@ -583,7 +593,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "so score-report pools the verdicts over study seeds")  # fmt: skip
     r.add_argument("overrides", nargs="*", default=[], metavar="-- KEY=VALUE",
                    help="extra score-train overrides after `--` (e.g. trainer=gpu)")  # fmt: skip
-    return p.parse_args(argv)
+    return p.parse_known_args(argv)
 
 
 def _error(msg: str, code: int = 2) -> int:
@@ -621,8 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     # retrain: everything after `--` is a score-train override, never a study PATH (argparse
     # would give the first of them to PATH..., whose nargs="+" is greedy).
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    args.overrides = [*args.overrides, *extra]
+    args, rest = parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    # study: KEY=VALUE overrides may also follow the options (make tune-cpu ARGS=...).
+    stray = [a for a in rest if a.startswith("-") or args.command != "study"]
+    if stray:
+        return _error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *rest, *extra]
     if args.command == "study":
         return _study_main(args)
     if args.seeds < 1 or args.jobs < 1:
