@@ -277,3 +277,71 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         log.close()
+
+
+# ----------------------------------------------------------------------------- an old study
+
+
+def _old_study(folder: Path) -> Path:
+    """The study of tests/data/optuna_2_10_study.sql (Optuna 2.10's schema) as a SQLite file."""
+    import sqlite3
+
+    folder.mkdir(parents=True)
+    db = folder / STUDY_FILE
+    con = sqlite3.connect(db)
+    con.executescript((REPO / "tests" / "data" / "optuna_2_10_study.sql").read_text())
+    con.close()
+    return db
+
+
+def test_a_study_of_optuna_2_is_refused_in_one_line_untouched_and_reads_once_upgraded(tmp_path):
+    from score_exp.tune import best_trial
+
+    db = _old_study(tmp_path / "tune" / "score")
+    before = db.read_bytes()
+    fix = f"optuna storage upgrade --storage sqlite:///{db.resolve()}"
+    out = run_cli("retrain", str(tmp_path / "tune"), "--seeds", "1", module="score_exp.tune")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.strip() == (
+        f"score-tune: error: {db} is an Optuna study in an older storage schema (v2.6.0.a; "
+        f"Optuna {__import__('optuna').__version__} reads v3.2.0.a): upgrade it once, after a "
+        f"backup, with: {fix}"
+    )
+    out = run_cli("study", "experiment=tune_esol_mlp_cpu", "depth=score", "--dir", str(db.parent),
+                  module="score_exp.tune")  # fmt: skip
+    assert out.returncode == 2 and fix in out.stderr and out.stderr.strip().count("\n") == 0
+    assert db.read_bytes() == before  # neither command wrote to it
+    assert not (tmp_path / "tune" / "retrain").exists() and not list(db.parent.glob("trial*"))
+
+    # The named fix works: Optuna's own upgrade, then the study reads (its old format too).
+    optuna_cli = Path(sys.executable).parent / "optuna"
+    up = subprocess.run([str(optuna_cli), *fix.split()[1:]], capture_output=True, text=True,
+                        timeout=120)  # fmt: skip
+    assert up.returncode == 0, up.stderr[-2000:]
+    best = best_trial(db)
+    assert (best["study"], best["value"], best["number"]) == ("tune_esol_mlp_score", 0.71, 0)
+    # Hydra's sweeper's user attributes are the fixed overrides; its hydra.* settings left out.
+    assert best["overrides"] == [
+        "depth=score", "experiment=tune_esol_mlp_cpu", "task.max_epochs=2", "task.model.hidden=16",
+        "trainer.enable_progress_bar=False", "task.module.lr=0.0012",
+        "task.module.weight_decay=0.0001", "task.model.dropout=0.1",
+    ]  # fmt: skip
+
+
+def test_a_study_file_that_is_a_link_or_from_a_newer_optuna_is_refused(tmp_path):
+    import sqlite3
+
+    from score_exp.errors import DataError
+    from score_exp.tune import check_study_file
+
+    db = _old_study(tmp_path / "old")
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    with pytest.raises(DataError, match="is not a readable Optuna study \\(a link\\)"):
+        check_study_file(link)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE alembic_version SET version_num = 'v9.0.0.a'")
+    con.commit()
+    con.close()
+    with pytest.raises(DataError, match="from a newer Optuna \\(schema 'v9.0.0.a'"):
+        check_study_file(db)
