@@ -47,8 +47,9 @@ log = logging.getLogger("score_exp.tune")
 
 STUDY_FILE = "optuna.db"
 # System attribute of a trial asked again after its study was killed: the number of the trial
-# whose run folder it continues (trial<N>/).
-RESUMES = "score_exp:resumes"
+# whose run folder it continues (trial<N>/). The key and "retry_history" are those of Optuna's
+# RetryFailedTrialCallback, so RetryFailedTrialCallback.retried_trial_number() reads them.
+RESUMES = "failed_trial"
 # How long a SQLite write waits for another thread's transaction (seconds; parallel trials).
 SQLITE_TIMEOUT = 60
 
@@ -282,7 +283,11 @@ def _reask_killed(study) -> int:
         study.tell(t.number, state=TrialState.FAIL)
         study.add_trial(create_trial(
             state=TrialState.WAITING,
-            system_attrs={"fixed_params": t.params, RESUMES: t.system_attrs.get(RESUMES, t.number)},
+            system_attrs={
+                "fixed_params": t.params,
+                RESUMES: t.system_attrs.get(RESUMES, t.number),
+                "retry_history": [*t.system_attrs.get("retry_history", []), t.number],
+            },
         ))  # fmt: skip
         print(f"score-tune: trial {t.number} was interrupted: asked again with its parameters "
               f"(its folder resumes)", file=sys.stderr)  # fmt: skip

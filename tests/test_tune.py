@@ -128,11 +128,12 @@ def _study(db):
 
 @pytest.mark.slow
 def test_two_trial_study_resumes_after_a_kill_and_stage_2_retrains_its_best(tmp_path):
+    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     sweep = tmp_path / "tune" / "score"
     cmd = [sys.executable, "-m", "score_exp.tune", "study", "experiment=tune_esol_mlp", "depth=score",
-           "--trials", "2", "task.max_epochs=40", "callbacks.early_stopping=null",
+           "--trials", "2", "task.max_epochs=15", "callbacks.early_stopping=null",
            "task.model.hidden=32", "--dir", str(sweep)]  # fmt: skip
     env = cli_env(OMP_NUM_THREADS="1")
     with open(tmp_path / "first.log", "w") as log:
@@ -164,6 +165,7 @@ def test_two_trial_study_resumes_after_a_kill_and_stage_2_retrains_its_best(tmp_
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert study.trials[1].params == killed_params
     assert [t.user_attrs["run_dir"] for t in study.trials[1:]] == ["trial0", "trial2"]
+    assert RetryFailedTrialCallback.retried_trial_number(study.trials[1]) == 0  # Optuna's keys
     assert "resuming from" in (killed / "train.log").read_text()
     res = json.loads((killed / "results.json").read_text())
     assert res["status"] == "ok" and study.trials[1].value == res["best_val"]["value"]
@@ -345,3 +347,15 @@ def test_a_study_file_that_is_a_link_or_from_a_newer_optuna_is_refused(tmp_path)
     con.close()
     with pytest.raises(DataError, match="from a newer Optuna \\(schema 'v9.0.0.a'"):
         check_study_file(db)
+
+
+def test_a_study_already_running_in_another_process_is_one_line(tmp_path):
+    from score_exp.runs.lock import RunLock
+
+    folder = tmp_path / "score"
+    with RunLock(folder):  # this process runs the study
+        out = run_cli("study", "experiment=tune_esol_mlp_cpu", "depth=score", "--dir", str(folder),
+                      module="score_exp.tune")  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith("score-tune: error:") and str(os.getpid()) in out.stderr
+    assert not (folder / STUDY_FILE).exists()
