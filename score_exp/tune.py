@@ -32,7 +32,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,8 @@ STUDY_FILE = "optuna.db"
 # whose run folder it continues (trial<N>/). The key and "retry_history" are those of Optuna's
 # RetryFailedTrialCallback, so RetryFailedTrialCallback.retried_trial_number() reads them.
 RESUMES = "failed_trial"
+# Study user attribute: the sampler seed the study was started with (a resume keeps it).
+STUDY_SEED = "score_exp:study_seed"
 # How long a SQLite write waits for another thread's transaction (seconds; parallel trials).
 SQLITE_TIMEOUT = 60
 
@@ -139,8 +141,14 @@ class Param:
     def suggest(self, trial) -> Any:
         if self.choices is not None:
             return trial.suggest_categorical(self.key, list(self.choices))
-        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float):
-            return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
+        if (
+            isinstance(self.low, int)
+            and isinstance(self.high, int)
+            and not isinstance(self.step, float)
+        ):
+            return trial.suggest_int(
+                self.key, self.low, self.high, log=self.log, step=self.step or 1
+            )
         return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
 
 
@@ -175,14 +183,21 @@ def search_space(node: Any, where: str = "tune.params") -> list[Param]:
                               "(valid: low, high, log, step, choices)")  # fmt: skip
         if "choices" in spec:
             choices = spec["choices"]
-            ok = isinstance(choices, list) and choices and all(
-                c is None or isinstance(c, (str, int, float, bool)) for c in choices
+            ok = (
+                isinstance(choices, list)
+                and choices
+                and all(c is None or isinstance(c, (str, int, float, bool)) for c in choices)
             )
             if not ok or set(spec) != {"choices"}:
                 raise ConfigError(f"{at}.choices must be a non-empty list of plain values, alone")
             out.append(Param(key, choices=tuple(choices)))
             continue
-        low, high, log_, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+        low, high, log_, step = (
+            spec.get("low"),
+            spec.get("high"),
+            spec.get("log", False),
+            spec.get("step"),
+        )
         if not (_number(low) and _number(high) and low < high):
             raise ConfigError(f"{at} needs numbers low < high (got low={low!r}, high={high!r})")
         if not isinstance(log_, bool) or (log_ and low <= 0):
@@ -269,18 +284,30 @@ def _counted(trial) -> bool:
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _reask_killed(study) -> int:
-    """Fail every trial left RUNNING by a killed study and ask its parameters again.
+def _reasked(trials) -> set[int]:
+    """The numbers of the trials already asked again (in a later trial's ``retry_history``)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
 
-    One process runs a study at a time (the study folder's lock), so a RUNNING trial at start is
-    one whose process died. The new trial continues its run folder (``RESUMES``). Returns how
-    many were asked again.
+
+def _reask_killed(study) -> int:
+    """Ask again the parameters of every trial its study's process left unfinished.
+
+    That is a trial still RUNNING (its process was killed: one process runs a study at a time,
+    the study folder's lock), which is failed first, or one stopped by Ctrl-C (FAILED, status
+    ``interrupted``). The new trial continues its run folder (``RESUMES``). Returns how many
+    were asked again.
     """
     from optuna.trial import TrialState, create_trial
 
+    trials = study.get_trials(deepcopy=False)
+    asked = _reasked(trials)
     n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
+    for t in trials:
+        stopped = t.state == TrialState.FAIL and t.user_attrs.get("status") == "interrupted"
+        if t.number in asked or not (t.state == TrialState.RUNNING or stopped):
+            continue
+        if t.state == TrialState.RUNNING:
+            study.tell(t.number, state=TrialState.FAIL)
         study.add_trial(create_trial(
             state=TrialState.WAITING,
             system_attrs={
@@ -320,10 +347,20 @@ def _run_trial(plan: StudyPlan, trial, extra_env: dict[str, str]) -> float:
         record = None
     status = record.status if record is not None else "failed"
     trial.set_user_attr("status", status)
-    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-    if record is not None and record.ok and record.best_value is not None and math.isfinite(record.best_value):
+    shown = " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    )
+    if (
+        record is not None
+        and record.ok
+        and record.best_value is not None
+        and math.isfinite(record.best_value)
+    ):
         print(f"  trial {trial.number}: {record.best_value:.4f} <- {shown}", flush=True)
         return float(record.best_value)
+    if status == "interrupted":  # Ctrl-C reached the run: no new trial; this one is asked again
+        trial.study.stop()
+        raise TrialFailed(f"trial {trial.number}: interrupted ({folder})")
     if status == "diverged":
         print(f"  trial {trial.number}: diverged (pruned) <- {shown}", flush=True)
         raise optuna.TrialPruned(f"the run diverged ({folder})")
@@ -360,13 +397,23 @@ def run_study(plan: StudyPlan) -> dict:
         )
         # The sampler's seed: the study seed for a new study; on resume, the seed and the number
         # of trials so far, so its random start draws new points instead of replaying the first.
-        seed = plan.seed if not before else int(np.random.SeedSequence([plan.seed, len(before)]).generate_state(1)[0])
-        sampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=plan.n_startup_trials, constant_liar=plan.jobs > 1
+        seed = (
+            plan.seed
+            if not before
+            else int(np.random.SeedSequence([plan.seed, len(before)]).generate_state(1)[0])
         )
+        with warnings.catch_warnings():  # constant_liar is "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=plan.n_startup_trials, constant_liar=plan.jobs > 1
+            )
         study = optuna.create_study(study_name=plan.name, storage=storage, sampler=sampler,
                                     direction=plan.direction, load_if_exists=True)  # fmt: skip
-        study.set_user_attr("score_exp:study_seed", plan.seed)
+        first_seed = study.user_attrs.get(STUDY_SEED, plan.seed)
+        if first_seed != plan.seed:
+            raise DataError(f"{plan.db}: study {plan.name} was started with seed {first_seed}, "
+                            f"not {plan.seed}: give each study seed its own folder (--dir)")  # fmt: skip
+        study.set_user_attr(STUDY_SEED, plan.seed)
         _reask_killed(study)
         trials = study.get_trials(deepcopy=False)
         finished = sum(_counted(t) for t in trials)
@@ -378,7 +425,11 @@ def run_study(plan: StudyPlan) -> dict:
 
         def trial_fn(trial) -> float:
             ran.append(trial.number)
-            return _run_trial(plan, trial, env)
+            try:
+                return _run_trial(plan, trial, env)
+            except KeyboardInterrupt:  # Optuna fails the trial; the next start asks it again
+                trial.set_user_attr("status", "interrupted")
+                raise
 
         if todo:
             # Optuna's own line for a failed trial carries a traceback: _run_trial says it in one.
@@ -387,12 +438,17 @@ def run_study(plan: StudyPlan) -> dict:
                 trial_fn,
                 n_trials=todo,  # at most this many in this process; failed ones are not counted
                 n_jobs=plan.jobs,  # threads, each waiting on its own score-train process
-                callbacks=[MaxTrialsCallback(plan.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],
+                callbacks=[
+                    MaxTrialsCallback(
+                        plan.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)
+                    )
+                ],
                 catch=(TrialFailed,),
                 gc_after_trial=False,
             )
         trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if _counted(t)]
+    asked = _reasked(trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
@@ -400,7 +456,8 @@ def run_study(plan: StudyPlan) -> dict:
         best = {"number": b.number, "value": b.value, "params": b.params}
     return {
         "study": plan.name, "db": str(plan.db), "finished": len(done), "total": plan.n_trials,
-        "ran": len(ran), "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "ran": len(ran),
+        "failed": sum(t.state == TrialState.FAIL and t.number not in asked for t in trials),
         "best": best,
     }  # fmt: skip
 
@@ -409,7 +466,9 @@ def _one_study(storage, plan: StudyPlan) -> bool:
     """True when the storage holds this plan's study (False: a new one); another name refused."""
     import optuna
 
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    names = [
+        s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    ]
     if not names:
         return False
     if names != [plan.name]:
@@ -557,7 +616,6 @@ def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
     return sum(rc != 0 for rc in rcs)
 
 
-
 # --------------------------------------------------------------------------- the CLI
 
 
@@ -583,7 +641,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    "(tune.* change the study: tune.n_trials=20)")  # fmt: skip
     s.add_argument("--dir", type=Path, default=None,
                    help="the study folder (default: <tune.dir>/<depth>, e.g. multirun/tune/esol_mlp/score)")  # fmt: skip
-    s.add_argument("--seed", type=int, default=None, help="the sampler's seed (default tune.seed, 0)")
+    s.add_argument(
+        "--seed", type=int, default=None, help="the sampler's seed (default tune.seed, 0)"
+    )
     s.add_argument("--trials", type=int, default=None,
                    help="the study's total budget (default tune.n_trials)")  # fmt: skip
     s.add_argument("--jobs", type=int, default=1,
@@ -609,7 +669,9 @@ def _error(msg: str, code: int = 2) -> int:
 def _study_main(args: argparse.Namespace) -> int:
     bad = next((o for o in args.overrides if "=" not in o), None)
     if bad is not None:
-        return _error(f"{bad!r} is not a KEY=VALUE override (score-tune study experiment=tune_... depth=...)")
+        return _error(
+            f"{bad!r} is not a KEY=VALUE override (score-tune study experiment=tune_... depth=...)"
+        )
     if args.jobs < 1:
         return _error("--jobs must be >= 1")
     try:

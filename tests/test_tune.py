@@ -17,7 +17,7 @@ import pytest
 from conftest import QUIET, REPO, cli_env, run_cli
 from omegaconf import OmegaConf
 
-from score_exp.errors import ConfigError
+from score_exp.errors import ConfigError, DataError
 from score_exp.train import objective
 from score_exp.tune import STUDY_FILE, Param, StudyPlan, plan_study, run_study, search_space
 
@@ -221,6 +221,10 @@ def test_a_diverged_trial_is_pruned_a_failed_one_failed_and_the_study_goes_on(tm
     diverged = json.loads((plan.folder / "trial2" / "results.json").read_text())
     assert diverged["status"] == "diverged" and second["best"]["number"] == 1
     assert not (plan.folder / "trial0" / "results.json").exists()  # refused before any work
+    # Another sampler seed is another study: never mixed into this one.
+    plan.seed = 1
+    with pytest.raises(DataError, match="was started with seed 0, not 1: give each study seed"):
+        run_study(plan)
 
 
 # ----------------------------------------------------------------------------- optuna-dashboard
@@ -333,7 +337,6 @@ def test_a_study_of_optuna_2_is_refused_in_one_line_untouched_and_reads_once_upg
 def test_a_study_file_that_is_a_link_or_from_a_newer_optuna_is_refused(tmp_path):
     import sqlite3
 
-    from score_exp.errors import DataError
     from score_exp.tune import check_study_file
 
     db = _old_study(tmp_path / "old")
