@@ -17,9 +17,9 @@ import pytest
 from conftest import QUIET, REPO, cli_env, run_cli
 from omegaconf import OmegaConf
 
+from score_exp.cli.train import objective
+from score_exp.cli.tune import STUDY_FILE, Param, StudyPlan, plan_study, run_study, search_space
 from score_exp.errors import ConfigError, DataError
-from score_exp.train import objective
-from score_exp.tune import STUDY_FILE, Param, StudyPlan, plan_study, run_study, search_space
 
 TUNE = ["tune_esol_mlp", "tune_esol_mlp_cpu", "tune_esol_gnn", "tune_esol_gnn_cpu",
         "tune_esol_mlp_dt", "tune_shakespeare"]  # fmt: skip
@@ -84,17 +84,17 @@ def test_a_bad_search_space_is_one_line_naming_the_key(spec, message):
 
 
 def test_score_tune_study_refuses_bad_input_in_one_line_before_any_work(tmp_path):
-    out = run_cli("study", "depth=score", "--dir", str(tmp_path / "s"), module="score_exp.tune")
+    out = run_cli("study", "depth=score", "--dir", str(tmp_path / "s"), module="score_exp.cli.tune")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert "needs an experiment with a search space (tune:)" in out.stderr
     assert "tune_esol_mlp_cpu" in out.stderr and not (tmp_path / "s").exists()
     out = run_cli("study", "experiment=tune_esol_mlp_cpu", "tune.params.task.nope.x.low=1",
-                  "--dir", str(tmp_path / "s"), module="score_exp.tune")  # fmt: skip
+                  "--dir", str(tmp_path / "s"), module="score_exp.cli.tune")  # fmt: skip
     assert out.returncode == 2 and "score-tune: error:" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "s").exists()
     (tmp_path / "file").write_text("")
     out = run_cli("study", "experiment=tune_esol_mlp_cpu", "--dir", str(tmp_path / "file" / "s"),
-                  module="score_exp.tune")  # fmt: skip
+                  module="score_exp.cli.tune")  # fmt: skip
     assert out.returncode == 2 and "--dir=" in out.stderr and "is a file" in out.stderr
 
 
@@ -132,7 +132,7 @@ def test_two_trial_study_resumes_after_a_kill_and_stage_2_retrains_its_best(tmp_
     from optuna.trial import TrialState
 
     sweep = tmp_path / "tune" / "score"
-    cmd = [sys.executable, "-m", "score_exp.tune", "study", "experiment=tune_esol_mlp", "depth=score",
+    cmd = [sys.executable, "-m", "score_exp.cli.tune", "study", "experiment=tune_esol_mlp", "depth=score",
            "--trials", "2", "task.max_epochs=15", "callbacks.early_stopping=null",
            "task.model.hidden=32", "--dir", str(sweep)]  # fmt: skip
     env = cli_env(OMP_NUM_THREADS="1")
@@ -179,7 +179,7 @@ def test_two_trial_study_resumes_after_a_kill_and_stage_2_retrains_its_best(tmp_
     # Stage 2: the best trial's configuration over 2 seeds; test metrics for the report.
     best = min(study.trials[1:], key=lambda t: t.value)
     out = run_cli(
-        "retrain", str(tmp_path / "tune"), "--seeds", "2", module="score_exp.tune", env=env
+        "retrain", str(tmp_path / "tune"), "--seeds", "2", module="score_exp.cli.tune", env=env
     )
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
     for seed in (0, 1):
@@ -301,12 +301,12 @@ def _old_study(folder: Path) -> Path:
 
 
 def test_a_study_of_optuna_2_is_refused_in_one_line_untouched_and_reads_once_upgraded(tmp_path):
-    from score_exp.tune import best_trial
+    from score_exp.cli.tune import best_trial
 
     db = _old_study(tmp_path / "tune" / "score")
     before = db.read_bytes()
     fix = f"optuna storage upgrade --storage sqlite:///{db.resolve()}"
-    out = run_cli("retrain", str(tmp_path / "tune"), "--seeds", "1", module="score_exp.tune")
+    out = run_cli("retrain", str(tmp_path / "tune"), "--seeds", "1", module="score_exp.cli.tune")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert out.stderr.strip() == (
         f"score-tune: error: {db} is an Optuna study in an older storage schema (v2.6.0.a; "
@@ -314,7 +314,7 @@ def test_a_study_of_optuna_2_is_refused_in_one_line_untouched_and_reads_once_upg
         f"backup, with: {fix}"
     )
     out = run_cli("study", "experiment=tune_esol_mlp_cpu", "depth=score", "--dir", str(db.parent),
-                  module="score_exp.tune")  # fmt: skip
+                  module="score_exp.cli.tune")  # fmt: skip
     assert out.returncode == 2 and fix in out.stderr and out.stderr.strip().count("\n") == 0
     assert db.read_bytes() == before  # neither command wrote to it
     assert not (tmp_path / "tune" / "retrain").exists() and not list(db.parent.glob("trial*"))
@@ -337,7 +337,7 @@ def test_a_study_of_optuna_2_is_refused_in_one_line_untouched_and_reads_once_upg
 def test_a_study_file_that_is_a_link_or_from_a_newer_optuna_is_refused(tmp_path):
     import sqlite3
 
-    from score_exp.tune import check_study_file
+    from score_exp.cli.tune import check_study_file
 
     db = _old_study(tmp_path / "old")
     link = tmp_path / "link.db"
@@ -358,7 +358,7 @@ def test_a_study_already_running_in_another_process_is_one_line(tmp_path):
     folder = tmp_path / "score"
     with RunLock(folder):  # this process runs the study
         out = run_cli("study", "experiment=tune_esol_mlp_cpu", "depth=score", "--dir", str(folder),
-                      module="score_exp.tune")  # fmt: skip
+                      module="score_exp.cli.tune")  # fmt: skip
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert out.stderr.startswith("score-tune: error:") and str(os.getpid()) in out.stderr
     assert not (folder / STUDY_FILE).exists()

@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 
-from score_exp.record import RunDirError, RunFolder
+from score_exp.runs.record import RunDirError, RunFolder
 
 
 class RunLock:

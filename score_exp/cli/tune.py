@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from score_exp.errors import ConfigError, DataError, ScoreExpError
-from score_exp.io import atomic_write_json
 from score_exp.report.studies import study_experiment
+from score_exp.runs.files import atomic_write_json
 from score_exp.runs.safe_load import study_overrides
 
-log = logging.getLogger("score_exp.tune")
+log = logging.getLogger("score_exp.cli.tune")
 
 STUDY_FILE = "optuna.db"
 # System attribute of a trial asked again after its study was killed: the number of the trial
@@ -244,8 +244,8 @@ def plan_study(overrides: list[str], folder: Path | None = None, seed: int | Non
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
+    from score_exp.config import CONFIG_DIR, compose
     from score_exp.errors import check_int
-    from score_exp.run import CONFIG_DIR, compose
 
     cfg = compose(*overrides)  # the project's checks: one line for a bad override
     tune = cfg.get("tune")
@@ -330,14 +330,14 @@ def _run_trial(plan: StudyPlan, trial, extra_env: dict[str, str]) -> float:
     """One trial: a ``score-train`` process into ``<study>/trial<N>/``; its best val metric."""
     import optuna
 
-    from score_exp.record import RecordError, RunFolder
+    from score_exp.runs.record import RecordError, RunFolder
 
     values = {p.key: p.suggest(trial) for p in plan.space}
     number = trial.storage.get_trial_system_attrs(trial._trial_id).get(RESUMES, trial.number)
     folder = plan.folder / f"trial{int(number)}"
     trial.set_user_attr("overrides", plan.overrides)
     trial.set_user_attr("run_dir", folder.name)
-    cmd = [sys.executable, "-m", "score_exp.train", *plan.overrides,
+    cmd = [sys.executable, "-m", "score_exp.cli.train", *plan.overrides,
            *[f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()],
            f"hydra.run.dir='{folder.resolve()}'", "trainer.enable_progress_bar=false"]  # fmt: skip
     proc = subprocess.run(cmd, env={**os.environ, **extra_env}, capture_output=True, text=True)
@@ -565,7 +565,7 @@ def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
         [
             sys.executable,
             "-m",
-            "score_exp.train",
+            "score_exp.cli.train",
             *over,
             f"seed={s}",
             f"experiment_name={name}",
@@ -676,7 +676,7 @@ def _study_main(args: argparse.Namespace) -> int:
         return _error("--jobs must be >= 1")
     try:
         plan = plan_study(args.overrides, args.dir, args.seed, args.trials, args.jobs)
-        from score_exp.cli import check_output_dir
+        from score_exp.cli.common import check_output_dir
 
         check_output_dir(plan.folder, "--dir")
         out = run_study(plan)
