@@ -221,6 +221,20 @@ def test_a_diverged_trial_is_pruned_a_failed_one_failed_and_the_study_goes_on(tm
     diverged = json.loads((plan.folder / "trial2" / "results.json").read_text())
     assert diverged["status"] == "diverged" and second["best"]["number"] == 1
     assert not (plan.folder / "trial0" / "results.json").exists()  # refused before any work
+    # A trial asked again whose folder already holds its finished run (the study died between
+    # the run's end and Optuna's record) is not trained again: score-train skips the folder.
+    ok = plan.folder / "trial1" / "results.json"
+    before = ok.read_bytes()
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        system_attrs={"fixed_params": trials[1].params, "failed_trial": 1},
+    ))  # fmt: skip
+    plan.n_trials = 3
+    third = run_study(plan)
+    assert (third["finished"], third["ran"]) == (3, 1)
+    again = _study(plan.db).trials[3]
+    assert again.state == TrialState.COMPLETE and again.value == trials[1].value
+    assert again.user_attrs["run_dir"] == "trial1" and ok.read_bytes() == before
     # Another sampler seed is another study: never mixed into this one.
     plan.seed = 1
     with pytest.raises(DataError, match="was started with seed 0, not 1: give each study seed"):
