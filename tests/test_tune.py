@@ -84,6 +84,16 @@ def test_a_bad_search_space_is_one_line_naming_the_key(spec, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("value", [None, True, False, "adamw", "it's", 1e-05, 0.1, 4, 1e30])
+def test_a_sampled_value_reaches_score_train_as_the_same_value(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from score_exp.cli.tune import override_value
+
+    (o,) = OverridesParser.create().parse_overrides([f"task.x={override_value(value)}"])
+    assert o.value() == value and type(o.value()) is type(value)
+
+
 def test_score_tune_study_refuses_bad_input_in_one_line_before_any_work(tmp_path):
     out = run_cli("study", "depth=score", "--dir", str(tmp_path / "s"), module="score_exp.cli.tune")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr

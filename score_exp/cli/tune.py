@@ -152,6 +152,15 @@ class Param:
         return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
 
 
+def override_value(v: Any) -> str:
+    """A sampled value as Hydra override text (``null``, ``true``; strings quoted)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -338,7 +347,7 @@ def _run_trial(plan: StudyPlan, trial, extra_env: dict[str, str]) -> float:
     trial.set_user_attr("overrides", plan.overrides)
     trial.set_user_attr("run_dir", folder.name)
     cmd = [sys.executable, "-m", "score_exp.cli.train", *plan.overrides,
-           *[f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items()],
+           *[f"{k}={override_value(v)}" for k, v in values.items()],
            f"hydra.run.dir='{folder.resolve()}'", "trainer.enable_progress_bar=false"]  # fmt: skip
     proc = subprocess.run(cmd, env={**os.environ, **extra_env}, capture_output=True, text=True)
     try:
@@ -535,7 +544,7 @@ def best_trial(db: Path) -> dict:
             raise DataError(f"{where}: the stored overrides are not a list of key=value texts")
     else:  # Hydra's Optuna sweeper (score_exp before Optuna 4): one user attribute each
         fixed = [f"{k}={v}" for k, v in attrs.items()]
-    sampled = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in best.params.items()]
+    sampled = [f"{k}={override_value(v)}" for k, v in best.params.items()]
     # The database is data: values for the project's keys only, never code or paths.
     overrides = study_overrides([*fixed, *sampled], where)
     return {
