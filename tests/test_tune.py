@@ -19,8 +19,9 @@ from conftest import QUIET, REPO, cli_env, run_cli
 from omegaconf import OmegaConf
 
 from score_exp.cli.train import objective
-from score_exp.cli.tune import STUDY_FILE, Param, StudyPlan, plan_study, run_study, search_space
 from score_exp.errors import ConfigError, DataError
+from score_exp.runs.study import Param, StudyPlan, plan_study, run_study, search_space
+from score_exp.runs.study_db import STUDY_FILE
 
 TUNE = ["tune_esol_mlp", "tune_esol_mlp_cpu", "tune_esol_gnn", "tune_esol_gnn_cpu",
         "tune_esol_mlp_dt", "tune_shakespeare"]  # fmt: skip
@@ -88,7 +89,7 @@ def test_a_bad_search_space_is_one_line_naming_the_key(spec, message):
 def test_a_sampled_value_reaches_score_train_as_the_same_value(value):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from score_exp.cli.tune import override_value
+    from score_exp.runs.study_db import override_value
 
     (o,) = OverridesParser.create().parse_overrides([f"task.x={override_value(value)}"])
     assert o.value() == value and type(o.value()) is type(value)
@@ -329,7 +330,7 @@ def _old_study(folder: Path) -> Path:
 
 
 def test_a_study_of_optuna_2_is_refused_in_one_line_untouched_and_reads_once_upgraded(tmp_path):
-    from score_exp.cli.tune import best_trial
+    from score_exp.runs.study_db import best_trial
 
     db = _old_study(tmp_path / "tune" / "score")
     before = db.read_bytes()
@@ -365,7 +366,7 @@ def test_a_study_of_optuna_2_is_refused_in_one_line_untouched_and_reads_once_upg
 def test_a_study_file_that_is_a_link_or_from_a_newer_optuna_is_refused(tmp_path):
     import sqlite3
 
-    from score_exp.cli.tune import check_study_file
+    from score_exp.runs.study_db import check_study_file
 
     db = _old_study(tmp_path / "old")
     link = tmp_path / "link.db"
