@@ -232,7 +232,7 @@ def _study(folder, overrides: dict) -> None:
     study.add_trial(
         optuna.trial.create_trial(
             params={"task.module.lr": 0.001},
-            distributions={"task.module.lr": optuna.distributions.UniformDistribution(1e-4, 1e-2)},
+            distributions={"task.module.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
             value=1.0,
             user_attrs=overrides,
         )
