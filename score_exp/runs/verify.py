@@ -29,6 +29,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+#: A snapshot's record of its runs (score_exp.report.snapshot.RECORD).
+RECORD = "runs.json"
 #: Recorded config keys that a re-composed config may lack or change without making another run
 #: (where the run was written, its name).
 _IGNORED = ("experiment_name", "run_dir")
@@ -118,8 +120,6 @@ def difference(recorded: dict, now: dict) -> float:
 
 def verify(snapshot: Path, per_task: int = 2, budget_s: float = 480, jobs: int = 2,
            check_config: bool = True) -> int:  # fmt: skip
-    from score_exp.report.snapshot import RECORD
-
     try:
         rec = json.loads((snapshot / RECORD).read_text())
         runs = sample(rec, per_task, budget_s)
