@@ -10,9 +10,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import CONFIG_DIR, load_results, run_cli, train_cli
-
-TINY = ["trainer.max_epochs=2", "task.model.hidden=16"]
+from conftest import CONFIG_DIR, TINY, load_results, run_cli, train_cli
 
 
 def _csv_curve(run_dir: Path, key: str) -> dict[int, float]:
