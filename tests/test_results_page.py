@@ -137,7 +137,10 @@ def test_score_report_html_in_a_real_browser(tmp_path, browser):
     assert f"page: {out / 'index.html'}" in proc.stdout
     # What the terminal shows: the variant table and the paired differences, the metric's way.
     assert "## toy_sweep / toy (test metric: lower is better)" in proc.stdout
-    assert "### toy_sweep / toy: depth variants" in proc.stdout and "| score depth.integrator=heun | 3/3 |" in proc.stdout
+    assert (
+        "### toy_sweep / toy: depth variants" in proc.stdout
+        and "| score depth.integrator=heun | 3/3 |" in proc.stdout
+    )
     assert "### toy_sweep / toy: paired differences against stacked" in proc.stdout
     assert "also in report.md: integrators" in proc.stdout
     assert "Verdict rule" not in proc.stdout  # in claims.md, named on the last lines

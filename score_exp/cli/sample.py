@@ -7,7 +7,6 @@ and logs to stderr, so ``score-sample run_dir=... > samples.txt`` keeps only the
 
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from score_exp.cli.common import bad_input_exits, require
 from score_exp.config import CONFIG_DIR
 from score_exp.errors import ConfigError, check_int, check_number, check_seed
 from score_exp.run import load_run
-
-log = logging.getLogger("score_exp.cli.sample")
 
 
 def load_model(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
