@@ -25,10 +25,11 @@ from omegaconf import DictConfig
 
 from score_exp.cli import require
 from score_exp.core.spec import HALTS
-from score_exp.errors import ConfigError, user_error
+from score_exp.errors import ConfigError, WriteError, user_error
 from score_exp.io import atomic_write_text
 from score_exp.record import RunFolder
 from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
+from score_exp.runs import stop
 from score_exp.runs.files import read_text, refuse_links
 from score_exp.runs.lock import in_training
 
@@ -134,8 +135,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         **merged,
     }
-    append_row(RunFolder(run_dir).eval_csv, row)
+    try:
+        append_row(RunFolder(run_dir).eval_csv, row)
+    except WriteError as e:  # a full disk, a read-only folder: the row is not lost
+        raise RowNotWritten(e, row) from None
     return row
+
+
+class RowNotWritten(WriteError):
+    """``eval.csv`` could not be written; the computed ``row`` is printed instead."""
+
+    def __init__(self, cause: WriteError, row: dict[str, Any]) -> None:
+        OSError.__init__(self, cause.errno, cause.strerror, cause.filename)
+        self.message = f"{cause}; the row is printed to stdout instead"
+        self.row = row
 
 
 def _check_request(cfg: DictConfig, run_dir: Path) -> None:
@@ -208,14 +221,25 @@ def _implicit_multirun(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> float | None:
+    stop.install(grace=0)  # SIGTERM / SIGINT end it at once, even inside one long forward
     try:
         row = evaluate(cfg)
     except Exception as exc:
         if (e := user_error(exc)) is None:  # a constructor's error, unwrapped from Hydra's
             raise
+        if isinstance(e, RowNotWritten):
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(e.row))
+            writer.writeheader()
+            writer.writerow(e.row)
+            print(buf.getvalue(), end="", flush=True)
         log.error("%s", e)
         print(f"score-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, SystemExit):
+        if stop.received() is None:
+            raise
+        stop.exit_stopped("score-eval", "no row was written")
     run_cfg = run_config(Path(cfg.run_dir).expanduser())
     metric = f"{cfg.split}/{run_cfg.task.get('headline', 'rmse')}"
     print(format_table(RunFolder(Path(cfg.run_dir).expanduser()).eval_csv, metric), flush=True)

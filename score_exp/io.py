@@ -45,19 +45,29 @@ def mkdtemp_shared(dir: str | os.PathLike, prefix: str = "", suffix: str = "") -
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
 
-    The file gets the umask's permissions (``0644`` under ``022``), as a plain ``open()``.
+    The file gets the umask's permissions (``0644`` under ``022``), as a plain ``open()``. The
+    file is a new inode: never written in place, so a hard link to the old file keeps the old
+    content. A failed write (``ENOSPC``, ``EROFS``...) leaves the old file as it was and raises
+    :class:`~score_exp.errors.WriteError` (one line naming the file).
     """
+    from score_exp.errors import WriteError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only or full folder: the old file is untouched
+        raise WriteError(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, path)  # a new inode: a hard link to the old file keeps its content
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
         raise
     return path
 

@@ -18,7 +18,6 @@ record of a newer version, or one that is not a record, is refused in one line
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -164,7 +163,7 @@ class RunRecord:
         Raises:
             RecordError: missing, unreadable, not JSON, not a record, or a newer schema.
         """
-        from score_exp.runs.files import UnsafeRunFile, read_text
+        from score_exp.runs.files import UnsafeRunFile, loads_json, read_text
 
         path = _results_path(path)
         try:
@@ -176,7 +175,7 @@ class RunRecord:
         except OSError as e:
             raise RecordError(path, f"{type(e).__name__}: {e.strerror or e}") from None
         try:
-            data = json.loads(text)
+            data = loads_json(text)  # depth-limited, numbers within float range
         except ValueError as e:
             reason = str(e).splitlines()[0] if str(e) else ""
             raise RecordError(path, f"{type(e).__name__}: {reason}") from None

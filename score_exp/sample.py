@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from score_exp.cli import require
 from score_exp.errors import ConfigError, check_int, check_number, check_seed, user_error
 from score_exp.run import CONFIG_DIR, load_run
+from score_exp.runs import stop
 
 log = logging.getLogger("score_exp.sample")
 
@@ -80,6 +81,7 @@ def _check(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``score-sample``."""
+    stop.install(grace=0)  # SIGTERM / SIGINT end it at once, wherever it is
     try:
         _check(cfg)
         run_dir = require(cfg, "run_dir", "score-sample run_dir=outputs/shakespeare_char_cpu/<run>")
@@ -100,6 +102,8 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"score-sample: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        stop.exit_stopped("score-sample")
     for text in samples:
         print(text)
         print(cfg.separator)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from score_exp import cluster, sweep
 from score_exp.cli import check_run_config
 from score_exp.core import DepthSpec
-from score_exp.errors import CheckpointWriteError, ScoreExpError, user_error
+from score_exp.errors import CheckpointWriteError, ScoreExpError, WriteError, user_error
 from score_exp.io import flatten
 from score_exp.record import (
     CONFIG,
@@ -33,7 +33,7 @@ from score_exp.record import (
     depth_fields,
 )
 from score_exp.run import CONFIG_DIR, build, check_depth_overrides, depth_spec, trainable_params
-from score_exp.runs import sweeps
+from score_exp.runs import stop, sweeps
 from score_exp.runs.checkpoints import load_checkpoint
 from score_exp.runs.claim import claim_for_ranks, keep_finished
 from score_exp.sweep import objective
@@ -102,13 +102,14 @@ def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None)
         return _fit_and_test(cfg, RunFolder(run_dir), spec, record, resume, clock)
     except BaseException as e:
         bad_input = user_error(e)
-        if bad_input is not None and not isinstance(bad_input, CheckpointWriteError):
+        if bad_input is not None and not isinstance(bad_input, (CheckpointWriteError, WriteError)):
             # Reported by main as one line (a constructor's error unwrapped from Hydra's
             # instantiate); nothing that looks like a result is written.
             raise bad_input from None
         # Keep what was written and record how the run ended; re-raise. An interrupted run
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
-        stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
+        stop.disarm()  # the grace has done its work: the record below is written whole
+        stopped = isinstance(e, (KeyboardInterrupt, SystemExit)) or stop.received() is not None
         record.update(
             status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
         )
@@ -118,11 +119,15 @@ def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None)
                 record.save(run_dir)
             except OSError as w:  # e.g. the disk is full: the original error is the news
                 log.error("cannot write %s: %s", RunFolder(run_dir).results, w)
-        if type(e).__name__ == "SIGTERMException":
-            # Lightning's SIGTERM exit carries code 0; a killed job must not look successful
-            # to SLURM or a shell loop, so exit as a process killed by SIGTERM would (143).
-            log.warning("interrupted by SIGTERM; re-run the same command to resume")
-            raise SystemExit(128 + signal.SIGTERM) from e
+        signum = stop.received() or (
+            signal.SIGTERM if type(e).__name__ == "SIGTERMException" else None
+        )
+        if signum is not None:
+            # Lightning's SIGTERM exit carries code 0 and its Ctrl-C exit code 1; a killed job
+            # must not look successful to SLURM or a shell loop, so exit as a process killed by
+            # the signal would (143 for SIGTERM, 130 for SIGINT), saying how to resume.
+            log.warning("interrupted by %s; re-run the same command to resume", stop.name(signum))
+            raise SystemExit(128 + signum) from e
         raise
 
 
@@ -335,6 +340,8 @@ def _main(cfg: DictConfig) -> float | None:
     so a tuning sweeper (Optuna) never sees test data.
     """
     sweeps.adopt_jobs()  # a sweep worker stops when the sweep process dies
+    # SIGTERM / SIGINT: recorded as interrupted within stop.TRAIN_GRACE_S, wherever it is.
+    stop.install(grace=stop.TRAIN_GRACE_S)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         objective(cfg, {})  # an unknown objective is an error before any work

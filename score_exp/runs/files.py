@@ -36,6 +36,8 @@ LIMITS = {
 #: Size limit of a checkpoint (a GPT-2-sized run with its optimiser state is about 1.5 GB).
 CHECKPOINT_LIMIT = 64 << 30
 MAX_BYTES = 64 * MiB
+#: Size limit of a recorded ``runs.json`` that ``score-report`` rebuilds a snapshot from.
+RECORDED_RUNS_LIMIT = 256 * MiB
 #: Nodes a YAML document may hold once its aliases are expanded (score-train writes none).
 MAX_YAML_NODES = 100_000
 #: Where a run writes besides its top level: a symbolic link there is refused.
@@ -165,11 +167,56 @@ def load_yaml(path: str | os.PathLike, limit: int | None = None) -> Any:
         raise UnsafeRunFile(f"{path} is not plain YAML: {why}") from None
 
 
-def read_json(path: str | os.PathLike, limit: int | None = None) -> Any:
-    """A JSON file of a run folder (bounded; ``ValueError`` when it is not JSON)."""
-    import json
+#: Nesting a JSON document of a run folder may have (score-train writes 4 or 5 levels).
+MAX_JSON_DEPTH = 64
+_FLOAT_MAX = 1.7976931348623157e308
 
-    return json.loads(read_text(path, limit))
+
+def loads_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` bounded: at most ``max_depth`` levels, every number within float range.
+
+    ``NaN`` and ``Infinity`` (which Python's ``json.dumps`` writes for a diverged metric) are
+    kept; a literal such as ``1e400`` or ``10**400`` written out is refused, as is a list
+    nested 100,000 deep (the depth is counted before parsing, so no recursion limit is hit).
+
+    Raises:
+        ValueError: not JSON, nested too deeply or a number out of range (one line).
+    """
+    import json
+    import re
+
+    import numpy as np
+
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    # The nesting, counted over the text with strings blanked out: no recursion, no parse.
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text).encode("utf-8", "replace")
+    step = np.zeros(256, dtype=np.int8)
+    step[list(b"[{")], step[list(b"]}")] = 1, -1
+    levels = np.cumsum(step[np.frombuffer(bare, dtype=np.uint8)], dtype=np.int64)
+    if levels.size and int(levels.max()) > max_depth:
+        raise ValueError(f"JSON nested more than {max_depth} levels deep")
+
+    def number(s: str) -> float | int:
+        value = float(s) if any(c in s for c in ".eE") else int(s)
+        if abs(value) > _FLOAT_MAX:  # an int past float range, or a float literal that is inf
+            raise ValueError(f"the number {s[:20]}{'...' if len(s) > 20 else ''} is out of range")
+        return value
+
+    # Only a text with a 309-digit run or a 3-digit exponent can hold a number past float
+    # range: the others are parsed at C speed.
+    wide = re.search(rb"\d{309}|[eE]\+?\d{3}", bare) is not None
+    try:
+        if not wide:
+            return json.loads(text)
+        return json.loads(text, parse_int=number, parse_float=number)
+    except RecursionError:  # pragma: no cover - the depth is counted first
+        raise ValueError(f"JSON nested more than {max_depth} levels deep") from None
+
+
+def read_json(path: str | os.PathLike, limit: int | None = None) -> Any:
+    """A JSON file of a run folder (bounded: :func:`loads_json`; ``ValueError`` otherwise)."""
+    return loads_json(read_text(path, limit))
 
 
 def refuse_links(run_dir: str | os.PathLike) -> None:
