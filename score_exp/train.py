@@ -346,6 +346,8 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         objective(cfg, {})  # an unknown objective is an error before any work
         record = train(cfg, run_dir)
+    except stop.Stopped:  # before the run started (its claim): nothing to record
+        stop.exit_stopped("score-train", "nothing was trained")
     except ScoreExpError as e:
         if isinstance(e, RunDirError):
             # Not logged: the log file lives in the folder that must stay untouched.

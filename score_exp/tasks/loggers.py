@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -119,6 +120,54 @@ class AppendingCSVLogger(CSVLogger):
 
 
 class _AppendingWriter(ExperimentWriter):
+    """Lightning's writer, but ``metrics.csv`` and ``hparams.yaml`` are replaced atomically.
+
+    Lightning appends to ``metrics.csv`` and rewrites ``hparams.yaml`` in place: a hard link
+    planted at either would have a file outside the run written, and a full disk leaves
+    ``hparams.yaml`` empty. Here each save writes the whole file anew (a new inode, renamed
+    over the old one: :func:`score_exp.io.atomic_write_bytes`); a failed write keeps the old
+    file and raises :class:`~score_exp.errors.WriteError` (one line).
+    """
+
+    def log_hparams(self, params: dict) -> None:
+        from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+        from score_exp.errors import WriteError
+        from score_exp.io import mkstemp_shared
+
+        self.hparams.update(params)
+        path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        try:
+            fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+        except OSError as e:
+            raise WriteError(path, e) from None
+        try:
+            save_hparams_to_yaml(tmp, self.hparams)
+            os.replace(tmp, path)  # a new inode: never written in place
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise WriteError(path, e) from None
+
+    def save(self) -> None:
+        from score_exp.io import atomic_write_text
+        from score_exp.runs.files import read_text
+
+        if not self.metrics:
+            return
+        new_keys = self._record_new_keys()
+        path = Path(self.metrics_file_path)
+        old = read_text(path) if path.is_file() else ""
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=self.metrics_keys)
+        if not old or new_keys:  # a new header: the old rows under it
+            writer.writeheader()
+            writer.writerows(csv.DictReader(io.StringIO(old, newline="")) if old else [])
+            old = ""
+        writer.writerows(self.metrics)
+        atomic_write_text(path, old + buf.getvalue())
+        self.metrics = []
+
     def _check_log_dir_exists(self) -> None:
         # Keep the file and its header; later saves append (and widen the header if needed).
         if self._fs.isfile(self.metrics_file_path):
