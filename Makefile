@@ -53,7 +53,7 @@ test-cluster: $(STAMP)  ## start a local Slurm, run the cluster tests (pytest -m
 	SLURM_CONF=$$(scripts/slurm_local.sh conf) $(BIN)/python -m pytest -n 0 -m slurm $(ARGS)
 
 gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
-	$(BIN)/python -m score_exp.gpu_check $(ARGS)
+	$(BIN)/python -m score_exp.bench.gpu_check $(ARGS)
 
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .
@@ -127,7 +127,7 @@ tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget) x 3 study se
 	    trainer.enable_progress_bar=false hydra.sweep.dir=$(TUNE_DIR)/study$$k/$$v $(ARGS) \
 	    || exit $$?; \
 	done; \
-	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.tune retrain --out $(TUNE_DIR)/retrain/study$$k \
+	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.cli.tune retrain --out $(TUNE_DIR)/retrain/study$$k \
 	  --study-seed $$k --seeds $(SEEDS) --jobs $(JOBS) $(TUNE_DIR)/study$$k \
 	  $(if $(RETRAIN_ARGS),-- $(RETRAIN_ARGS)) || exit $$?; \
 	done; \
@@ -138,16 +138,19 @@ tune-gnn-cpu: $(STAMP)  ## the same for the ESOL GNN (score025, stacked; tune_es
 	$(MAKE) tune-cpu TUNE_TASK=esol_gnn TUNE_VARIANTS="$(if $(filter command line,$(origin TUNE_VARIANTS)),$(TUNE_VARIANTS),score025 stacked)"
 
 # Published results: the report of claims-datasets-cpu's runs (and of the tune-cpu studies when
-# present, in docs/results/tune_<task>/) as a committed snapshot with its provenance; the README's
-# headline block is rewritten from it, then every table is re-rendered from runs.json and compared.
+# present, in docs/results/tune_<task>/) as a committed snapshot with its provenance; the headline
+# blocks (the README's short form, docs/reproducing.md's in full) are rewritten from it, then every
+# table is re-rendered from runs.json and compared.
 RESULTS_RUNS ?= multirun/claims_datasets_cpu
 RESULTS_TUNE ?= $(wildcard multirun/tune_cpu/*/retrain)
 RESULTS_DIR ?= docs/results
 RESULTS_README ?= README.md
+RESULTS_PAGE ?= docs/reproducing.md
 
 results: $(STAMP)  ## publish docs/results/ (report, claims, plots, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
 	$(BIN)/python -m score_exp.report.snapshot $(RESULTS_RUNS) --tune $(RESULTS_TUNE) \
-	  --out $(RESULTS_DIR) --readme $(RESULTS_README) $(if $(WALL),--wall "$(WALL)") \
+	  --out $(RESULTS_DIR) --readme $(RESULTS_README) \
+	  --page $(RESULTS_PAGE) $(if $(WALL),--wall "$(WALL)") \
 	  --command "make results RESULTS_RUNS='$(RESULTS_RUNS)' RESULTS_TUNE='$(RESULTS_TUNE)'"
 	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 
@@ -158,7 +161,7 @@ tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-trai
 	    $(BIN)/score-train -m experiment=tune_$$t depth=$$v hydra.sweep.dir=multirun/tune/$$t/$$v \
 	      $(ARGS) || exit $$?; \
 	  done; \
-	  $(BIN)/python -m score_exp.tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
+	  $(BIN)/python -m score_exp.cli.tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
 	  $(BIN)/score-report multirun/tune/$$t/retrain || exit $$?; \
 	done
 

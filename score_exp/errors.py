@@ -30,7 +30,7 @@ class CheckpointWriteError(ScoreExpError):
 class WriteError(ScoreExpError, OSError):
     """A run-folder file could not be written (disk full, read-only, permissions).
 
-    Raised by the atomic writers (:mod:`score_exp.io`): the previous content of the file is
+    Raised by the atomic writers (:mod:`score_exp.runs.files`): the previous content of the file is
     intact (the new one was a temporary file, removed). An ``OSError`` too, so code that
     guards a write with ``except OSError`` keeps working; one line: ``cannot write <path>:
     <reason>``.

@@ -4,7 +4,7 @@ Every door (``score-train``, ``score-eval``, ``score-sample``, ``score-bench``) 
 module and never another door, so a run, an evaluation, a sample and a benchmark build exactly
 the same objects from the same config:
 
-    cfg = compose("task=esol_mlp", "depth=stacked")     # the real configs, no Hydra run
+    cfg = compose("task=esol_mlp", "depth=stacked")     # score_exp.config: the real configs
     task = build(cfg)                                   # Task(datamodule, model, module, spec)
     run = load_run("outputs/esol_mlp/<run>")            # the same, plus the run's best weights
 
@@ -14,9 +14,8 @@ model is called as ``model(depth=DepthSpec, **datamodule.model_kwargs())`` and t
 ``module(model=model, **datamodule.module_kwargs())``. Nothing else is required: a new task is a
 YAML file in a config group plus its classes (README "Add a task"); this module needs no edit.
 
-Importing this module registers the ``depth`` group's schema (:class:`DepthSpec`, made in
-:mod:`score_exp.schema`) with Hydra's ConfigStore, so a preset holds only what differs and a
-misspelt key is refused.
+Composition and the ``depth`` group's schema are :mod:`score_exp.config` (imported here, so the
+schema is registered with Hydra's ConfigStore before anything is composed).
 """
 
 from __future__ import annotations
@@ -28,25 +27,14 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from omegaconf import DictConfig
 
+from score_exp.config import depth_spec
 from score_exp.core import DepthSpec
-from score_exp.errors import ConfigError, DataError
-from score_exp.record import CONFIG as RUN_CONFIG
+from score_exp.errors import ConfigError, DataError, user_error
 from score_exp.runs.checkpoints import find_checkpoint, load_checkpoint
+from score_exp.runs.record import CONFIG as RUN_CONFIG
 from score_exp.runs.safe_load import load_run_config
-from score_exp.schema import (  # noqa: F401 (HELP_GROUPS, depth_schema, help_groups: re-exported)
-    HELP_GROUPS,
-    check_depth_overrides,
-    depth_schema,
-    depth_spec,
-    help_groups,
-    register_configs,
-)
-from score_exp.tasks.training_step import training_step_fn  # noqa: F401 (re-exported)
 
 log = logging.getLogger("score_exp.run")
-
-#: The Hydra config tree (``configs/`` of the checkout). Defined here only.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 # ----------------------------------------------------------------------------- the task contract
@@ -122,40 +110,6 @@ class LoadedRun(NamedTuple):
     meta: dict[str, Any]  # the checkpoint without its state_dict: epoch, global_step, hparams
 
 
-# ----------------------------------------------------------------------------- configs
-
-
-def compose(*overrides: str, config_name: str = "train") -> DictConfig:
-    """The config ``score-train`` (or ``config_name``) would run, without a Hydra run.
-
-    Raises:
-        ConfigError: an override Hydra refuses (syntax, unknown key or option, wrong type).
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    check_depth_overrides(overrides)
-    # Inside a Hydra app (score-eval rebuilding a run from the project's configs), Hydra is
-    # already initialised: compose beside it and give it back as it was.
-    running = GlobalHydra.instance().hydra
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return hydra_compose(config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        skip = ("full_key", "object_type", "reference_type")
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = " ".join(ln for ln in lines if not ln.startswith(skip)) or type(e).__name__
-        raise ConfigError(f"cannot compose {' '.join(overrides)}: {why}") from None
-    finally:
-        if running is not None:
-            GlobalHydra.instance().clear()
-            GlobalHydra.instance().initialize(running)
-
-
 # ----------------------------------------------------------------------------- building
 
 
@@ -208,8 +162,6 @@ def data_module(cfg: DictConfig):
         ScoreExpError: a bad ``task.data`` value, unwrapped from Hydra's instantiate.
     """
     from hydra.utils import instantiate
-
-    from score_exp.errors import user_error
 
     try:
         return instantiate(cfg.task.data)
@@ -292,6 +244,3 @@ def load_run(
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     log.info("loaded %s (step %s) with depth %s", ckpt_path, ckpt.get("global_step"), task.spec)
     return LoadedRun(cfg, task, ckpt_path, meta)
-
-
-register_configs()

@@ -5,7 +5,7 @@
     python scripts/bench_epoch.py --override task.model.conv=gine --threads 1
 
 Each repeat is one full pass over the training loader, stepped exactly as a run steps it
-(:func:`score_exp.run.training_step_fn`: the module's own ``training_step`` and optimiser), on
+(:func:`score_exp.tasks.training_step.training_step_fn`: the module's own ``training_step`` and optimiser), on
 the task built by :func:`score_exp.run.build` from the real configs, after ``--warmup`` untimed
 epochs. Validation and Lightning's bookkeeping are not included (``score-bench --lightning``
 measures those). Prints one line per preset: parameters, NFE, median and min-max epoch time, items/s.
@@ -21,14 +21,15 @@ import time
 import lightning as L
 import torch
 
-from score_exp import run
+from score_exp import config, run
+from score_exp.tasks.training_step import training_step_fn
 
 
 def bench(task: str, preset: str, overrides: list[str], warmup: int, repeats: int) -> dict:
-    cfg = run.compose(f"task={task}", f"depth={preset}", *overrides)
+    cfg = config.compose(f"task={task}", f"depth={preset}", *overrides)
     L.seed_everything(cfg.seed, verbose=False)
     datamodule, model, module, spec = run.build(cfg, "fit")
-    step = run.training_step_fn(module, cfg.task.gradient_clip_val)
+    step = training_step_fn(module, cfg.task.gradient_clip_val)
     loader = datamodule.train_dataloader()
 
     def epoch() -> tuple[float, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import forkserver
 import pytest
 
-from score_exp.run import CONFIG_DIR as _CONFIG_DIR
+from score_exp.config import CONFIG_DIR as _CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(_CONFIG_DIR)
@@ -56,7 +56,7 @@ def pytest_configure(config) -> None:
 
 def run_cli(
     *args: str,
-    module: str = "score_exp.train",
+    module: str = "score_exp.cli.train",
     env: dict[str, str] | None = None,
     timeout: float = 900,
     cwd: Path | None = None,

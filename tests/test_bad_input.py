@@ -187,7 +187,7 @@ def test_a_read_only_output_folder(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     run_dir = ro / "run"
-    cmd = [sys.executable, "-m", "score_exp.train", f"hydra.run.dir={run_dir}", *QUIET]
+    cmd = [sys.executable, "-m", "score_exp.cli.train", f"hydra.run.dir={run_dir}", *QUIET]
     # As root, drop the override in the child (Linux); otherwise the mode alone stops writes.
     pre = _without_dac_override if os.geteuid() == 0 else None
     try:
@@ -230,7 +230,7 @@ def test_wandb_without_network_falls_back_to_offline_once(tmp_path):
     run_dir = tmp_path / "wb"
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "score_exp.train", f"hydra.run.dir={run_dir}", *QUIET, *TINY,
+        [sys.executable, "-m", "score_exp.cli.train", f"hydra.run.dir={run_dir}", *QUIET, *TINY,
          "logger=wandb", "logger.wandb.init_timeout=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         preexec_fn=lambda: os.umask(0o027),
@@ -256,7 +256,7 @@ def test_wandb_without_network_falls_back_to_offline_once(tmp_path):
 )
 def test_written_files_follow_the_umask(tmp_path, monkeypatch, mask, file_mode, dir_mode):
     from score_exp.data.shakespeare import prepare_tokens
-    from score_exp.io import atomic_write_json, atomic_write_text
+    from score_exp.runs.files import atomic_write_json, atomic_write_text
 
     monkeypatch.setenv("SCORE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SCORE_DATA_OFFLINE", "1")

@@ -19,7 +19,7 @@ def bench(tmp_path_factory):
     out_json = tmp_path_factory.mktemp("bench") / "bench.json"
     out = run_cli(
         *TINY, *FAST, "--depth", "score", "--integrator", "euler", "rk4", "--lightning",
-        "--json", str(out_json), module="score_exp.bench", timeout=600,
+        "--json", str(out_json), module="score_exp.bench.cli", timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out_json.read_text()), out.stdout
@@ -71,7 +71,7 @@ def test_checkpoint_memory_measures_each_point_with_and_without(tmp_path):
     out_json = tmp_path / "mem.json"
     out = run_cli(
         *TINY, *FAST, "--depth", "score", "--checkpoint-memory", "--checkpoint-steps", "2", "4",
-        "--json", str(out_json), module="score_exp.bench", timeout=600,
+        "--json", str(out_json), module="score_exp.bench.cli", timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out_json.read_text())
@@ -92,7 +92,7 @@ def test_checkpoint_memory_measures_each_point_with_and_without(tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
-    out = run_cli(*TINY, *args, "--json", str(tmp_path / "b.json"), module="score_exp.bench")
+    out = run_cli(*TINY, *args, "--json", str(tmp_path / "b.json"), module="score_exp.bench.cli")
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("score-bench: error: ") and message in line, line
@@ -103,7 +103,7 @@ def test_invalid_combinations_are_skipped_with_a_note():
     # stacked_plain is plain composition, not an ODE: only euler applies.
     from argparse import Namespace
 
-    from score_exp.bench import plan
+    from score_exp.bench.cli import plan
 
     args = Namespace(
         task="esol_mlp", depth=["stacked_plain", "score"], integrator=["euler", "heun"],
@@ -118,8 +118,8 @@ def test_invalid_combinations_are_skipped_with_a_note():
 def test_a_named_variant_is_measured_beside_its_base_and_compared_with_it():
     from argparse import Namespace
 
-    from score_exp.bench import plan
-    from score_exp.bench_report import ratios
+    from score_exp.bench.cli import plan
+    from score_exp.bench.report import ratios
 
     args = Namespace(
         task="esol_mlp", depth=["score"], integrator=["euler"], override=[], repeats=1,
@@ -155,7 +155,7 @@ def test_a_named_variant_is_measured_beside_its_base_and_compared_with_it():
 def test_a_bad_variant_is_one_error_before_measuring(variant, message):
     from argparse import Namespace
 
-    from score_exp.bench import plan
+    from score_exp.bench.cli import plan
     from score_exp.errors import ConfigError
 
     args = Namespace(

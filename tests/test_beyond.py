@@ -519,7 +519,7 @@ def test_score_eval_rediscretises_a_trained_run(trained_run):
         f"run_dir={trained_run}",
         "depth.steps=1,2",
         "depth.integrator=euler,rk4",
-        module="score_exp.eval",
+        module="score_exp.cli.eval",
         env=cli_env(OMP_NUM_THREADS="1"),
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -550,7 +550,7 @@ def test_score_eval_takes_a_run_dir_relative_to_the_working_directory(trained_ru
     out = run_cli(
         "run_dir=run",
         "depth.steps=1",
-        module="score_exp.eval",
+        module="score_exp.cli.eval",
         env=cli_env(OMP_NUM_THREADS="1"),
         cwd=trained_run.parent,
     )
@@ -561,6 +561,6 @@ def test_score_eval_takes_a_run_dir_relative_to_the_working_directory(trained_ru
 def test_score_eval_reports_bad_input_in_one_line(tmp_path):
     from conftest import run_cli
 
-    out = run_cli(f"run_dir={tmp_path / 'nope'}", module="score_exp.eval")
+    out = run_cli(f"run_dir={tmp_path / 'nope'}", module="score_exp.cli.eval")
     assert out.returncode == 2
     assert "score-eval: error:" in out.stderr and "does not exist" in out.stderr

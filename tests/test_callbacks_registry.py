@@ -143,16 +143,17 @@ def test_the_feature_callbacks_are_no_ops_in_a_real_run(tmp_path):
 def test_a_folder_made_before_the_callbacks_were_registered_is_still_recognised(tmp_path):
     """A run folder whose fingerprint predates the YAML entries (made when score-train built
     these callbacks in code) is skipped by the same command, not refused as another config."""
-    from score_exp import rundir
+    from score_exp.runs.fingerprint import fingerprint
+    from score_exp.runs.record import FINGERPRINT
 
     run_dir = tmp_path / "run"
     assert train_cli(run_dir, *TINY).returncode == 0
     # What that score-train wrote: the same identity without the entries added since.
-    path = run_dir / rundir.FINGERPRINT
+    path = run_dir / FINGERPRINT
     added = tuple(f"callbacks.{n}" for n in list(REGISTERED)[4:])
     stored = json.loads(path.read_text())["identity"]
     old = {k: v for k, v in stored.items() if not k.startswith(added)}
-    path.write_text(json.dumps({"fingerprint": rundir.fingerprint(old), "identity": old}))
+    path.write_text(json.dumps({"fingerprint": fingerprint(old), "identity": old}))
     out = train_cli(run_dir, *TINY)
     assert out.returncode == 0 and "already finished" in out.stderr, out.stderr[-400:]
 

@@ -8,7 +8,7 @@ import sys
 import torch
 from conftest import REPO
 
-from score_exp import cluster
+from score_exp.runs import cluster
 
 
 def test_only_a_job_in_the_submitters_place_watches_it(monkeypatch):
@@ -27,7 +27,7 @@ def test_only_a_job_in_the_submitters_place_watches_it(monkeypatch):
 def test_a_slurm_job_never_starts_the_parent_watchdog():
     # The submitter's PID does not exist where the job runs: the watchdog would stop the job.
     code = (
-        "import os; from score_exp import cluster; from score_exp.runs import sweeps;"
+        "import os; from score_exp.runs import cluster; from score_exp.runs import sweeps;"
         "os.environ[sweeps.PARENT_ENV] = '999999999';"
         "os.environ[cluster.PARENT_WHERE_ENV] = 'login-node|pid:[1]|';"
         "os.environ['SLURM_JOB_ID'] = '5';"

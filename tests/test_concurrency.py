@@ -19,7 +19,9 @@ from conftest import QUIET, REPO, cli_env, run_cli, train_cli
 from test_bad_input import one_error_line
 from test_rundir import LONG, _alive, _popen, _wait_for
 
-from score_exp import rundir
+from score_exp.runs.lock import RunLock, in_training
+from score_exp.runs.record import FAILURES, FINGERPRINT, MOVED_ASIDE
+from score_exp.runs.sweeps import PARENT_ENV
 
 
 @pytest.fixture
@@ -41,10 +43,10 @@ def test_overwrite_and_score_eval_leave_a_run_in_training_alone(training):
     # overwrite=true: refused while the other process trains; nothing is moved aside.
     line = one_error_line(train_cli(run_dir, *LONG, "overwrite=true"))
     assert "is in use" in line and f"pid {proc.pid}" in line
-    assert not (run_dir.parent / rundir.MOVED_ASIDE).exists()
-    assert proc.poll() is None and (run_dir / rundir.FINGERPRINT).exists()
+    assert not (run_dir.parent / MOVED_ASIDE).exists()
+    assert proc.poll() is None and (run_dir / FINGERPRINT).exists()
     # score-eval: says the run is in training instead of evaluating a half-trained checkpoint.
-    out = run_cli(f"run_dir={run_dir}", module="score_exp.eval")
+    out = run_cli(f"run_dir={run_dir}", module="score_exp.cli.eval")
     line = one_error_line(out, "score-eval")
     assert line.startswith(f"score-eval: error: {run_dir} is in training (pid {proc.pid} on ")
     assert not (run_dir / "eval.csv").exists()
@@ -53,14 +55,14 @@ def test_overwrite_and_score_eval_leave_a_run_in_training_alone(training):
 
 def test_score_eval_of_a_finished_run_is_not_taken_for_a_run_in_training(tmp_path):
     """A lock file left by a finished (or killed) run holds no lock: the run is evaluated."""
-    assert rundir.in_training(tmp_path) is None  # no .lock at all
-    with rundir.RunLock(tmp_path):
-        assert rundir.in_training(tmp_path) == f"pid {os.getpid()} on {socket.gethostname()}"
-    assert rundir.in_training(tmp_path) is None
+    assert in_training(tmp_path) is None  # no .lock at all
+    with RunLock(tmp_path):
+        assert in_training(tmp_path) == f"pid {os.getpid()} on {socket.gethostname()}"
+    assert in_training(tmp_path) is None
 
 
 def _failures(sweep_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (sweep_dir / rundir.FAILURES).read_text().splitlines()]
+    return [json.loads(ln) for ln in (sweep_dir / FAILURES).read_text().splitlines()]
 
 
 def test_a_second_sweep_into_the_same_folder_keeps_the_first_ones_failures(tmp_path):
@@ -79,7 +81,7 @@ def test_a_second_sweep_into_the_same_folder_keeps_the_first_ones_failures(tmp_p
 
 def _descendants(pid: int) -> list[int]:
     """Processes started for the sweep ``pid`` (they carry it in $SCORE_EXP_PARENT_PID)."""
-    mark = f"{rundir.PARENT_ENV}={pid}".encode()
+    mark = f"{PARENT_ENV}={pid}".encode()
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != pid:

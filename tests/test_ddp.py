@@ -82,8 +82,8 @@ def test_loader_options_are_checked_and_pinning_follows_cuda():
 
     from score_exp.errors import ConfigError
     from score_exp.tasks.distributed import pin_memory
-    from score_exp.tasks.lm import ShakespeareDataModule
     from score_exp.tasks.molecules import DescriptorDataModule
+    from score_exp.tasks.shakespeare import ShakespeareDataModule
 
     assert pin_memory(None) == torch.cuda.is_available()
     assert pin_memory(True) is True and pin_memory(False) is False

@@ -640,7 +640,7 @@ def test_score_eval_records_the_fixed_point_convergence(tmp_path):
     out = train_cli(run, *TASKS["esol_mlp"], *FIXED_POINT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     test = load_results(run)["solver"]["test"]
-    out = run_cli(f"run_dir={run}", module="score_exp.eval", env=env)
+    out = run_cli(f"run_dir={run}", module="score_exp.cli.eval", env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(run / "eval.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
@@ -659,7 +659,7 @@ def test_score_eval_records_the_evaluations_spent_when_halting(tmp_path):
     run = tmp_path / "run"
     out = train_cli(run, *TASKS["esol_mlp"], "depth.steps=8", env=cli_env(OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
-    out = run_cli(f"run_dir={run}", "depth.adaptive_eps=1e-9,10", module="score_exp.eval",
+    out = run_cli(f"run_dir={run}", "depth.adaptive_eps=1e-9,10", module="score_exp.cli.eval",
                   env=cli_env(OMP_NUM_THREADS="1"))  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     with open(run / "eval.csv", newline="") as f:
@@ -679,7 +679,7 @@ def test_score_eval_halts_a_language_model_on_kl(tmp_path):
     out = train_cli(run, *TASKS["shakespeare_char_cpu"], env=env)  # trained with halt=state
     assert out.returncode == 0, out.stderr[-3000:]
     out = run_cli(f"run_dir={run}", "depth.steps=8", "depth.halt=kl",
-                  "depth.adaptive_eps=1e-12,100", module="score_exp.eval", env=env)  # fmt: skip
+                  "depth.adaptive_eps=1e-12,100", module="score_exp.cli.eval", env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     with open(run / "eval.csv", newline="") as f:
         rows = {float(r["adaptive_eps"]): r for r in csv.DictReader(f)}
@@ -687,7 +687,7 @@ def test_score_eval_halts_a_language_model_on_kl(tmp_path):
     assert float(rows[1e-12]["nfe_spent"]) == 8  # nobody stops
     assert float(rows[100.0]["nfe_spent"]) == 1  # all stop after one step (KL vs the input's)
     out = run_cli(f"run_dir={run}", "depth.adaptive_eps=0.1", "depth.halt=kll",
-                  module="score_exp.eval", env=env)  # fmt: skip
+                  module="score_exp.cli.eval", env=env)  # fmt: skip
     assert out.returncode == 2 and "halt must be one of state, kl, got 'kll'" in out.stderr
 
 

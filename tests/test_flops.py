@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from score_exp.core import DepthSpec
-from score_exp.flops import (
+from score_exp.bench.flops import (
     counted_flops,
     flops_per_item,
     gpt_flops_per_token,
@@ -15,6 +14,7 @@ from score_exp.flops import (
     mlp_flops_per_molecule,
     peak_bf16_flops,
 )
+from score_exp.core import DepthSpec
 from score_exp.models import GPT, RecurrentMLP
 
 V, T, C, NH = 65, 32, 16, 2  # a tiny GPT: vocabulary, context, width, heads
@@ -132,7 +132,7 @@ def test_mfu_is_achieved_over_peak_on_cuda_and_none_on_cpu():
 
 
 def test_bench_fields_give_train_flops_and_achieved_rate():
-    from score_exp.flops import bench_fields
+    from score_exp.bench.flops import bench_fields
 
     model = tiny_gpt(True, 4, "contractive", "euler")
     out = bench_fields(model, T, 1e6, torch.device("cpu"))

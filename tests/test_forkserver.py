@@ -20,7 +20,7 @@ def test_a_forked_command_exits_and_prints_as_a_new_interpreter_does(tmp_path):
     args = (f"hydra.run.dir={tmp_path / 'run'}", "seed=abc")
     forked = run_cli(*args)
     real = subprocess.run(
-        [sys.executable, "-m", "score_exp.train", *args], cwd=REPO, env=cli_env(),
+        [sys.executable, "-m", "score_exp.cli.train", *args], cwd=REPO, env=cli_env(),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert forked.returncode == real.returncode == 2

@@ -220,11 +220,11 @@ def test_gnn_learns_well_below_the_mean_predictor(tmp_path):
 
 
 def test_experiment_file_composes_the_paper_setting(compose):
-    from score_exp.run import depth_spec
+    from score_exp.config import depth_spec
 
-    cfg = compose("experiment=esol_gnn_paper")
+    cfg = compose("experiment=paper_esol_gnn")
     assert cfg.task.name == "esol_gnn" and cfg.task.model.conv == "mpnn"
     assert cfg.task.model.readout == "attentive" and cfg.task.model.hidden == 128
     assert depth_spec(cfg) == DepthSpec(share=True, steps=4, dt=0.25, update="contractive")
-    stacked = depth_spec(compose("experiment=esol_gnn_paper", "depth=stacked"))
+    stacked = depth_spec(compose("experiment=paper_esol_gnn", "depth=stacked"))
     assert (stacked.share, stacked.update, stacked.dt) == (False, "residual", 1.0)

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, cli_env, load_results, run_cli, train_cli
 from torch import nn
 
+from score_exp.config import depth_spec
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import (
     CharTokenizer,
@@ -21,8 +22,9 @@ from score_exp.data.shakespeare import (
 )
 from score_exp.errors import DataError
 from score_exp.models import GPT
-from score_exp.run import build, depth_spec
-from score_exp.tasks.lm import FixedWindows, LanguageModelModule, RandomWindows, nanogpt_lr
+from score_exp.run import build
+from score_exp.tasks.lm import LanguageModelModule, nanogpt_lr
+from score_exp.tasks.shakespeare import FixedWindows, RandomWindows
 
 PRESETS = ("score", "stacked", "stacked_plain", "skip05", "shared_residual", "shared_plain")
 LN65 = math.log(65)
@@ -413,7 +415,7 @@ def test_score_sample_prints_samples_of_the_requested_length(trained_run):
         "max_new_tokens=50",
         "prompt=ROMEO:",
         "seed=3",
-        module="score_exp.sample",
+        module="score_exp.cli.sample",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loaded" in proc.stderr and "loaded" not in proc.stdout  # logs on stderr only
@@ -426,10 +428,10 @@ def test_score_sample_prints_samples_of_the_requested_length(trained_run):
 
 
 def test_score_sample_reports_a_missing_run_or_checkpoint(tmp_path):
-    proc = run_cli(f"run_dir={tmp_path / 'nope'}", module="score_exp.sample")
+    proc = run_cli(f"run_dir={tmp_path / 'nope'}", module="score_exp.cli.sample")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and proc.stdout == ""
     (tmp_path / "config.yaml").write_text("task: {}\n")
-    proc = run_cli(f"run_dir={tmp_path}", module="score_exp.sample")
+    proc = run_cli(f"run_dir={tmp_path}", module="score_exp.cli.sample")
     assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
 
 

@@ -1,4 +1,4 @@
-"""``make gpu-check`` (``python -m score_exp.gpu_check``): a clear exit without CUDA, and the whole
+"""``make gpu-check`` (``python -m score_exp.bench.gpu_check``): a clear exit without CUDA, and the whole
 orchestration on CPU with tiny budgets (``--dry-run``)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import math
 import pytest
 from conftest import cli_env, run_cli
 
-from score_exp.gpu_check import markdown, targets
+from score_exp.bench.gpu_check import markdown, targets
 
 NO_CUDA = cli_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # no GPU, even on a GPU machine
 
 
 def test_without_cuda_it_exits_2_with_one_line(tmp_path):
-    out = run_cli("--out", str(tmp_path), module="score_exp.gpu_check", env=NO_CUDA)
+    out = run_cli("--out", str(tmp_path), module="score_exp.bench.gpu_check", env=NO_CUDA)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: error: no CUDA device"), out.stderr
@@ -24,7 +24,7 @@ def test_without_cuda_it_exits_2_with_one_line(tmp_path):
 
 def test_unknown_step_is_one_line_exit_2(tmp_path):
     out = run_cli("--dry-run", "--only", "nope", "--out", str(tmp_path),
-                  module="score_exp.gpu_check", env=NO_CUDA)  # fmt: skip
+                  module="score_exp.bench.gpu_check", env=NO_CUDA)  # fmt: skip
     assert out.returncode == 2 and out.stderr.strip() == "gpu-check: error: unknown step 'nope'"
 
 
@@ -42,7 +42,9 @@ def test_target_is_best_val_at_most_1_50_in_under_3_minutes(val, wall, met):
 
 @pytest.mark.slow
 def test_dry_run_runs_every_step_on_cpu_and_writes_both_summaries(tmp_path, compose):
-    out = run_cli("--dry-run", "--out", str(tmp_path), module="score_exp.gpu_check", env=NO_CUDA)
+    out = run_cli(
+        "--dry-run", "--out", str(tmp_path), module="score_exp.bench.gpu_check", env=NO_CUDA
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = summary["steps"]
@@ -50,9 +52,9 @@ def test_dry_run_runs_every_step_on_cpu_and_writes_both_summaries(tmp_path, comp
                            "esol_attentivefp", "bench", "ddp"]  # fmt: skip
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert "skipped" in steps["tests"]["summary"]  # the CUDA tests skip on CPU
-    from score_exp.flops import gpt_flops_per_token
+    from score_exp.bench.flops import gpt_flops_per_token
+    from score_exp.config import depth_spec
     from score_exp.models import GPT
-    from score_exp.run import depth_spec
 
     for preset in ("stacked", "score"):
         s = steps[f"train_{preset}"]

@@ -60,7 +60,7 @@ def test_a_run_logged_with_each_logger_is_evaluated_by_score_eval(tmp_path, logg
     assert expected and set(logged) == set(expected)
     assert logged == pytest.approx(expected, rel=1e-6)
 
-    out = run_cli(f"run_dir={run_dir}", module="score_exp.eval")
+    out = run_cli(f"run_dir={run_dir}", module="score_exp.cli.eval")
     assert out.returncode == 0, out.stderr[-3000:]
     with open(run_dir / "eval.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))

@@ -152,7 +152,7 @@ def test_attentivefp_trains_through_the_cli_as_a_reference(tmp_path):
     from score_exp.runs.safe_load import load_run_config
 
     assert load_run_config(run_dir).task.model.hidden_channels == 32
-    out = run_cli(f"run_dir={run_dir}", module="score_exp.eval")
+    out = run_cli(f"run_dir={run_dir}", module="score_exp.cli.eval")
     assert out.returncode == 2 and "has no RecurrentDepth" in out.stderr.strip().splitlines()[-1]
 
 

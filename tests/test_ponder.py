@@ -11,6 +11,7 @@ import torch
 from conftest import cli_env, load_results, run_cli, train_cli
 from torch import nn
 
+from score_exp.config import depth_spec
 from score_exp.core import DepthSpec, RecurrentDepth
 from score_exp.core.ponder import (
     HaltingHead,
@@ -19,7 +20,6 @@ from score_exp.core.ponder import (
     kl_to_prior,
     sample_mean,
 )
-from score_exp.run import depth_spec
 
 # ----------------------------------------------------------------------------- the maths
 
@@ -201,7 +201,7 @@ def test_ponder_trains_and_evaluates_on_every_task(tmp_path, task):
     assert {"depth/aux_loss", "depth/ponder_kl", "depth/ponder_steps"} <= logged
     # score-eval: the learned exit at two thresholds beside the state exit and the full depth.
     for over in ("depth.adaptive_eps=0.1,0.9", "depth.halt=state depth.adaptive_eps=1e-3"):
-        ev = run_cli(f"run_dir={run}", *over.split(), module="score_exp.eval")
+        ev = run_cli(f"run_dir={run}", *over.split(), module="score_exp.cli.eval")
         assert ev.returncode == 0, ev.stderr[-3000:]
     with open(run / "eval.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -235,8 +235,8 @@ def test_choices_are_literals_and_the_config_schema_declares_them_str():
     import dataclasses
     import typing
 
+    from score_exp.config import depth_schema
     from score_exp.core import spec as spec_module
-    from score_exp.run import depth_schema
 
     hints = typing.get_type_hints(DepthSpec)
     assert typing.get_args(hints["halt"]) == spec_module.HALTS == ("state", "kl", "ponder")

@@ -10,20 +10,20 @@ import pytest
 import yaml
 
 from score_exp.errors import ConfigError
-from score_exp.io import atomic_write_json
-from score_exp.record import (
-    RESULTS,
-    SCHEMA_VERSION,
-    RecordError,
-    RunFolder,
-    RunRecord,
-)
 from score_exp.report.runs import Run, varied_keys
+from score_exp.runs.files import atomic_write_json
 from score_exp.runs.fingerprint import (
     NON_IDENTITY,
     dirname_exclude_keys,
     fingerprint,
     run_identity,
+)
+from score_exp.runs.record import (
+    RESULTS,
+    SCHEMA_VERSION,
+    RecordError,
+    RunFolder,
+    RunRecord,
 )
 
 REPO = Path(__file__).resolve().parents[1]

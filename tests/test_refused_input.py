@@ -27,7 +27,7 @@ def finished(tmp_path_factory):
 
 
 def _eval(run_dir, *args):
-    return run_cli(f"run_dir={run_dir}", *args, module="score_exp.eval")
+    return run_cli(f"run_dir={run_dir}", *args, module="score_exp.cli.eval")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -164,7 +164,7 @@ def test_a_read_only_data_cache_folder(tmp_path):
     ro = tmp_path / "cache"
     ro.mkdir()
     ro.chmod(0o555)
-    cmd = [sys.executable, "-m", "score_exp.train", f"hydra.run.dir={tmp_path / 'run'}", *QUIET,
+    cmd = [sys.executable, "-m", "score_exp.cli.train", f"hydra.run.dir={tmp_path / 'run'}", *QUIET,
            "trainer.fast_dev_run=true"]  # fmt: skip
     pre = _without_dac_override if os.geteuid() == 0 else None
     try:
@@ -193,7 +193,7 @@ def test_a_read_only_data_cache_folder(tmp_path):
     ],
 )
 def test_score_sample_refuses_a_bad_value_before_loading(finished, arg, message):
-    out = run_cli(f"run_dir={finished}", arg, module="score_exp.sample")
+    out = run_cli(f"run_dir={finished}", arg, module="score_exp.cli.sample")
     assert one_error_line(out, "score-sample") == f"score-sample: error: {message}"
 
 
@@ -212,7 +212,7 @@ def test_score_bench_refuses_before_measuring(tmp_path, args, message):
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
     args = [a.replace("FILE", str(blocker)) for a in args]
-    out = run_cli("--task", "esol_mlp", "--depth", "score", *args, module="score_exp.bench")
+    out = run_cli("--task", "esol_mlp", "--depth", "score", *args, module="score_exp.bench.cli")
     line = one_error_line(out, "score-bench")
     assert line == f"score-bench: error: {message.replace('FILE', str(blocker))}"
     assert "measuring" not in out.stderr
@@ -240,7 +240,7 @@ def _study(folder, overrides: dict) -> None:
 def test_score_tune_refuses_a_corrupt_study_database(tmp_path):
     (tmp_path / "score").mkdir()
     (tmp_path / "score" / "optuna.db").write_text("not a database")
-    out = run_cli("retrain", str(tmp_path), "--seeds", "1", module="score_exp.tune")
+    out = run_cli("retrain", str(tmp_path), "--seeds", "1", module="score_exp.cli.tune")
     line = one_error_line(out, "score-tune")
     assert line == (
         f"score-tune: error: {tmp_path / 'score' / 'optuna.db'} is not a readable Optuna study "
@@ -254,13 +254,13 @@ def test_score_tune_passes_the_overrides_after_dashes_to_score_train(tmp_path):
     _study(tmp_path / "tune" / "score", {"trainer.max_epochs": 1, "task.model.hidden": 8})
     out = run_cli(
         "retrain", str(tmp_path / "tune"), "--seeds", "1", "--", "task.data.batch_size=0",
-        module="score_exp.tune",
+        module="score_exp.cli.tune",
     )  # fmt: skip
     # The override reached score-train (which refused it), instead of being taken as a PATH.
     assert out.returncode == 1, out.stderr[-2000:]
     assert "score-train: error: task.data.batch_size must be an integer >= 1, got 0" in out.stderr
     out = run_cli(
-        "retrain", str(tmp_path / "tune"), "trainer.max_epochs=1", module="score_exp.tune"
+        "retrain", str(tmp_path / "tune"), "trainer.max_epochs=1", module="score_exp.cli.tune"
     )
     assert one_error_line(out, "score-tune") == (
         "score-tune: error: trainer.max_epochs=1 does not exist (score-train overrides go "

@@ -11,12 +11,14 @@ import pytest
 import torch
 from conftest import CONFIG_DIR, QUIET, REPO, cli_env, load_results, run_cli, train_cli
 
-from score_exp import run
+from score_exp import config, run
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError
+from score_exp.tasks.training_step import training_step_fn
 
 TOY_CONFIGS = Path(__file__).parent / "toy"
-DOORS = ("train", "eval", "sample", "bench")
+DOORS = {"train": "cli/train.py", "eval": "cli/eval.py", "sample": "cli/sample.py",
+         "bench": "bench/cli.py"}  # fmt: skip
 
 
 def _toy_env() -> dict[str, str]:
@@ -72,16 +74,16 @@ def test_a_misspelt_depth_field_is_one_error_line(tmp_path, override):
     assert line == "score-train: error: unknown depth field 'stpes' (did you mean 'steps'?)"
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="unknown depth field 'stpes'"):
-        run.compose(override)
+        config.compose(override)
 
 
 def test_the_depth_schema_refuses_a_misspelt_or_mistyped_key_in_a_config_file(tmp_path):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "bad.yaml").write_text("# @package _global_\ndepth:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match="stpes"):
-        run.compose(f"hydra.searchpath=[file://{tmp_path}]", "experiment=bad")
+        config.compose(f"hydra.searchpath=[file://{tmp_path}]", "experiment=bad")
     with pytest.raises(ConfigError, match="steps"):
-        run.compose("depth.steps=many")
+        config.compose("depth.steps=many")
 
 
 def test_presets_hold_only_what_differs_from_the_schema(compose):
@@ -95,7 +97,7 @@ def test_presets_hold_only_what_differs_from_the_schema(compose):
         assert not same, f"{path.name} repeats the schema's defaults {same}"
     # The schema's own defaults are DepthSpec's, with the task's steps.
     cfg = compose("task=esol_mlp", "depth=score", "task.steps=3")
-    assert run.depth_spec(cfg) == DepthSpec(steps=3)
+    assert config.depth_spec(cfg) == DepthSpec(steps=3)
 
 
 def test_help_lists_the_choices_launchers_included_and_hides_internals():
@@ -107,7 +109,7 @@ def test_help_lists_the_choices_launchers_included_and_hides_internals():
         for line in listing.splitlines()[1:]
         if ":" in line
     }
-    assert set(groups) == set(run.HELP_GROUPS)
+    assert set(groups) == set(config.HELP_GROUPS)
     assert {"basic", "joblib", "submitit_local", "slurm"} <= groups["hydra/launcher"]
     assert {"cpu", "gpu", "ddp"} <= groups["trainer"] and "esol_mlp" in groups["task"]
     listed = set().union(*groups.values())
@@ -129,16 +131,21 @@ def _imports(path: Path) -> set[str]:
 
 def test_doors_import_the_builder_and_never_each_other():
     pkg = REPO / "score_exp"
-    for door in DOORS:
-        imported = _imports(pkg / f"{door}.py")
-        others = {f"score_exp.{d}" for d in DOORS if d != door}
+    modules = {d: "score_exp." + p.removesuffix(".py").replace("/", ".") for d, p in DOORS.items()}
+    for door, path in DOORS.items():
+        imported = _imports(pkg / path)
+        others = {m for d, m in modules.items() if d != door}
         assert not imported & others, (door, imported & others)
         assert imported & {"score_exp.run", "score_exp"}, door
-    # Only the builder reads checkpoints (through rundir, the run-folder reader, which loads
-    # them as data) and instantiates a task's objects.
-    for path in [*pkg.glob("*.py"), *(REPO / "scripts").glob("*.py")]:
+    # Only the builder reads checkpoints (through runs/checkpoints.py, the run-folder reader,
+    # which loads them as data) and instantiates a task's objects.
+    wings = [pkg, pkg / "cli", pkg / "bench", pkg / "runs", REPO / "scripts"]
+    for path in [p for w in wings for p in w.glob("*.py")]:
         text = path.read_text()
-        if path.name not in ("run.py", "rundir.py"):
+        if path.relative_to(REPO).as_posix() not in (
+            "score_exp/run.py",
+            "score_exp/runs/checkpoints.py",
+        ):
             assert "torch.load(" not in text, path
             assert "instantiate(cfg.task" not in text and "instantiate(run_cfg" not in text, path
 
@@ -147,7 +154,7 @@ def test_a_benchmark_step_is_the_modules_own_training_step(compose):
     cfg = compose("task=esol_mlp", "task.model.hidden=16", "task.model.dropout=0.0")
     torch.manual_seed(0)
     datamodule, model, module, _ = run.build(cfg)
-    step = run.training_step_fn(module, cfg.task.gradient_clip_val)
+    step = training_step_fn(module, cfg.task.gradient_clip_val)
     # The module's optimiser: AdamW with the task's weight decay (not a benchmark's own).
     assert type(step.optimizer).__name__ == "AdamW"
     assert step.optimizer.param_groups[0]["weight_decay"] == cfg.task.module.weight_decay

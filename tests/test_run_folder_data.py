@@ -18,13 +18,15 @@ import torch
 import yaml
 from conftest import REPO, cli_env, load_results, run_cli, train_cli
 
-from score_exp import rundir
 from score_exp.errors import ConfigError
 from score_exp.runs import safe_load
+from score_exp.runs.checkpoints import load_checkpoint
+from score_exp.runs.lock import RunLock
+from score_exp.runs.record import LOCK, MOVED_ASIDE, RunDirError
 
 TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
 HELPERS_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-READERS = [("score_exp.eval", "score-eval"), ("score_exp.sample", "score-sample")]
+READERS = [("score_exp.cli.eval", "score-eval"), ("score_exp.cli.sample", "score-sample")]
 
 
 class Payload:
@@ -88,10 +90,14 @@ def test_a_torch_load_target_inside_the_package_runs_no_pickle(finished, tmp_pat
 def test_a_write_target_in_a_folder_writes_nothing(finished, tmp_path, module, prog):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
-    target = {"_target_": "score_exp.io.atomic_write_text", "path": str(victim), "text": "pwned"}
+    target = {
+        "_target_": "score_exp.runs.files.atomic_write_text",
+        "path": str(victim),
+        "text": "pwned",
+    }
     run_dir = crafted(finished, tmp_path, lambda c: c["task"].update(data=target))
     line = one_line(run_cli(f"run_dir={run_dir}", module=module), prog)
-    assert "'score_exp.io.atomic_write_text' is not allowed" in line
+    assert "'score_exp.runs.files.atomic_write_text' is not allowed" in line
     assert victim.read_text() == "precious\n"
 
 
@@ -102,13 +108,13 @@ def test_a_study_database_holds_values_for_known_keys_only(tmp_path):
     db = tmp_path / "tune" / "score" / "optuna.db"
     db.parent.mkdir(parents=True)
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{db}")
-    attrs = {"+callbacks.pwn._target_": "score_exp.io.atomic_write_text",
+    attrs = {"+callbacks.pwn._target_": "score_exp.runs.files.atomic_write_text",
              "+callbacks.pwn.path": str(victim), "+callbacks.pwn.text": "pwned",
              "trainer.max_epochs": 1, "task.model.hidden": 16}  # fmt: skip
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=attrs))
-    out = run_cli("retrain", str(db.parent.parent), "--seeds", "1", module="score_exp.tune")
+    out = run_cli("retrain", str(db.parent.parent), "--seeds", "1", module="score_exp.cli.tune")
     line = one_line(out, "score-tune")
-    assert "+callbacks.pwn._target_=score_exp.io.atomic_write_text" in line
+    assert "+callbacks.pwn._target_=score_exp.runs.files.atomic_write_text" in line
     assert not victim.exists() and not (tmp_path / "tune" / "retrain" / "score").exists()
 
 
@@ -141,11 +147,11 @@ def test_a_dangling_lock_link_creates_nothing(tmp_path):
     victim = tmp_path / "created-by-the-lock"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / rundir.LOCK).symlink_to(victim)
+    (run_dir / LOCK).symlink_to(victim)
     one_line(train_cli(run_dir, *TINY))
     assert not victim.exists()
-    with pytest.raises(rundir.RunDirError, match="symbolic link"):  # the lock itself, too
-        rundir.RunLock(run_dir).acquire()
+    with pytest.raises(RunDirError, match="symbolic link"):  # the lock itself, too
+        RunLock(run_dir).acquire()
     assert not victim.exists()
 
 
@@ -158,7 +164,7 @@ def test_eval_writes_nothing_through_a_link(finished, tmp_path, name, sweep):
     victim = tmp_path / "victim"
     victim.write_text("a\n1\n")
     (run_dir / name).symlink_to(victim)
-    out = run_cli(f"run_dir={run_dir}", *sweep, module="score_exp.eval")
+    out = run_cli(f"run_dir={run_dir}", *sweep, module="score_exp.cli.eval")
     assert f"{name} is a symbolic link" in one_line(out, "score-eval")
     assert (run_dir / name).is_symlink() and victim.read_text() == "a\n1\n"
     assert not (run_dir / "eval.csv").exists() or (run_dir / "eval.csv").is_symlink()
@@ -172,7 +178,7 @@ def test_overwrite_moves_nothing_outside_the_runs_parent(finished, tmp_path, lin
     if link == "aside":  # <parent>/.overwritten is a link to another folder
         run_dir = parent / "run"
         shutil.copytree(finished, run_dir)
-        (parent / rundir.MOVED_ASIDE).symlink_to(elsewhere)
+        (parent / MOVED_ASIDE).symlink_to(elsewhere)
     else:  # the run folder itself is a link to a folder elsewhere
         shutil.copytree(finished, elsewhere / "run")
         run_dir = parent / "run"
@@ -200,7 +206,9 @@ def test_an_interpolation_in_a_folder_is_refused_and_never_resolved(finished, tm
     field = "extra" if key == "model" else "path"
     run_dir = crafted(finished, tmp_path, lambda c: c["task"][key].update({field: value}))
     env = cli_env(SCORE_TEST_OTHER_CSV=str(tmp_path / "other.csv"))
-    line = one_line(run_cli(f"run_dir={run_dir}", module="score_exp.eval", env=env), "score-eval")
+    line = one_line(
+        run_cli(f"run_dir={run_dir}", module="score_exp.cli.eval", env=env), "score-eval"
+    )
     assert f"task.{key}.{field} = " in line and "is an interpolation" in line
     assert not marker.exists()
 
@@ -217,7 +225,7 @@ def test_a_yaml_alias_bomb_is_one_line_for_eval_and_report(finished, tmp_path):
     run_dir = tmp_path / "bomb"
     shutil.copytree(finished, run_dir)
     (run_dir / "config.yaml").write_text(BOMB + (finished / "config.yaml").read_text())
-    out = run_cli(f"run_dir={run_dir}", module="score_exp.eval", timeout=120)
+    out = run_cli(f"run_dir={run_dir}", module="score_exp.cli.eval", timeout=120)
     line = one_line(out, "score-eval")
     assert "is not plain YAML" in line and "aliases" in line
     out = run_cli(str(tmp_path), "--out", str(tmp_path / "report"), module="score_exp.report",
@@ -231,7 +239,7 @@ def test_an_oversized_config_is_one_line(finished, tmp_path):
     shutil.copytree(finished, run_dir)
     with open(run_dir / "config.yaml", "a") as f:
         f.write("# " + "x" * (5 << 20) + "\n")
-    line = one_line(run_cli(f"run_dir={run_dir}", module="score_exp.eval"), "score-eval")
+    line = one_line(run_cli(f"run_dir={run_dir}", module="score_exp.cli.eval"), "score-eval")
     assert "over the 4,194,304-byte limit for a run folder's config.yaml" in line
 
 
@@ -318,5 +326,5 @@ def test_run_folder_reads_take_regular_files_only_never_a_link_a_fifo_or_a_devic
     with pytest.raises(files.UnsafeRunFile, match="over the 1-byte limit"):
         files.read_bytes(real, limit=1)
     with pytest.raises(ConfigError, match="symbolic link"):  # checkpoints too (weights_only)
-        rundir.load_checkpoint(tmp_path / "link.json")
+        load_checkpoint(tmp_path / "link.json")
     assert files.read_json(real) == {}

@@ -21,7 +21,10 @@ import pytest
 import torch
 from conftest import QUIET, REPO, cli_env, load_results, run_cli, train_cli
 
-from score_exp import rundir
+from score_exp.runs.fingerprint import fingerprint, run_identity
+from score_exp.runs.lock import RunLock
+from score_exp.runs.record import FINGERPRINT, LOCK, MOVED_ASIDE
+from score_exp.runs.sweeps import safe_dirname
 
 TINY = ["trainer.max_epochs=3", "task.model.hidden=32"]
 HELPERS_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
@@ -68,7 +71,7 @@ def test_cosmetic_keys_keep_the_fingerprint_and_results_keys_change_it(compose, 
 
     def fp(*overrides):
         cfg = OmegaConf.to_container(compose(*overrides), resolve=False)
-        return rundir.fingerprint(rundir.run_identity(cfg, tmp_path))
+        return fingerprint(run_identity(cfg, tmp_path))
 
     base = fp()
     for cosmetic in (
@@ -100,7 +103,7 @@ def test_another_config_is_refused_in_one_line_and_nothing_is_touched(finished):
 def test_folder_made_before_fingerprints_is_adopted_or_refused_by_its_config(finished, tmp_path):
     legacy = tmp_path / "legacy"
     shutil.copytree(finished, legacy)
-    (legacy / rundir.FINGERPRINT).unlink()
+    (legacy / FINGERPRINT).unlink()
     # Old configs wrote absolute paths of their folder and lacked keys added since.
     text = (legacy / "config.yaml").read_text().replace(str(finished.resolve()), "/old/place")
     (legacy / "config.yaml").write_text(text)
@@ -114,7 +117,7 @@ def test_a_start_refused_for_bad_input_leaves_the_folder_to_the_corrected_comman
     run_dir = tmp_path / "run"
     out = train_cli(run_dir, *TINY, "task.module.lr=-1")
     assert out.returncode == 2 and "task.module.lr" in errors(out.stderr)[0]
-    assert (run_dir / rundir.FINGERPRINT).is_file() and not (run_dir / "results.json").exists()
+    assert (run_dir / FINGERPRINT).is_file() and not (run_dir / "results.json").exists()
     out = train_cli(run_dir, "trainer.max_epochs=1", "task.model.hidden=32")
     assert out.returncode == 0, out.stderr[-2000:]
     assert load_results(run_dir)["status"] == "ok"
@@ -126,7 +129,7 @@ def test_overwrite_moves_the_old_run_aside_and_starts_afresh(finished, tmp_path)
     before = snapshot(run_dir)
     out = train_cli(run_dir, "trainer.max_epochs=1", "task.model.hidden=32", "overwrite=true")
     assert out.returncode == 0, out.stderr[-2000:]
-    (moved,) = (tmp_path / rundir.MOVED_ASIDE).iterdir()
+    (moved,) = (tmp_path / MOVED_ASIDE).iterdir()
     assert moved.name.startswith("run-") and snapshot(moved) == before  # never deleted
     r = load_results(run_dir)
     assert r["status"] == "ok" and r["best_val"]["epoch"] == 0  # the new config's run
@@ -137,7 +140,7 @@ def test_a_refused_job_fails_alone_in_a_sweep(tmp_path):
     sweep_dir = tmp_path / "sweep"
     job = sweep_dir / "seed=1,task.model.hidden=32,trainer.max_epochs=1"
     job.mkdir(parents=True)
-    (job / rundir.FINGERPRINT).write_text(json.dumps({"fingerprint": "x", "identity": {"seed": 7}}))
+    (job / FINGERPRINT).write_text(json.dumps({"fingerprint": "x", "identity": {"seed": 7}}))
     (job / "metrics.csv").write_text("epoch,val/rmse\n0,1.0\n")  # it trained: a result to keep
     before = snapshot(job)
     out = run_cli(
@@ -160,7 +163,7 @@ def test_crafted_checkpoint_runs_nothing_in_score_eval(finished, tmp_path):
     marker = tmp_path / "pwned"
     best = run_dir / load_results(run_dir)["best_checkpoint"]
     torch.save({"state_dict": {}, "x": Payload(marker)}, best)
-    out = run_cli(f"run_dir={run_dir}", module="score_exp.eval")
+    out = run_cli(f"run_dir={run_dir}", module="score_exp.cli.eval")
     assert out.returncode == 2, out.stderr[-2000:]
     (line,) = errors(out.stderr, "score-eval")
     assert str(best) in line and "not plain data" in line
@@ -180,7 +183,10 @@ def test_crafted_config_targets_are_refused_by_sample_and_eval(finished, tmp_pat
         1,
     )
     (run_dir / "config.yaml").write_text(text)
-    for module, prog in (("score_exp.sample", "score-sample"), ("score_exp.eval", "score-eval")):
+    for module, prog in (
+        ("score_exp.cli.sample", "score-sample"),
+        ("score_exp.cli.eval", "score-eval"),
+    ):
         out = run_cli(f"run_dir={run_dir}", module=module)
         assert out.returncode == 2, out.stderr[-2000:]
         (line,) = errors(out.stderr, prog)
@@ -241,7 +247,7 @@ def _popen(args: list[str], log: Path, **kw) -> subprocess.Popen:
     """score-train in the background, its output in ``log`` (a pipe nobody reads would block it)."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "score_exp.train", *args, *QUIET],
+            [sys.executable, "-m", "score_exp.cli.train", *args, *QUIET],
             cwd=REPO,
             env=cli_env(),
             stdout=out,
@@ -283,8 +289,8 @@ def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert f"pid {first.pid}" in (run_dir / rundir.LOCK).read_text()  # its lock file is left...
-    with rundir.RunLock(run_dir):  # ...and taken over: the kernel released the dead one's lock
+    assert f"pid {first.pid}" in (run_dir / LOCK).read_text()  # its lock file is left...
+    with RunLock(run_dir):  # ...and taken over: the kernel released the dead one's lock
         pass
 
 
@@ -305,7 +311,7 @@ def test_killing_a_joblib_sweep_ends_its_workers(tmp_path, sig):
             lambda: all((j / "checkpoints" / "last.ckpt").exists() for j in jobs),
             what="both jobs training",
         )
-        pids = [int((j / rundir.LOCK).read_text().split()[1]) for j in jobs]
+        pids = [int((j / LOCK).read_text().split()[1]) for j in jobs]
         assert main.pid not in pids and all(_alive(p) for p in pids)
         main.send_signal(sig)
         main.wait(timeout=60)
@@ -318,7 +324,7 @@ def test_killing_a_joblib_sweep_ends_its_workers(tmp_path, sig):
                 os.kill(p, signal.SIGKILL)
     for j in jobs:  # each ended as a pre-empted job, resumable from its last.ckpt
         assert load_results(j)["status"] == "interrupted"
-        with rundir.RunLock(j):
+        with RunLock(j):
             pass
 
 
@@ -366,7 +372,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_checkpoint(finished, tmp_pa
     # data caches.
     run_dir = tmp_path / "full"
     out = subprocess.run(
-        [sys.executable, "-m", "score_exp.train", f"hydra.run.dir={run_dir}", *QUIET,
+        [sys.executable, "-m", "score_exp.cli.train", f"hydra.run.dir={run_dir}", *QUIET,
          "trainer.max_epochs=2"],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
         preexec_fn=_file_size_limit(128 * 1024),
@@ -401,12 +407,12 @@ def test_a_finite_but_exploding_run_is_recorded_as_diverged(tmp_path):
 
 
 def test_safe_dirname_keeps_paths_inside_and_names_distinct():
-    assert rundir.safe_dirname("task.data.path=../../x.csv") == "task.data.path=..%2F..%2Fx.csv"
-    assert "/" not in rundir.safe_dirname("a=/etc/passwd")
-    assert rundir.safe_dirname("a=b%2Fc") != rundir.safe_dirname("a=b/c")
-    assert rundir.safe_dirname("..") == "_.."
-    long = rundir.safe_dirname("x=" + "y" * 1000)
-    assert len(long) <= 200 and long != rundir.safe_dirname("x=" + "y" * 999)
+    assert safe_dirname("task.data.path=../../x.csv") == "task.data.path=..%2F..%2Fx.csv"
+    assert "/" not in safe_dirname("a=/etc/passwd")
+    assert safe_dirname("a=b%2Fc") != safe_dirname("a=b/c")
+    assert safe_dirname("..") == "_.."
+    long = safe_dirname("x=" + "y" * 1000)
+    assert len(long) <= 200 and long != safe_dirname("x=" + "y" * 999)
 
 
 def test_sweep_job_folders_stay_inside_and_every_failed_job_is_listed(tmp_path):

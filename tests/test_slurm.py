@@ -247,7 +247,7 @@ def srun_train(run_dir: Path, *overrides: str, ntasks: int = 2) -> tuple[int, in
     args = " ".join(f"'{a}'" for a in (f'hydra.run.dir="{run_dir}"', *QUIET, *overrides))
     script = (
         f"srun --error={logs}/rank%t.err --output={logs}/rank%t.out "
-        f"{sys.executable} -m score_exp.train {args}"
+        f"{sys.executable} -m score_exp.cli.train {args}"
     )
     # --time=3: a job that hangs (as a re-run did, for 30 minutes) ends within 3 minutes.
     job = subprocess.run(
@@ -368,7 +368,7 @@ def test_job_outlives_a_killed_submitter(slurm, slurm_sweep_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # 0.3 s per batch: the job is still training (about 10 s) when its submitter dies.
     slow = ["+callbacks.slow._target_=sweep_helpers.SlowBatches", "+callbacks.slow.seconds=0.3"]
-    cmd = [sys.executable, "-m", "score_exp.train", "-m", "hydra/launcher=slurm_cpu",
+    cmd = [sys.executable, "-m", "score_exp.cli.train", "-m", "hydra/launcher=slurm_cpu",
            f"hydra.sweep.dir={sweep_dir}", *SMALL, *QUIET, "depth=score", *TINY, *slow]  # fmt: skip
     submitter = subprocess.Popen(
         cmd, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -419,7 +419,7 @@ def test_job_whose_submitter_is_in_another_pid_namespace_finishes_ok(
     target = _free_pid_run()
     script = (
         f'while n=$(sh -c "echo \\$\\$"); [ "$n" -lt {target - 1} ]; do :; done; '
-        f"{sys.executable} -m score_exp.train {args}; exit $?"  # not exec'd: PID `target`
+        f"{sys.executable} -m score_exp.cli.train {args}; exit $?"  # not exec'd: PID `target`
     )
     out = subprocess.run(
         ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "bash", "-c", script],

@@ -111,18 +111,28 @@ def test_readme_block_is_spliced_from_the_snapshot(tmp_path):
     assert (out / HEADLINE).read_text().strip() in text and NOT_GENERATED not in text
     assert "Tuned (the snapshot's `tune_toy/`):\n\n| comparison (tuned) |" in text
     assert text.endswith("## Next\n")
+    # The README's short form: the verdict tables, the per-experiment rows left to the docs page.
+    splice_readme(readme, out, short=True)
+    short = readme.read_text()
+    assert "| fewer parameters | RecurrentMLP | supported | supported |" in short
+    assert "Tuned (the snapshot's `tune_toy/`):\n\n| comparison (tuned) |" in short
+    assert "score − stacked +0.100 [" in text and "score − stacked" not in short
+    assert "docs/reproducing.md#headline" in short and short.endswith("## Next\n")
+    assert readme_block(tmp_path / "none", short=True) == readme_block(tmp_path / "none")
 
 
 @pytest.mark.slow  # re-renders every table of the committed snapshot (315 runs: about 30 s)
 def test_committed_snapshot_is_what_score_report_makes_of_its_runs():
     """On the committed docs/results/ when present; otherwise the README must say so honestly."""
     readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "reproducing.md").read_text()
     assert README_START in readme and README_END in readme
-    assert readme_block(COMMITTED) in readme  # the README's headline is the snapshot's
+    assert readme_block(COMMITTED, short=True) in readme  # the README's headline is the snapshot's
+    assert readme_block(COMMITTED) in page  # and docs/reproducing.md holds all of it
     if (COMMITTED / RECORD).is_file():
         assert check(COMMITTED) == []
     else:
-        assert NOT_GENERATED in readme
+        assert NOT_GENERATED in readme and NOT_GENERATED in page
         assert not COMMITTED.exists() or not any(COMMITTED.glob("*.md"))
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from test_report import write_run
 
+from score_exp.cli.tune import retrain_commands
 from score_exp.report.build import build_report
 from score_exp.report.studies import (
     CONTRADICTED,
@@ -19,7 +20,6 @@ from score_exp.report.studies import (
     split_study,
     study_experiment,
 )
-from score_exp.tune import retrain_commands
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def test_rerunning_a_sweep_skips_finished_runs(basic_sweep):
     # Another launcher and progress-bar setting name the same run folders (excluded keys).
     out = sweep(basic_sweep, *GRID, *TINY, "trainer.enable_progress_bar=true")
     assert out.returncode == 0, out.stderr[-3000:]
-    # Skipped before launching (score_exp.cluster.finished_run): no job ran.
+    # Skipped before launching (score_exp.runs.cluster.finished_run): no job ran.
     assert "sweep summary: 4 job(s), 0 launched, 4 skipped (already finished)" in out.stderr
     after = {p: p.stat().st_mtime_ns for p in basic_sweep.glob("*/results.json")}
     assert after == before

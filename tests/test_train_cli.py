@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import CONFIG_DIR, cli_env, load_results, run_cli, train_cli
 
+from score_exp.config import depth_spec
 from score_exp.core import DepthSpec
-from score_exp.run import depth_spec
 
 PRESETS = ["score", "stacked", "stacked_plain", "skip05", "shared_residual", "shared_plain"]
 TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]

@@ -14,8 +14,8 @@ import pytest
 from conftest import QUIET, REPO, cli_env, run_cli
 from omegaconf import OmegaConf
 
+from score_exp.cli.train import objective
 from score_exp.errors import ConfigError
-from score_exp.train import objective
 
 TUNE = ["tune_esol_mlp", "tune_esol_mlp_cpu", "tune_esol_gnn", "tune_esol_gnn_cpu",
         "tune_esol_mlp_dt", "tune_shakespeare"]  # fmt: skip
@@ -74,7 +74,7 @@ def test_two_trial_study_resumes_after_a_kill_and_stage_2_retrains_its_best(tmp_
     from optuna.trial import TrialState
 
     sweep = tmp_path / "tune" / "score"
-    cmd = [sys.executable, "-m", "score_exp.train", "-m", "experiment=tune_esol_mlp", "depth=score",
+    cmd = [sys.executable, "-m", "score_exp.cli.train", "-m", "experiment=tune_esol_mlp", "depth=score",
            "hydra.sweeper.n_trials=2", "task.max_epochs=40", "callbacks.early_stopping=null",
            "task.model.hidden=32", f"hydra.sweep.dir={sweep}", *QUIET]  # fmt: skip
     env = cli_env(OMP_NUM_THREADS="1")
@@ -120,7 +120,7 @@ def test_two_trial_study_resumes_after_a_kill_and_stage_2_retrains_its_best(tmp_
     # Stage 2: the best trial's configuration over 2 seeds; test metrics for the report.
     best = min(study.trials[1:], key=lambda t: t.value)
     out = run_cli(
-        "retrain", str(tmp_path / "tune"), "--seeds", "2", module="score_exp.tune", env=env
+        "retrain", str(tmp_path / "tune"), "--seeds", "2", module="score_exp.cli.tune", env=env
     )
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
     for seed in (0, 1):

@@ -1,4 +1,4 @@
-"""``StudySweeper``: Hydra's Optuna sweeper whose study resumes (see :mod:`score_exp.tune`)."""
+"""``StudySweeper``: Hydra's Optuna sweeper whose study resumes (see :mod:`score_exp.cli.tune`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,6 @@ class StudySweeper(OptunaSweeper):
         super().__init__(*args, **kwargs)
         # Imported here, as the plugin does: Hydra imports every plugin module at start-up, and
         # optuna is only needed when a study runs.
-        from score_exp.tune import ResumableStudy
+        from score_exp.cli.tune import ResumableStudy
 
         self.sweeper.__class__ = ResumableStudy  # the same state, the resuming sweep()

@@ -3,7 +3,7 @@
 It is also the structured-config schema of the ``depth`` config group. Every choice is a typed
 ``Literal`` (``Update``, ``Halt``, ...) whose values are also the tuple of valid names
 (``UPDATES``, ``HALTS``, ...); OmegaConf 2.3 has no ``Literal``, so the group's schema
-(``score_exp.run.depth_schema``) declares them ``str`` and ``__post_init__`` checks the value.
+(``score_exp.config.depth_schema``) declares them ``str`` and ``__post_init__`` checks the value.
 """
 
 from __future__ import annotations

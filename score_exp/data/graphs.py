@@ -143,7 +143,7 @@ def featurize(smiles: list[str], cache: Path | None = None) -> list[dict[str, Te
     if path is not None:
         import io
 
-        from score_exp.io import atomic_write_bytes
+        from score_exp.runs.files import atomic_write_bytes
 
         buf = io.BytesIO()
         torch.save(graphs, buf)

@@ -293,7 +293,7 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
     with np.errstate(over="ignore", invalid="ignore"):
         out[~np.isfinite(out)] = np.nan
     if path is not None:
-        from score_exp.io import atomic_write_bytes
+        from score_exp.runs.files import atomic_write_bytes
 
         try:
             atomic_write_bytes(path, _npy_bytes(out))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from score_exp.errors import DataError
-from score_exp.io import mkstemp_shared
+from score_exp.runs.files import mkstemp_shared
 
 log = logging.getLogger(__name__)
 

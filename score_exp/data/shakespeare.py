@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from score_exp.errors import ConfigError, DataError
-from score_exp.io import mkdtemp_shared
+from score_exp.runs.files import mkdtemp_shared
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from score_exp.io import atomic_write_text
-from score_exp.record import HYDRA, MOVED_ASIDE, RunFolder
 from score_exp.report import plots
 from score_exp.report.claims import (
     across_datasets,
@@ -19,18 +17,18 @@ from score_exp.report.claims import (
     claims_markdown,
     claims_table,
 )
-from score_exp.report.runs import Run, scan_runs, varied_keys
+from score_exp.report.runs import Run, missing_runs, recorded_runs, scan_runs, varied_keys
 from score_exp.report.stats import paired_table, reference_table
 from score_exp.report.studies import across_studies, studies_table
 from score_exp.report.tables import (
     Table,
-    by_task,
     dt_steps_table,
     inference_table,
     integrator_table,
     variant_table,
-    variants,
 )
+from score_exp.report.variants import by_task, variants
+from score_exp.runs.files import atomic_write_text
 
 log = logging.getLogger("score_exp.report")
 
@@ -46,19 +44,6 @@ class Report:
     not_ok: list[tuple[str, str, str]] = field(default_factory=list)  # (path, status, detail)
     paired: list[dict] = field(default_factory=list)  # paired.csv rows
     claims: list = field(default_factory=list)  # claims.md rows (report.claims.Claim)
-
-
-def missing_runs(paths: list[Path]) -> list[Path]:
-    """Hydra job folders (``.hydra/`` present) that hold no ``results.json``: crashed or never ran."""
-    out = []
-    for root in paths:
-        for hydra_dir in sorted(Path(root).rglob(HYDRA)):
-            folder = hydra_dir.parent
-            if MOVED_ASIDE in folder.relative_to(root).parts:  # set aside by overwrite=true
-                continue
-            if not RunFolder(folder).results.exists():
-                out.append(folder)
-    return out
 
 
 def _slug(text: str) -> str:
@@ -83,8 +68,6 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
         runs, unreadable = scan_runs(paths)
         missing = missing_runs(paths)
     else:
-        from score_exp.report.snapshot import recorded_runs
-
         runs, missing, unreadable = recorded_runs(recorded)
     if not runs and not missing and not unreadable:
         from score_exp.errors import DataError
@@ -223,7 +206,7 @@ def log_to_wandb(report: Report, project: str = "score_exp", mode: str = "auto")
     """
     import wandb
 
-    from score_exp.wandb_utils import init_run, resolve_mode
+    from score_exp.tasks.loggers import init_run, resolve_mode
 
     mode = resolve_mode(mode)
     groups = sorted(

@@ -19,7 +19,8 @@ from score_exp.report.stats import (
     one_sample,
     paired_diff,
 )
-from score_exp.report.tables import Table, Variant, by_task, iteration_based, variants
+from score_exp.report.tables import Table, iteration_based
+from score_exp.report.variants import Variant, by_task, variants
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 

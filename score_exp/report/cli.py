@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from score_exp.errors import ScoreExpError
-from score_exp.record import RESULTS
+from score_exp.runs.record import RESULTS
 
 NOTHING_TO_REPORT = 1  # exit status when no PATH holds a run (yet); 2 is bad input
 
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "paired differences against `stacked` by seed (paired.csv) and the paper's claims with "
         "verdicts (claims.md). Runs that are not ok (failed, diverged, interrupted, missing, "
         "unreadable) are listed, never averaged in.",
-        epilog="Example: score-report multirun/esol_gnn_paper   # writes multirun/esol_gnn_paper/report/. "
+        epilog="Example: score-report multirun/paper_esol_gnn   # writes multirun/paper_esol_gnn/report/. "
         "Exit status: 0 report written, 1 nothing to report (no run under PATH yet), 2 bad input.",
     )
     p.add_argument(
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from score_exp.cli import check_output_dir
+    from score_exp.cli.common import check_output_dir
     from score_exp.report.build import build_report, log_to_wandb
 
     args = parse_args(argv)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from score_exp.record import METRICS
 from score_exp.report.runs import Run
-from score_exp.report.tables import Variant, eval_settings, iteration_based
+from score_exp.report.tables import eval_settings, iteration_based
+from score_exp.report.variants import Variant
+from score_exp.runs.record import METRICS
 
 
 def _plt():

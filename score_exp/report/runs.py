@@ -1,8 +1,8 @@
 """Reading run folders: ``results.json`` + ``config.yaml`` + ``metrics.csv`` -> :class:`Run`.
 
 The report reads run folders only (never task internals): ``results.json`` is the contract,
-read through :class:`~score_exp.record.RunRecord`; files are named by
-:class:`~score_exp.record.RunFolder`.
+read through :class:`~score_exp.runs.record.RunRecord`; files are named by
+:class:`~score_exp.runs.record.RunFolder`.
 """
 
 from __future__ import annotations
@@ -17,18 +17,21 @@ from typing import Any
 
 import yaml
 
-from score_exp.io import flatten
-from score_exp.record import (
+from score_exp.errors import DataError
+from score_exp.runs.files import UnsafeRunFile, read_bytes, yaml_loader
+from score_exp.runs.fingerprint import non_identity
+from score_exp.runs.record import (
     CONFIG,
+    HYDRA,
     METRICS,
     MOVED_ASIDE,
     RESULTS,
     RecordError,
     RunFolder,
     RunRecord,
+    flatten,
+    limit,
 )
-from score_exp.runs.files import UnsafeRunFile, read_bytes, yaml_loader
-from score_exp.runs.fingerprint import non_identity
 
 # Config keys that make a run but not a variant: the seeds a comparison pairs over, and the run's
 # own folder. Keys that make no run at all (runs.fingerprint.NON_IDENTITY) are not variants either.
@@ -49,7 +52,7 @@ class Run:
 
     @property
     def record(self) -> RunRecord:
-        """``results`` as a :class:`~score_exp.record.RunRecord`."""
+        """``results`` as a :class:`~score_exp.runs.record.RunRecord`."""
         return RunRecord.from_dict(self.results)
 
     @property
@@ -109,7 +112,7 @@ def read_curve(path: Path, metric: str) -> list[dict]:
     """
     if not path.exists():
         return []
-    rows = list(csv.DictReader(io.StringIO(read_bytes(path).decode(), newline="")))
+    rows = list(csv.DictReader(io.StringIO(read_bytes(path, limit(path)).decode(), newline="")))
     trained = {
         row.get("epoch")
         for row in rows
@@ -138,7 +141,7 @@ class UnreadableRun(Exception):
 def _read(path: Path, parse) -> Any:
     """``parse(text)`` of a run folder's file: bounded, never through a link (runs.files)."""
     try:
-        return parse(read_bytes(path).decode())
+        return parse(read_bytes(path, limit(path)).decode())
     except UnsafeRunFile as e:
         raise UnreadableRun(f"{path.name}: {str(e).replace(str(path), 'the file')}") from None
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
@@ -223,7 +226,7 @@ def last_values(path: Path, prefix: str) -> dict[str, float]:
     if not path.exists():
         return {}
     out: dict[str, float] = {}
-    for row in csv.DictReader(io.StringIO(read_bytes(path).decode(), newline="")):
+    for row in csv.DictReader(io.StringIO(read_bytes(path, limit(path)).decode(), newline="")):
         for k, v in row.items():
             if k and k.startswith(prefix) and v:
                 try:
@@ -231,3 +234,40 @@ def last_values(path: Path, prefix: str) -> dict[str, float]:
                 except ValueError:  # a malformed row (edited, crafted): not a value
                     continue
     return out
+
+
+def missing_runs(paths: list[Path]) -> list[Path]:
+    """Hydra job folders (``.hydra/`` present) that hold no ``results.json``: crashed or never ran."""
+    out = []
+    for root in paths:
+        for hydra_dir in sorted(Path(root).rglob(HYDRA)):
+            folder = hydra_dir.parent
+            if MOVED_ASIDE in folder.relative_to(root).parts:  # set aside by overwrite=true
+                continue
+            if not RunFolder(folder).results.exists():
+                out.append(folder)
+    return out
+
+
+def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, str]]]:
+    """:class:`Run` objects (and the runs not averaged in) from a recorded ``runs.json``
+    (:func:`score_exp.report.snapshot.record`).
+
+    Raises:
+        DataError: not the shape :func:`score_exp.report.snapshot.record` writes (one line).
+    """
+    try:
+        runs = [Run(Path(r["path"]), recorded_result(r).to_dict(), dict(r["config"]), list(r["curve"]))
+                for r in rec["runs"]]  # fmt: skip
+        missing = [Path(m) for m in rec["missing"]]
+        unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]
+    except RecordError as e:
+        raise DataError(f"not a recorded runs.json (a run's {e.reason})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"not a recorded runs.json ({type(e).__name__}: {e})") from None
+    return runs, missing, unreadable
+
+
+def recorded_result(run: dict) -> RunRecord:
+    """A recorded run's ``results`` (a ``results.json`` as it was read)."""
+    return RunRecord.from_dict(run["results"], f"{run['path']}/results")

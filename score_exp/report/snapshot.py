@@ -10,8 +10,9 @@
   curve, and the runs not averaged in. :func:`check` re-renders every table from this file alone,
   through :func:`score_exp.report.build.build_report`, and compares it byte for byte with the
   committed files, so the page never drifts from the runs (``tests/test_snapshot.py``);
-- ``HEADLINE.md``: each claim's verdict per dataset and SCORE vs stacked vs the peer, spliced into
-  the README between its ``results`` markers;
+- ``HEADLINE.md``: each claim's verdict per dataset and SCORE vs stacked vs the peer, spliced
+  between the ``results`` markers of ``docs/reproducing.md`` (all of it) and of the README (its
+  short form: the verdict tables, without the per-experiment rows);
 - ``PROVENANCE.md``: commit, command, machine (CPU model, cores), date, the runs' own commits and
   their wall time.
 
@@ -34,9 +35,8 @@ import tempfile
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
-from score_exp.io import atomic_write_text
-from score_exp.record import RecordError, RunRecord
-from score_exp.report.runs import Run, scan_runs, varied_keys
+from score_exp.report.runs import missing_runs, recorded_result, scan_runs, varied_keys
+from score_exp.runs.files import atomic_write_text
 
 RECORD = "runs.json"
 HEADLINE = "HEADLINE.md"
@@ -47,6 +47,14 @@ TABLE_FILES = ("report.md", "claims.md", "runs.csv", "paired.csv", "tables.tex")
 ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg")
 README_START = "<!-- results:start (written by `make results`: docs/results/HEADLINE.md) -->"
 README_END = "<!-- results:end -->"
+# The headline's per-experiment table (long rows): in the full block only, never the README's.
+EXPERIMENTS_HEADER = (
+    "| experiment / task | test metric, mean ± std (n) | vs stacked | vs the peer |"
+)
+SHORT_MORE = (
+    "Per experiment, SCORE vs stacked vs the peer with paired 95% CIs: "
+    "[docs/reproducing.md](docs/reproducing.md#headline)."
+)
 NOT_GENERATED = (
     "**Not yet generated**: no snapshot under `docs/results/` on this branch. Run "
     "`make claims-datasets-cpu` (about 60 minutes on a 2-core CPU), then `make results`."
@@ -60,8 +68,6 @@ READ_KEYS = ("task.name", "task.headline", "task.monitor", "task.monitor_mode", 
 
 def record(paths: list[Path]) -> dict:
     """The numbers the report reads from the run folders under ``paths`` (``runs.json``)."""
-    from score_exp.report.build import missing_runs
-
     runs, unreadable = scan_runs(paths)
     keys = set(varied_keys(runs)) | set(READ_KEYS)
     return {
@@ -80,29 +86,6 @@ def record(paths: list[Path]) -> dict:
         "missing": [str(m) for m in missing_runs(paths)],
         "unreadable": [[str(p), reason] for p, reason in unreadable],
     }
-
-
-def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, str]]]:
-    """:class:`Run` objects (and the runs not averaged in) from a :func:`record`.
-
-    Raises:
-        DataError: not the shape :func:`record` writes (one line).
-    """
-    try:
-        runs = [Run(Path(r["path"]), _record(r).to_dict(), dict(r["config"]), list(r["curve"]))
-                for r in rec["runs"]]  # fmt: skip
-        missing = [Path(m) for m in rec["missing"]]
-        unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]
-    except RecordError as e:
-        raise DataError(f"not a recorded {RECORD} (a run's {e.reason})") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"not a recorded {RECORD} ({type(e).__name__}: {e})") from None
-    return runs, missing, unreadable
-
-
-def _record(run: dict) -> RunRecord:
-    """A recorded run's ``results`` (a ``results.json`` as it was read)."""
-    return RunRecord.from_dict(run["results"], f"{run['path']}/results")
 
 
 # --------------------------------------------------------------------------- headline
@@ -138,8 +121,7 @@ def headline(report) -> str:
     for p in report.paired:
         paired.setdefault(p["task"], []).append(p)
     if means:
-        lines += ["| experiment / task | test metric, mean ± std (n) | vs stacked | vs the peer |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [EXPERIMENTS_HEADER, "|---|---|---|---|"]
         for task, vs in sorted(means.items()):
             cells = "; ".join(f"{v} {_fmt(m, '.3f')}" + (f" ± {s:.3f}" if s is not None else "")
                               + f" ({n})" for v, m, s, n in vs)  # fmt: skip
@@ -202,7 +184,9 @@ def machine() -> str:
 
 
 def _wall(rec: dict) -> str:
-    times = [t for r in rec["runs"] if isinstance(t := _record(r).wall_time_s, (int, float))]
+    times = [
+        t for r in rec["runs"] if isinstance(t := recorded_result(r).wall_time_s, (int, float))
+    ]
     if not times:
         return "unknown"
     return (f"{sum(times) / 60:.1f} min of training summed over {len(times)} runs "
@@ -217,7 +201,7 @@ def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = N
     """PROVENANCE.md; ``dirty``: the tree had uncommitted changes (asked of git when None)."""
     head = _git("rev-parse", "HEAD") or "unknown"
     dirty = " (with uncommitted changes)" if (_dirty() if dirty is None else dirty) else ""
-    commits = sorted({str(_record(r).git or "unknown") for r in rec["runs"]})
+    commits = sorted({str(recorded_result(r).git or "unknown") for r in rec["runs"]})
     return "\n".join([
         "# Provenance of this snapshot", "",
         f"- command: `{command}`",
@@ -288,20 +272,29 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
     atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty))
 
 
-def readme_block(snap: Path) -> str:
-    """The README's headline block: the snapshot's HEADLINE.md, or 'not yet generated'."""
+def readme_block(snap: Path, short: bool = False) -> str:
+    """The headline block: the snapshot's HEADLINE.md (and its tuned ones), or 'not yet generated'.
+
+    ``short`` (the README's) keeps the verdict tables and leaves the per-experiment rows to the
+    full block (``docs/reproducing.md``), with a link to it.
+    """
     h = snap / HEADLINE
     body = h.read_text() if h.is_file() else NOT_GENERATED + "\n"
     for t in sorted(snap.glob(f"tune_*/{HEADLINE}")) if h.is_file() else []:
         body = body.rstrip() + f"\n\nTuned (the snapshot's `{t.parent.name}/`):\n\n"
         body += t.read_text()
+    if short and h.is_file():
+        blocks = body.strip().split("\n\n")
+        body = "\n\n".join(b for b in blocks if not b.startswith(EXPERIMENTS_HEADER))
+        body += "\n\n" + SHORT_MORE
     return f"{README_START}\n{body.rstrip()}\n{README_END}"
 
 
-def splice_readme(readme: Path, snap: Path) -> None:
+def splice_readme(readme: Path, snap: Path, short: bool = False) -> None:
+    """Replace the block between the ``results`` markers of ``readme`` by :func:`readme_block`."""
     text = readme.read_text()
     a, b = text.index(README_START), text.index(README_END) + len(README_END)
-    atomic_write_text(readme, text[:a] + readme_block(snap) + text[b:])
+    atomic_write_text(readme, text[:a] + readme_block(snap, short) + text[b:])
 
 
 def check(snap: Path) -> list[str]:
@@ -340,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", type=Path, nargs="*", default=[], help="tune retrain folders, when present")  # fmt: skip
     p.add_argument("--command", default="make results", help="recorded in PROVENANCE.md")
     p.add_argument("--wall", help="wall time of the sweep, recorded in PROVENANCE.md")
-    p.add_argument("--readme", type=Path, help="splice HEADLINE.md into this README")
+    p.add_argument("--readme", type=Path, help="splice HEADLINE.md's short form into this README")
+    p.add_argument("--page", type=Path, help="splice all of HEADLINE.md into this page")
     p.add_argument(
         "--check", action="store_true", help="re-render OUT from its runs.json and compare"
     )
@@ -353,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if problems else 0
         snapshot(args.out, args.runs, args.tune, args.command, args.wall)
         if args.readme:
-            splice_readme(args.readme, args.out)
+            splice_readme(args.readme, args.out, short=True)
+        if args.page:
+            splice_readme(args.page, args.out)
     except ScoreExpError as e:
         print(f"snapshot: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from score_exp.report.runs import Run
-from score_exp.report.tables import Table, Variant
+from score_exp.report.tables import Table
+from score_exp.report.variants import Variant
 
 BASELINE = "stacked"
 

@@ -15,18 +15,10 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from score_exp.record import EVAL
 from score_exp.report.runs import Run
-from score_exp.report.variants import (  # noqa: F401 (re-exported for the report's modules)
-    SEED_KEYS,
-    Stat,
-    Variant,
-    by_task,
-    stat,
-    value_key,
-    variants,
-)
+from score_exp.report.variants import Variant, stat, value_key
 from score_exp.runs.files import read_text
+from score_exp.runs.record import EVAL, limit
 
 log = logging.getLogger("score_exp.report")
 
@@ -226,7 +218,9 @@ def eval_settings(v: Variant) -> dict[tuple, list[dict]]:
         if not path.is_file():
             continue
         seen = set()
-        with io.StringIO(read_text(path), newline="") as f:  # bounded, never through a link
+        with io.StringIO(
+            read_text(path, limit(path)), newline=""
+        ) as f:  # bounded, never through a link
             for row in csv.DictReader(f):
                 metric = row.get(f"test/{r.headline}")
                 if not metric:

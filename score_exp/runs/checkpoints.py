@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from score_exp.errors import ConfigError, DataError, ScoreExpError
-from score_exp.record import CONFIG, LAST_CHECKPOINT, RecordError, RunFolder
-from score_exp.runs.files import CHECKPOINT_LIMIT, open_regular
+from score_exp.runs.files import open_regular
+from score_exp.runs.record import CHECKPOINT_LIMIT, CONFIG, LAST_CHECKPOINT, RecordError, RunFolder
 
 log = logging.getLogger("score_exp.runs")
 

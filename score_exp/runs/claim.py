@@ -13,10 +13,10 @@ import logging
 import os
 from pathlib import Path
 
-from score_exp.record import MOVED_ASIDE, RunDirError, RunFolder, RunRecord
 from score_exp.runs import fingerprint as ident
-from score_exp.runs.files import UnsafeRunFile, check_move_aside, refuse_links
+from score_exp.runs.files import UnsafeRunFile, check_move_aside
 from score_exp.runs.lock import RunLock
+from score_exp.runs.record import MOVED_ASIDE, RunDirError, RunFolder, RunRecord
 
 log = logging.getLogger("score_exp.runs")
 
@@ -67,7 +67,9 @@ def claim_run_dir(
     folder = RunFolder(run_dir)
     run_dir = folder.path
     try:
-        refuse_links(run_dir)  # nothing of a run is written through a link (the log included)
+        RunFolder(
+            run_dir
+        ).refuse_links()  # nothing of a run is written through a link (the log included)
     except UnsafeRunFile as e:
         raise RunDirError(str(e)) from None  # RunDirError: reported, never logged into the folder
     identity = ident.full_identity(resolved, run_dir)
@@ -142,9 +144,9 @@ def claim_for_ranks(
 
     Raises:
         RunDirError: on every rank, when rank 0 refused the folder
-            (:func:`score_exp.cluster.decide_together`).
+            (:func:`score_exp.runs.cluster.decide_together`).
     """
-    from score_exp import cluster
+    from score_exp.runs import cluster
 
     lock = None
 

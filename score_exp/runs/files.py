@@ -1,62 +1,141 @@
-"""A run folder's files as data: bounded reads, YAML without resolvers, no symbolic links.
+"""Files as data: atomic writes, bounded reads, YAML without resolvers, no symbolic links.
 
-A folder may have been crafted, copied from someone else or corrupted. Reading one of its files
-never follows a symbolic link (``O_NOFOLLOW``), never reads past a size limit
-(:data:`LIMITS`), never blocks on a FIFO, and YAML is parsed by a safe loader that resolves
+Writes are atomic (a temporary file in the same folder, then ``os.replace``): a reader never sees
+a half-written result. Files are created with the permissions of the process umask (``0644``
+under the usual ``022``), as ``open()`` would create them: a team can share run and data folders.
+``tempfile.mkstemp`` alone would leave every result ``0600``.
+
+A run folder may have been crafted, copied from someone else or corrupted. Reading one of its
+files never follows a symbolic link (``O_NOFOLLOW``), never reads past a size limit (the caller's:
+:data:`score_exp.runs.record.LIMITS` names them per file), never blocks on a FIFO, and YAML is parsed by a safe loader that resolves
 nothing and refuses a document whose aliases expand past :data:`MAX_YAML_NODES` nodes (an
 "alias bomb"). Before a command writes into a folder, :func:`refuse_links` refuses one that
 holds a symbolic link where a run writes (its top level, ``checkpoints/``, ``.hydra/``): a file
 is never written through a link to somewhere else. Every refusal is one line
 (:class:`UnsafeRunFile`, a :class:`~score_exp.errors.ConfigError`).
+
+This module knows no file name of a run folder (those are :mod:`score_exp.runs.record`'s): it
+sits under the record, the data registry and every writer alike.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import stat
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import yaml
 
 from score_exp.errors import ConfigError
-from score_exp.record import CHECKPOINTS, CONFIG, EVAL, FINGERPRINT, HYDRA, METRICS, RESULTS
 
 MiB = 1 << 20
-#: Size limits of the files a reader takes from a run folder (bytes; others: :data:`MAX_BYTES`).
-LIMITS = {
-    CONFIG: 4 * MiB,
-    FINGERPRINT: 16 * MiB,
-    RESULTS: 16 * MiB,
-    METRICS: 512 * MiB,
-    EVAL: 64 * MiB,
-}
-#: Size limit of a checkpoint (a GPT-2-sized run with its optimiser state is about 1.5 GB).
-CHECKPOINT_LIMIT = 64 << 30
+#: Size limit of a read that names none.
 MAX_BYTES = 64 * MiB
 #: Size limit of a recorded ``runs.json`` that ``score-report`` rebuilds a snapshot from.
 RECORDED_RUNS_LIMIT = 256 * MiB
 #: Nodes a YAML document may hold once its aliases are expanded (score-train writes none).
 MAX_YAML_NODES = 100_000
-#: Where a run writes besides its top level: a symbolic link there is refused.
-WRITTEN_SUBDIRS = (CHECKPOINTS, HYDRA)
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+def mkstemp_shared(dir: str | os.PathLike, prefix: str = "", suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` with the mode ``open()`` would give (``0666 & ~umask``), not ``0600``."""
+    fd, tmp = tempfile.mkstemp(dir=dir, prefix=prefix, suffix=suffix)
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
+
+
+def mkdtemp_shared(dir: str | os.PathLike, prefix: str = "", suffix: str = "") -> str:
+    """``tempfile.mkdtemp`` with the mode ``mkdir`` would give (``0777 & ~umask``), not ``0700``."""
+    tmp = tempfile.mkdtemp(dir=dir, prefix=prefix, suffix=suffix)
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    The file gets the umask's permissions (``0644`` under ``022``), as a plain ``open()``. The
+    file is a new inode: never written in place, so a hard link to the old file keeps the old
+    content. A failed write (``ENOSPC``, ``EROFS``...) leaves the old file as it was and raises
+    :class:`~score_exp.errors.WriteError` (one line naming the file; an ``OSError`` too).
+    """
+    from score_exp.errors import WriteError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only or full folder: the old file is untouched
+        raise WriteError(path, e) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a new inode: a hard link to the old file keeps its content
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically; non-JSON values (paths, numpy) become str/float."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+# ----------------------------------------------------------------------------- bounded reads
 
 
 class UnsafeRunFile(ConfigError):
     """A run-folder file that is a link, not a regular file, too large or not plain YAML."""
 
 
-def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
+def open_regular(path: str | os.PathLike, limit: int = MAX_BYTES) -> BinaryIO:
     """A regular file opened for reading without following a link, at most ``limit`` bytes.
 
     Raises:
         FileNotFoundError: no such file.
-        UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit`` (default: by name).
+        UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit``.
     """
     path = Path(path)
-    limit = LIMITS.get(path.name, MAX_BYTES) if limit is None else limit
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -83,15 +162,14 @@ def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
         raise
 
 
-def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+def read_bytes(path: str | os.PathLike, limit: int = MAX_BYTES) -> bytes:
     """The bytes of a regular file, opened without following a link, at most ``limit`` of them.
 
     Raises:
         FileNotFoundError: no such file (callers say what that means).
-        UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit`` (default: by name).
+        UnsafeRunFile: a link, a folder or FIFO, or larger than ``limit``.
     """
     path = Path(path)
-    limit = LIMITS.get(path.name, MAX_BYTES) if limit is None else limit
     with open_regular(path, limit) as f:
         data = f.read(limit + 1)
     if len(data) > limit:  # it grew while read
@@ -103,7 +181,7 @@ def _too_large(path: Path, size: int, limit: int) -> str:
     return f"{path} is {size:,} bytes, over the {limit:,}-byte limit for a run folder's {path.name}"
 
 
-def read_text(path: str | os.PathLike, limit: int | None = None) -> str:
+def read_text(path: str | os.PathLike, limit: int = MAX_BYTES) -> str:
     """:func:`read_bytes` decoded as UTF-8 (one line naming the file otherwise)."""
     data = read_bytes(path, limit)
     try:
@@ -151,7 +229,7 @@ def _count(node: yaml.Node, done: dict[int, int], open_: set[int], total: list[i
     return n
 
 
-def load_yaml(path: str | os.PathLike, limit: int | None = None) -> Any:
+def load_yaml(path: str | os.PathLike, limit: int = MAX_BYTES) -> Any:
     """A YAML file of a run folder as plain Python values: bounded, no resolvers, alias-limited.
 
     Raises:
@@ -214,17 +292,18 @@ def loads_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise ValueError(f"JSON nested more than {max_depth} levels deep") from None
 
 
-def read_json(path: str | os.PathLike, limit: int | None = None) -> Any:
+def read_json(path: str | os.PathLike, limit: int = MAX_BYTES) -> Any:
     """A JSON file of a run folder (bounded: :func:`loads_json`; ``ValueError`` otherwise)."""
     return loads_json(read_text(path, limit))
 
 
-def refuse_links(run_dir: str | os.PathLike) -> None:
+def refuse_links(run_dir: str | os.PathLike, subdirs: Iterable[str] = ()) -> None:
     """Refuse a run folder holding a symbolic link where a run writes, before writing anything.
 
-    Its top level and :data:`WRITTEN_SUBDIRS` are checked (W&B's own links inside ``wandb/`` are
-    W&B's): the lock, ``results.json``, the logs, checkpoints and ``eval.csv`` are then never
-    written through a link to a file outside the folder.
+    Its top level and ``subdirs`` are checked (:meth:`score_exp.runs.record.RunFolder.refuse_links`
+    names a run's; W&B's own links inside ``wandb/`` are W&B's): the lock, ``results.json``, the
+    logs, checkpoints and ``eval.csv`` are then never written through a link to a file outside
+    the folder.
 
     Raises:
         UnsafeRunFile: names the link.
@@ -232,7 +311,7 @@ def refuse_links(run_dir: str | os.PathLike) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    for folder in (run_dir, *(run_dir / s for s in WRITTEN_SUBDIRS)):
+    for folder in (run_dir, *(run_dir / s for s in subdirs)):
         if not folder.is_dir() or (folder != run_dir and folder.is_symlink()):
             continue  # a linked subfolder is itself an entry of run_dir: refused below
         with os.scandir(folder) as entries:
@@ -258,34 +337,3 @@ def check_move_aside(run_dir: str | os.PathLike, aside: str) -> None:
                 f"{path} is a symbolic link: overwrite=true moves a run folder only within its "
                 "parent; remove the link or use another folder"
             )
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core always provides it
-    _HydraCallback = object
-
-
-class RefuseLinkedRunDir(_HydraCallback):
-    """Hydra callback of ``score-eval``: :func:`refuse_links` on ``run_dir`` before a sweep
-    writes its ``multirun.yaml`` there (one line, exit 2).
-
-    Args:
-        prog: the command's name, for the message.
-    """
-
-    def __init__(self, prog: str) -> None:
-        self.prog = prog
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        import sys
-
-        from omegaconf import OmegaConf
-
-        run_dir = OmegaConf.select(config, "run_dir", default=None, throw_on_missing=False)
-        try:
-            if isinstance(run_dir, str) and run_dir:
-                refuse_links(Path(run_dir).expanduser())
-        except UnsafeRunFile as e:
-            print(f"{self.prog}: error: {e}", file=sys.stderr)
-            sys.exit(2)  # SystemExit: Hydra turns a callback's Exception into a warning

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from score_exp.errors import ScoreExpError
-from score_exp.io import flatten
-from score_exp.record import CONFIG, FINGERPRINT, RunDirError, RunFolder
+from score_exp.runs.files import load_yaml, read_json
+from score_exp.runs.record import CONFIG, FINGERPRINT, LIMITS, RunDirError, RunFolder, flatten
 
 #: Config keys that do not change a run's numbers (a key covers its sub-keys): where it is
 #: logged or shown, what a re-run does with a finished folder, the output paths, loader workers
@@ -63,6 +63,13 @@ NON_IDENTITY = (
 #: the device, whose change a run's fingerprint refuses in the same folder).
 LAUNCH_OVERRIDES = ("experiment", "trainer", "hydra.launcher", "hydra.sweep.dir", "hydra/launcher")
 LEGACY = "<from config.yaml>"  # marks an identity read from a folder made before fingerprints
+#: ``task.<slot>._target_`` names that run folders of an older score_exp hold, and the class that
+#: builds the same object today (a class that moved, never one that changed): such a folder is
+#: read (:mod:`score_exp.runs.safe_load`) and recognised (:func:`stored_identity`) as if it named
+#: the new one. The project's configs name only the new paths.
+RENAMED_TARGETS = {
+    "score_exp.tasks.lm.ShakespeareDataModule": "score_exp.tasks.shakespeare.ShakespeareDataModule",
+}
 
 
 def non_identity(key: str) -> bool:
@@ -126,35 +133,46 @@ def stored_identity(run_dir: Path) -> dict[str, Any] | None:
     its identity is computed from it (marked :data:`LEGACY`), so an unchanged config adopts the
     folder. Keys added to the configs since then are not in it and are not compared.
 
+    A class the folder names that has moved since is read under its new name
+    (:data:`RENAMED_TARGETS`), so a finished run is still skipped and an interrupted one resumed.
+
     Raises:
         RunDirError: the folder holds a run (checkpoints or results) but neither file.
     """
-    from score_exp.runs.files import load_yaml, read_json
-
     folder = RunFolder(run_dir)
     if folder.fingerprint.is_file():
         try:
-            return dict(read_json(folder.fingerprint)["identity"])
+            return _renamed(dict(read_json(folder.fingerprint, LIMITS[FINGERPRINT])["identity"]))
         except (OSError, ValueError, KeyError, TypeError, ScoreExpError) as e:
             raise RunDirError(
                 f"{folder.fingerprint} is unreadable ({e}); pass overwrite=true to start afresh"
             ) from None
     if folder.config.is_file():
         try:
-            resolved = load_yaml(folder.config)  # bounded, alias-limited, nothing resolved
+            resolved = load_yaml(
+                folder.config, LIMITS[CONFIG]
+            )  # bounded, alias-limited, nothing resolved
         except ScoreExpError as e:  # one line, not a traceback
             raise RunDirError(f"{e}; pass overwrite=true to start afresh") from None
         if not isinstance(resolved, dict):
             raise RunDirError(
                 f"{folder.config} is not a mapping; pass overwrite=true to start afresh"
             )
-        return {**run_identity(resolved, run_dir), LEGACY: True}
+        return {**_renamed(run_identity(resolved, run_dir)), LEGACY: True}
     if folder.results.exists() or folder.checkpoints.exists():
         raise RunDirError(
             f"{run_dir} holds a run with no {CONFIG} or {FINGERPRINT}: its configuration is "
             "unknown; pass overwrite=true to move it aside and start afresh"
         )
     return None
+
+
+def _renamed(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` with each ``..._target_`` value renamed by :data:`RENAMED_TARGETS`."""
+    return {
+        k: RENAMED_TARGETS.get(v, v) if k.endswith("._target_") and isinstance(v, str) else v
+        for k, v in identity.items()
+    }
 
 
 def full_identity(resolved: dict, run_dir: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import socket
 import stat
 from pathlib import Path
 
-from score_exp.record import RunDirError, RunFolder
+from score_exp.runs.record import RunDirError, RunFolder
 
 
 class RunLock:

@@ -4,7 +4,8 @@ A run folder's ``config.yaml`` is data. :func:`load_run_config` (what ``score-ev
 ``score-sample`` and every reader build a run from) composes the run's task from the project's
 own config files (``configs/task/<task.name>.yaml``) and takes from the folder only plain values
 for keys that composition has: no ``_target_`` other than the one the project's config names at
-that place, no Hydra instantiation key (``_args_``, ``_partial_``...), no interpolation
+that place (a class that has moved since the folder was made is read under its new name:
+:data:`~score_exp.runs.fingerprint.RENAMED_TARGETS`), no Hydra instantiation key (``_args_``, ``_partial_``...), no interpolation
 (``${...}`` anywhere is refused: the file is loaded without resolvers), no mapping where the
 project's config holds a value. The trainer, callbacks and loggers of the folder are not read:
 a reader builds only ``task.data``, ``task.model`` and ``task.module``.
@@ -28,9 +29,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from score_exp.config import CONFIG_DIR, compose
 from score_exp.errors import ConfigError, check_seed
-from score_exp.record import CONFIG, RunFolder
 from score_exp.runs.files import load_yaml
+from score_exp.runs.fingerprint import RENAMED_TARGETS
+from score_exp.runs.record import CONFIG, LIMITS, RunFolder
 
 #: The environment variable naming your own task's classes (exact dotted names, comma-separated).
 TRUSTED_ENV = "SCORE_EXP_TRUSTED_TARGETS"
@@ -69,8 +72,6 @@ def trusted_targets() -> frozenset[str]:
 
 
 def _config_dir() -> Path:
-    from score_exp.run import CONFIG_DIR
-
     return Path(CONFIG_DIR)
 
 
@@ -83,8 +84,6 @@ def project_tasks() -> list[str]:
 def _project_task(name: str, model: str | None = None) -> dict:
     """The task node of ``configs/task/<name>.yaml`` (with ``task/model=<model>`` when given),
     composed, interpolations left as they are."""
-    from score_exp.run import compose
-
     choice = [f"task/model={model}"] if model else []
     return OmegaConf.to_container(compose(f"task={name}", *choice).task, resolve=False)
 
@@ -139,7 +138,7 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
     """
     path = RunFolder(run_dir).config
     try:
-        raw = load_yaml(path)
+        raw = load_yaml(path, LIMITS[CONFIG])
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} is not a score-train run folder (no {CONFIG})") from None
     if not isinstance(raw, dict):
@@ -151,6 +150,7 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UnsafeRunConfig(f"{where}: task.name is {name!r}, not a task's name")
     _refuse_code(task, where, "task", slots=True)
+    task = _renamed(task)
     if name in project_tasks():
         task_cfg = _values_onto(_project_task_for(name, task), task, "task", where, name)
     else:
@@ -172,6 +172,16 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
         OmegaConf.resolve(out)  # the project's own interpolations (${seed}, ${task.max_steps})
     except Exception as e:
         raise UnsafeRunConfig(f"{where}: {str(e).splitlines()[0]}") from None
+    return out
+
+
+def _renamed(task: dict) -> dict:
+    """``task`` with each slot's ``_target_`` renamed by :data:`RENAMED_TARGETS` (a copy)."""
+    out = dict(task)
+    for slot in SLOTS:
+        node = out.get(slot)
+        if isinstance(node, dict) and node.get("_target_") in RENAMED_TARGETS:
+            out[slot] = {**node, "_target_": RENAMED_TARGETS[node["_target_"]]}
     return out
 
 
@@ -273,8 +283,6 @@ def study_overrides(overrides: list[str], where: str) -> list[str]:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
-
-    from score_exp.run import compose
 
     def refuse(override: str, why: str) -> None:
         raise UnsafeRunConfig(

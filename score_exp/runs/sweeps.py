@@ -21,8 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp.record import FAILURES
 from score_exp.runs.lock import RunLock
+from score_exp.runs.record import FAILURES
 
 log = logging.getLogger("score_exp.runs")
 
@@ -54,7 +54,7 @@ _watching = False
 def adopt_jobs() -> None:
     """Watch this process's own score-train parent (:func:`watch_parent`), then name this process
     as the parent of the jobs it starts (sweep workers, data-parallel ranks)."""
-    from score_exp import cluster
+    from score_exp.runs import cluster
 
     watch_parent()
     os.environ[PARENT_ENV] = str(os.getpid())
@@ -70,9 +70,9 @@ def watch_parent(interval: float = 1.0, grace: float = 120.0) -> None:
     ``last.ckpt`` (Lightning's SIGTERM handling) and resumes when the sweep is re-run; the
     process exits once its run folder is released, or after ``grace`` seconds. Jobs in the parent's own process watch nothing.
     Nor does a job that a scheduler owns (another host, PID namespace or Slurm job than the
-    parent's, :func:`score_exp.cluster.submitter_here`): it outlives the shell that submitted it.
+    parent's, :func:`score_exp.runs.cluster.submitter_here`): it outlives the shell that submitted it.
     """
-    from score_exp import cluster
+    from score_exp.runs import cluster
 
     global _watching
     parent = os.environ.get(PARENT_ENV, "")

@@ -2,8 +2,8 @@
 
 Training is iteration-based (``max_steps``). The validation loss is nanoGPT's ``estimate_loss``:
 the mean loss over a FIXED set of ``eval_iters`` batches. The data (random training windows, the
-fixed evaluation windows, :class:`ShakespeareDataModule`) is :mod:`score_exp.tasks.shakespeare`,
-re-exported here.
+fixed evaluation windows, :class:`~score_exp.tasks.shakespeare.ShakespeareDataModule`) is
+:mod:`score_exp.tasks.shakespeare`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,6 @@ from torchmetrics import MeanMetric
 
 from score_exp.errors import ConfigError, check_int, check_number
 from score_exp.tasks.depth_loss import with_depth_loss
-
-# The data side, re-exported: configs and run folders name
-# score_exp.tasks.lm.ShakespeareDataModule.
-from score_exp.tasks.shakespeare import (  # noqa: F401
-    FixedWindows,
-    RandomWindows,
-    ShakespeareDataModule,
-    window_batch,
-)
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,16 @@
-"""Logger factories that need more than a plain ``_target_``."""
+"""Logger factories that need more than a plain ``_target_``, and W&B's bounded start.
+
+W&B's mode resolution and bounded start (:func:`resolve_mode`, :func:`init_run`) are shared by the
+run loggers and the report. A run's results never depend on W&B: an online start that does not
+succeed within ``init_timeout`` seconds (no network, W&B down, a wrong key) falls back to offline
+logging with one warning, and the run goes on; ``wandb sync`` uploads it later.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -11,7 +18,65 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from score_exp.wandb_utils import INIT_TIMEOUT, bounded_settings, resolve_mode, warn_offline
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+INIT_TIMEOUT = 10.0  # seconds an online start may take before falling back to offline
+
+
+def has_wandb_key() -> bool:
+    """True when an API key is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` -> ``online`` iff a key is configured, else ``offline`` (never a login prompt)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown wandb mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "auto":
+        return "online" if has_wandb_key() else "offline"
+    return mode
+
+
+def bounded_settings(init_timeout: float = INIT_TIMEOUT, settings=None):
+    """``wandb.Settings`` whose online start gives up after ``init_timeout`` seconds (W&B: 90)."""
+    import wandb
+
+    if not init_timeout > 0:
+        raise ValueError(f"init_timeout must be > 0 seconds, got {init_timeout!r}")
+    settings = settings if settings is not None else wandb.Settings()
+    settings.init_timeout = float(init_timeout)
+    return settings
+
+
+def warn_offline(error: BaseException, init_timeout: float, where: str | None) -> None:
+    """The one warning of a failed online start (the run goes on, logged offline)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    log.warning(
+        "W&B did not start online within %gs (%s: %s); logging offline instead%s; "
+        "upload later with `wandb sync`",
+        init_timeout,
+        type(error).__name__,
+        reason,
+        f" under {where}" if where else "",
+    )
+
+
+def init_run(init_timeout: float = INIT_TIMEOUT, **kwargs):
+    """``wandb.init(**kwargs)``: online at most ``init_timeout`` seconds, else offline (one warning)."""
+    import wandb
+
+    if kwargs.get("mode") != "online":
+        return wandb.init(**kwargs)
+    settings = bounded_settings(init_timeout, kwargs.pop("settings", None))
+    try:
+        return wandb.init(settings=settings, **kwargs)
+    except Exception as e:  # CommError (timeout, refused), AuthenticationError, UsageError, ...
+        warn_offline(e, init_timeout, kwargs.get("dir"))
+        return wandb.init(**{**kwargs, "mode": "offline"})
 
 
 def wandb_logger(
@@ -125,7 +190,7 @@ class _AppendingWriter(ExperimentWriter):
     Lightning appends to ``metrics.csv`` and rewrites ``hparams.yaml`` in place: a hard link
     planted at either would have a file outside the run written, and a full disk leaves
     ``hparams.yaml`` empty. Here each save writes the whole file anew (a new inode, renamed
-    over the old one: :func:`score_exp.io.atomic_write_bytes`); a failed write keeps the old
+    over the old one: :func:`score_exp.runs.files.atomic_write_bytes`); a failed write keeps the old
     file and raises :class:`~score_exp.errors.WriteError` (one line).
     """
 
@@ -133,7 +198,7 @@ class _AppendingWriter(ExperimentWriter):
         from lightning.pytorch.core.saving import save_hparams_to_yaml
 
         from score_exp.errors import WriteError
-        from score_exp.io import mkstemp_shared
+        from score_exp.runs.files import mkstemp_shared
 
         self.hparams.update(params)
         path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
@@ -150,8 +215,7 @@ class _AppendingWriter(ExperimentWriter):
             raise WriteError(path, e) from None
 
     def save(self) -> None:
-        from score_exp.io import atomic_write_text
-        from score_exp.runs.files import read_text
+        from score_exp.runs.files import atomic_write_text, read_text
 
         if not self.metrics:
             return

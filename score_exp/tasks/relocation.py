@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-log = logging.getLogger("score_exp.train")
+log = logging.getLogger("score_exp.cli.train")
 
 _PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
 

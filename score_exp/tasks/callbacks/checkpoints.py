@@ -11,7 +11,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
 from score_exp.errors import CheckpointWriteError
-from score_exp.record import LAST_CHECKPOINT
+from score_exp.runs.record import LAST_CHECKPOINT
 
 
 class LastCheckpoint(Checkpoint):
@@ -54,7 +54,7 @@ class LastCheckpoint(Checkpoint):
         if trainer.global_step == 0:
             return  # nothing trained yet
         # Second argument False: save the full training state (optimiser, loops, callbacks), not
-        # only the weights. Loading is always torch.load(weights_only=True): see rundir.
+        # only the weights. Loading is always torch.load(weights_only=True): see score_exp.runs.checkpoints.
         trainer.save_checkpoint(self.path, False)
         self._saved_step = trainer.global_step
 
@@ -86,7 +86,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written atomically and read as data only.
 
     Saving serialises to memory, then writes a temporary file next to the target and renames it
-    (:func:`score_exp.io.atomic_write_bytes`), so a kill or a full disk never leaves a truncated
+    (:func:`score_exp.runs.files.atomic_write_bytes`), so a kill or a full disk never leaves a truncated
     checkpoint; a failed write raises :class:`CheckpointWriteError` naming the file and the
     cause. Loading always uses ``weights_only=True`` (a checkpoint never runs code).
     """
@@ -94,7 +94,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         import io
 
-        from score_exp.io import atomic_write_bytes
+        from score_exp.runs.files import atomic_write_bytes
 
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
@@ -106,7 +106,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        from score_exp.rundir import load_checkpoint
+        from score_exp.runs.checkpoints import load_checkpoint
 
         return load_checkpoint(path)
 

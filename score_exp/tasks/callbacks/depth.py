@@ -10,7 +10,7 @@ from torch import nn
 
 from score_exp.core import RecurrentDepth
 
-log = logging.getLogger("score_exp.train")
+log = logging.getLogger("score_exp.cli.train")
 
 
 def find_depth(module: nn.Module) -> RecurrentDepth | None:

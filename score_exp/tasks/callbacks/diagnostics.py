@@ -11,7 +11,7 @@ import torch
 
 from score_exp.tasks.callbacks.depth import find_depth
 
-log = logging.getLogger("score_exp.train")
+log = logging.getLogger("score_exp.cli.train")
 
 
 class DepthDiagnostics(L.Callback):

@@ -11,7 +11,7 @@ import torch
 
 from score_exp.errors import check_choice, check_int, check_number
 
-log = logging.getLogger("score_exp.train")
+log = logging.getLogger("score_exp.cli.train")
 
 
 class DivergenceDetector(L.Callback):

@@ -37,9 +37,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from score_exp.errors import ScoreExpError
-from score_exp.record import RecordError, RunDirError, RunFolder, RunRecord
 from score_exp.runs import fingerprint as ident
 from score_exp.runs.checkpoints import load_checkpoint, resume_checkpoint
+from score_exp.runs.record import RecordError, RunDirError, RunFolder, RunRecord
 
 log = logging.getLogger("score_exp.runs")
 
@@ -242,7 +242,7 @@ def decide_together(run_dir: Path, decide: Callable[[], dict]) -> dict:
     """Rank 0 runs ``decide()`` (claim the folder); every rank returns its one decision.
 
     ``decide`` returns ``{"action": "skip", "record": ...}`` or ``{"action": "run", "resume":
-    path or None}``; a :class:`~score_exp.record.RunDirError` it raises (another config, folder
+    path or None}``; a :class:`~score_exp.runs.record.RunDirError` it raises (another config, folder
     in use) is raised on every rank with the same message. Ranks beside rank 0 (``srun``) get the
     decision over a TCP store before any process group exists; ranks that rank 0 starts later
     (local DDP) find it in ``$SCORE_EXP_RUN_DECISION``.

@@ -23,17 +23,17 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.cli import require
+from score_exp.cli.common import bad_input_exits, require
+from score_exp.config import CONFIG_DIR, depth_spec
 from score_exp.core.spec import HALTS
-from score_exp.errors import ConfigError, WriteError, user_error
-from score_exp.io import atomic_write_text
-from score_exp.record import RunFolder
-from score_exp.run import CONFIG_DIR, depth_spec, find_checkpoint, load_run, run_config
+from score_exp.errors import ConfigError, WriteError
+from score_exp.run import find_checkpoint, load_run, run_config
 from score_exp.runs import stop
-from score_exp.runs.files import read_text, refuse_links
+from score_exp.runs.files import atomic_write_text, read_text
 from score_exp.runs.lock import in_training
+from score_exp.runs.record import RunFolder, limit
 
-log = logging.getLogger("score_exp.eval")
+log = logging.getLogger("score_exp.cli.eval")
 
 # Columns printed by the table (eval.csv keeps every metric of the split).
 SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         .resolve()
     )  # absolute, as find_checkpoint's path (relative_to below)
     ckpt_path = find_checkpoint(run_dir, cfg.checkpoint)  # a missing one fails before any work
-    refuse_links(run_dir)  # eval.csv is never written through a link
+    RunFolder(run_dir).refuse_links()  # eval.csv is never written through a link
     _check_request(cfg, run_dir)
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
@@ -186,7 +186,7 @@ def append_row(path: Path, row: dict[str, Any]) -> list[dict[str, str]]:
     """Append ``row`` to the CSV at ``path`` (columns: the union, in first-seen order)."""
     rows: list[dict[str, Any]] = []
     if path.exists():
-        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+        rows = list(csv.DictReader(io.StringIO(read_text(path, limit(path)), newline="")))
     rows.append(row)
     fields: list[str] = []
     for r in rows:
@@ -201,7 +201,7 @@ def append_row(path: Path, row: dict[str, Any]) -> list[dict[str, str]]:
 
 def format_table(path: Path, metric: str) -> str:
     """The eval.csv at ``path`` as an aligned text table of the shown columns and ``metric``."""
-    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+    rows = list(csv.DictReader(io.StringIO(read_text(path, limit(path)), newline="")))
     cols = [c for c in (*SHOWN, metric) if rows and c in rows[0]]
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols}
     lines = ["  ".join(c.rjust(widths[c]) for c in cols)]
@@ -222,24 +222,16 @@ def _implicit_multirun(argv: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> float | None:
     stop.install(grace=0)  # SIGTERM / SIGINT end it at once, even inside one long forward
-    try:
-        row = evaluate(cfg)
-    except Exception as exc:
-        if (e := user_error(exc)) is None:  # a constructor's error, unwrapped from Hydra's
-            raise
-        if isinstance(e, RowNotWritten):
+    with bad_input_exits("score-eval", "no row was written"):
+        try:
+            row = evaluate(cfg)
+        except RowNotWritten as e:  # the row goes to stdout, the error line to stderr
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=list(e.row))
             writer.writeheader()
             writer.writerow(e.row)
             print(buf.getvalue(), end="", flush=True)
-        log.error("%s", e)
-        print(f"score-eval: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, SystemExit):
-        if stop.received() is None:
             raise
-        stop.exit_stopped("score-eval", "no row was written")
     run_cfg = run_config(Path(cfg.run_dir).expanduser())
     metric = f"{cfg.split}/{run_cfg.task.get('headline', 'rmse')}"
     print(format_table(RunFolder(Path(cfg.run_dir).expanduser()).eval_csv, metric), flush=True)

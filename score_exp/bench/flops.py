@@ -55,7 +55,7 @@ def peak_bf16_flops(device_name: str) -> tuple[float | None, str]:
     for pattern, peak, what in PEAK_BF16_FLOPS:
         if re.search(pattern, device_name):
             return peak, what
-    return None, f"no bf16 peak on record for {device_name!r} (see score_exp/flops.py)"
+    return None, f"no bf16 peak on record for {device_name!r} (see score_exp/bench/flops.py)"
 
 
 def effective_params(

@@ -4,20 +4,28 @@ Values are validated by the objects that own them (data modules, LightningModule
 :class:`~score_exp.errors.ConfigError` naming their key). What no object owns is checked here:
 the top-level keys and the Trainer's budget (:func:`check_run_config`), a mandatory value left
 at ``???`` (:func:`require`), and the output folder, which Hydra creates before the task runs
-(:class:`CheckOutputDir`, a Hydra callback).
+(:class:`CheckOutputDir`, :class:`RefuseLinkedRunDir`: Hydra callbacks). :func:`bad_input_exits`
+turns such an error, raised while a door works, into that one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp.errors import ConfigError, check_int, check_seed
+from score_exp.errors import ConfigError, check_int, check_seed, user_error
+from score_exp.runs.files import UnsafeRunFile
+from score_exp.runs.record import RunFolder
+
+log = logging.getLogger(__name__)
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -39,6 +47,29 @@ def require(cfg: DictConfig, key: str, example: str) -> Any:
     if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
         raise ConfigError(f"{key} is required, e.g. {example}")
     return cfg[key]
+
+
+@contextlib.contextmanager
+def bad_input_exits(prog: str, stopped: str = "") -> Iterator[None]:
+    """Bad input raised inside (a :class:`~score_exp.errors.ScoreExpError`, or a constructor's
+    unwrapped from Hydra's instantiate) ends the door with one line and its exit code (2; 1
+    for a failed write); a stop by SIGTERM / SIGINT (:mod:`score_exp.runs.stop`) with one line
+    (``stopped``: what that means) and 128 + the signal; anything else propagates with its
+    traceback."""
+    from score_exp.runs import stop
+
+    try:
+        yield
+    except Exception as exc:
+        if (e := user_error(exc)) is None:
+            raise
+        log.error("%s", e)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns a KeyboardInterrupt into exit 1
+        if stop.received() is None:
+            raise
+        stop.exit_stopped(prog, stopped)
 
 
 def check_output_dir(path: str | os.PathLike, key: str) -> Path:
@@ -86,3 +117,24 @@ class CheckOutputDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir")
+
+
+class RefuseLinkedRunDir(Callback):
+    """Hydra callback of ``score-eval``: :meth:`RunFolder.refuse_links` on ``run_dir`` before a sweep
+    writes its ``multirun.yaml`` there (one line, exit 2).
+
+    Args:
+        prog: the command's name, for the message.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        run_dir = OmegaConf.select(config, "run_dir", default=None, throw_on_missing=False)
+        try:
+            if isinstance(run_dir, str) and run_dir:
+                RunFolder(Path(run_dir).expanduser()).refuse_links()
+        except UnsafeRunFile as e:
+            print(f"{self.prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)  # SystemExit: Hydra turns a callback's Exception into a warning

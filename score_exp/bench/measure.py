@@ -1,7 +1,7 @@
 """``score-bench``'s measuring side: one variant built by the builder, its training step timed.
 
-Runs in the worker processes that ``score-bench`` starts (``python -m score_exp.bench --worker``),
-so that each variant's peak memory is its own. See :mod:`score_exp.bench` for what is reported.
+Runs in the worker processes that ``score-bench`` starts (``python -m score_exp.bench.cli --worker``),
+so that each variant's peak memory is its own. See :mod:`score_exp.bench.cli` for what is reported.
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from score_exp import flops, run
+from score_exp import config, run
+from score_exp.bench import flops
+from score_exp.tasks.training_step import training_step_fn
 
 MARK = "SCORE_BENCH_RESULT "  # prefixes the worker's one JSON line on stdout
 
 
 def compose(task: str, overrides: list[str]):
     """The ``score-train`` config for ``task`` plus Hydra ``overrides`` (no Hydra run)."""
-    return run.compose(f"task={task}", *overrides)
+    return config.compose(f"task={task}", *overrides)
 
 
 def _status_kb(field: str) -> int | None:
@@ -105,7 +107,7 @@ def _stepper(task: str, overrides: list[str], device: str) -> dict:
         if precision.startswith("bf16") and dev.type == "cuda"
         else nullcontext()
     )
-    train_step = run.training_step_fn(module, cfg.task.gradient_clip_val, amp)
+    train_step = training_step_fn(module, cfg.task.gradient_clip_val, amp)
 
     def sync() -> None:
         if dev.type == "cuda":

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from score_exp.errors import ConfigError
-from score_exp.io import atomic_write_json, atomic_write_text
+from score_exp.runs.files import (
+    MAX_BYTES,
+    MiB,
+    UnsafeRunFile,
+    atomic_write_json,
+    atomic_write_text,
+    loads_json,
+    read_text,
+    refuse_links,
+)
 
 #: Version of ``results.json``'s schema that this code writes (and the newest it reads).
 SCHEMA_VERSION = 1
@@ -56,6 +65,36 @@ HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 FAILURES = "failed_jobs.jsonl"
 #: In a run folder's parent: where ``overwrite=true`` moves old runs (score-report skips it).
 MOVED_ASIDE = ".overwritten"
+#: Where a run writes besides its top level: a symbolic link there is refused.
+WRITTEN_SUBDIRS = (CHECKPOINTS, HYDRA)
+
+#: Size limits of the files a reader takes from a run folder (bytes; others: ``MAX_BYTES``).
+LIMITS = {
+    CONFIG: 4 * MiB,
+    FINGERPRINT: 16 * MiB,
+    RESULTS: 16 * MiB,
+    METRICS: 512 * MiB,
+    EVAL: 64 * MiB,
+}
+#: Size limit of a checkpoint (a GPT-2-sized run with its optimiser state is about 1.5 GB).
+CHECKPOINT_LIMIT = 64 << 30
+
+
+def limit(path: str | os.PathLike) -> int:
+    """The size limit of a run folder's file, by its name (:data:`LIMITS`)."""
+    return LIMITS.get(Path(path).name, MAX_BYTES)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"depth": {"dt": 0.5}}`` -> ``{"depth.dt": 0.5}``: the key names of loggers and reports."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 class RecordError(ConfigError):
@@ -163,11 +202,9 @@ class RunRecord:
         Raises:
             RecordError: missing, unreadable, not JSON, not a record, or a newer schema.
         """
-        from score_exp.runs.files import UnsafeRunFile, loads_json, read_text
-
         path = _results_path(path)
         try:
-            text = read_text(path)
+            text = read_text(path, LIMITS[RESULTS])
         except FileNotFoundError:
             raise RecordError(path, "does not exist") from None
         except UnsafeRunFile as e:
@@ -312,9 +349,9 @@ def coerce(record: RunRecord | dict) -> RunRecord:
 class RunFolder:
     """A run folder: the path of each of its files, and atomic writes into it.
 
-    Writes go through a temporary file in the folder and ``os.replace`` (:mod:`score_exp.io`),
-    which replaces a link instead of writing through it; :func:`score_exp.runs.files.refuse_links`
-    refuses a folder holding links before a run writes anything.
+    Writes go through a temporary file in the folder and ``os.replace``
+    (:mod:`score_exp.runs.files`), which replaces a link instead of writing through it;
+    :meth:`refuse_links` refuses a folder holding links before a run writes anything.
     """
 
     path: Path
@@ -384,3 +421,8 @@ class RunFolder:
     def write_text(self, name: str, text: str) -> Path:
         """``<folder>/<name>``, atomically (``name`` may be relative, e.g. ``.hydra/x.yaml``)."""
         return atomic_write_text(self.path / name, text)
+
+    def refuse_links(self) -> None:
+        """Refuse the folder when it holds a symbolic link where a run writes (its top level,
+        ``checkpoints/``, ``.hydra/``): :func:`score_exp.runs.files.refuse_links`."""
+        refuse_links(self.path, WRITTEN_SUBDIRS)

@@ -8,19 +8,19 @@ and logs to stderr, so ``score-sample run_dir=... > samples.txt`` keeps only the
 from __future__ import annotations
 
 import logging
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.cli import require
-from score_exp.errors import ConfigError, check_int, check_number, check_seed, user_error
-from score_exp.run import CONFIG_DIR, load_run
+from score_exp.cli.common import bad_input_exits, require
+from score_exp.config import CONFIG_DIR
+from score_exp.errors import ConfigError, check_int, check_number, check_seed
+from score_exp.run import load_run
 from score_exp.runs import stop
 
-log = logging.getLogger("score_exp.sample")
+log = logging.getLogger("score_exp.cli.sample")
 
 
 def load_model(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
@@ -82,7 +82,7 @@ def _check(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``score-sample``."""
     stop.install(grace=0)  # SIGTERM / SIGINT end it at once, wherever it is
-    try:
+    with bad_input_exits("score-sample"):
         _check(cfg)
         run_dir = require(cfg, "run_dir", "score-sample run_dir=outputs/shakespeare_char_cpu/<run>")
         model, tokenizer = load_model(Path(run_dir).expanduser(), cfg.checkpoint, cfg.device)
@@ -96,14 +96,6 @@ def main(cfg: DictConfig) -> None:
             cfg.top_k,
             cfg.seed,
         )
-    except Exception as exc:
-        if (e := user_error(exc)) is None:  # a constructor's error, unwrapped from Hydra's
-            raise
-        log.error("%s", e)
-        print(f"score-sample: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        stop.exit_stopped("score-sample")
     for text in samples:
         print(text)
         print(cfg.separator)

@@ -2,7 +2,7 @@
 
 ``score-train -m`` wraps the launcher Hydra builds (basic, joblib, submitit_local, Slurm; for the
 basic sweeper and Optuna alike): before a batch goes to it, every job's run folder is checked
-against its configuration (:func:`score_exp.cluster.finished_run`, read only). A job whose folder
+against its configuration (:func:`score_exp.runs.cluster.finished_run`, read only). A job whose folder
 already holds its finished run is not launched (no process, no Slurm allocation, the folder stays
 byte-identical) and counts as done with its recorded objective. The sweep ends with one summary
 line (:func:`report`): how many jobs were launched and skipped. :func:`objective` is what a job
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from score_exp.errors import ConfigError
-from score_exp.record import RunRecord, coerce
+from score_exp.runs.record import RunRecord, coerce
 
-log = logging.getLogger("score_exp.sweep")
+log = logging.getLogger("score_exp.runs.launch")
 
 _counts: dict[str, int] | None = None  # this process's sweep: jobs launched and skipped
 
@@ -79,7 +79,7 @@ def _finished(overrides: list[str], hydra_context, config):
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf, open_dict, read_write
 
-    from score_exp.cluster import finished_run
+    from score_exp.runs.cluster import finished_run
 
     old = HydraConfig.instance().cfg
     try:

@@ -7,10 +7,10 @@
 
 For every (depth preset, integrator) the model is built exactly as ``score-train`` builds it
 (:func:`score_exp.run.build` on the real configs plus ``--override``), then one fixed training
-batch is stepped as a run steps it (:func:`score_exp.run.training_step_fn`: the module's own
+batch is stepped as a run steps it (:func:`score_exp.tasks.training_step.training_step_fn`: the module's own
 ``training_step`` and ``configure_optimizers``, backward, gradient clipping, optimiser and
 per-step scheduler step) ``--warmup`` times untimed and ``--repeats`` x ``--steps-per-repeat``
-times timed (``score_exp/bench_measure.py``; the tables: ``score_exp/bench_report.py``).
+times timed (``score_exp/bench/measure.py``; the tables: ``score_exp/bench/report.py``).
 Reported: median and min/max step time over the repeats, throughput (tokens/s for language models,
 molecules/s for ESOL), peak memory, parameters and NFE, then ratios between variants that differ
 in one setting only (heun/euler within a preset, score/stacked within an integrator, a
@@ -40,17 +40,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from score_exp import run
-from score_exp.bench_measure import MARK, compose, summary
-from score_exp.bench_report import checkpoint_growth, ratios, report
-from score_exp.cli import check_output_dir
+from score_exp import config, run
+from score_exp.bench.measure import MARK, compose, summary
+from score_exp.bench.report import checkpoint_growth, ratios, report
+from score_exp.cli.common import check_output_dir
 from score_exp.errors import ConfigError, ScoreExpError
 
 # ----------------------------------------------------------------------------- configs
 
 
 def _choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(run.CONFIG_DIR) / group).glob("[!_]*.yaml"))
+    return sorted(p.stem for p in (Path(config.CONFIG_DIR) / group).glob("[!_]*.yaml"))
 
 
 def _no_step_scheduler(cfg) -> list[str]:
@@ -97,7 +97,7 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         cfg = compose(args.task, overrides)  # ConfigError: bad syntax, unknown key or option
         _check_data(cfg)  # the data module's values (batch_size, ...), before any measurement
         try:
-            spec = run.depth_spec(cfg)
+            spec = config.depth_spec(cfg)
         except ConfigError as e:
             notes.append(f"skipped {preset}+{integrator}{'+' + name if name else ''}: {e}")
             continue
@@ -168,9 +168,9 @@ def _named_variants(given: list[list[str]] | None) -> list[tuple[str, list[str]]
 
 
 def _run_worker(job: dict, what: str):
-    """Run one measuring job in a fresh ``python -m score_exp.bench --worker`` process."""
+    """Run one measuring job in a fresh ``python -m score_exp.bench.cli --worker`` process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "score_exp.bench", "--worker", json.dumps(job)],
+        [sys.executable, "-m", "score_exp.bench.cli", "--worker", json.dumps(job)],
         capture_output=True,
         text=True,
     )
@@ -208,7 +208,7 @@ def _run_interleaved(variants: list[dict], args, device: str) -> list[list[float
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="score-bench",
-        description="Training-step cost of depth variants (see `score_exp/bench.py`).",
+        description="Training-step cost of depth variants (see `score_exp/bench/cli.py`).",
     )
     p.add_argument("--task", default="shakespeare_char_cpu")
     p.add_argument("--depth", nargs="+", default=["stacked", "score"], help="depth presets")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``score-bench``."""
     args = parser().parse_args(argv)
     if args.worker:
-        from score_exp.bench_measure import worker
+        from score_exp.bench.measure import worker
 
         worker(args.worker)
         return
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["checkpoint_memory"] = checkpoint_growth(results)
     print(report(payload))
     if args.json:
-        from score_exp.io import atomic_write_json
+        from score_exp.runs.files import atomic_write_json
 
         atomic_write_json(args.json, payload)
         print(f"json: {args.json}")

@@ -1,9 +1,13 @@
-"""The config schema: the ``depth`` group's structured config (derived from :class:`DepthSpec`),
-the one-line checks of ``depth.<key>=`` overrides, the spec of a composed config, and
-``--help``'s list of groups.
+"""The bottom floor of everything Hydra: the config tree, composing it, and its schema.
 
-:func:`register_configs` runs when :mod:`score_exp.run` is imported, so every door composes with
-the schema: a preset holds only what differs and a misspelt key is refused.
+- :data:`CONFIG_DIR` (the checkout's ``configs/``) and :func:`compose` (the config ``score-train``
+  would run, without a Hydra run): the builder (:mod:`score_exp.run`) and the run-folder reader
+  (:mod:`score_exp.runs.safe_load`) compose alike.
+- the ``depth`` group's structured config (derived from :class:`DepthSpec`), the one-line checks
+  of ``depth.<key>=`` overrides, the spec of a composed config, and ``--help``'s list of groups.
+
+:func:`register_configs` runs when this module is imported, so every door composes with the
+schema: a preset holds only what differs and a misspelt key is refused.
 """
 
 from __future__ import annotations
@@ -13,12 +17,47 @@ import difflib
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError
+
+#: The Hydra config tree (``configs/`` of the checkout). Defined here only.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def compose(*overrides: str, config_name: str = "train") -> DictConfig:
+    """The config ``score-train`` (or ``config_name``) would run, without a Hydra run.
+
+    Raises:
+        ConfigError: an override Hydra refuses (syntax, unknown key or option, wrong type).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_depth_overrides(overrides)
+    # Inside a Hydra app (score-eval rebuilding a run from the project's configs), Hydra is
+    # already initialised: compose beside it and give it back as it was.
+    running = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        skip = ("full_key", "object_type", "reference_type")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = " ".join(ln for ln in lines if not ln.startswith(skip)) or type(e).__name__
+        raise ConfigError(f"cannot compose {' '.join(overrides)}: {why}") from None
+    finally:
+        if running is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(running)
 
 
 def _schema_type(tp: Any) -> Any:
@@ -145,3 +184,6 @@ def depth_spec(cfg: DictConfig) -> DepthSpec:
         return DepthSpec(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid depth config: {e}") from None
+
+
+register_configs()

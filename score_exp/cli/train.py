@@ -18,12 +18,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp import cluster, sweep
-from score_exp.cli import check_run_config
+from score_exp.cli.common import check_run_config
+from score_exp.config import CONFIG_DIR, check_depth_overrides, depth_spec
 from score_exp.core import DepthSpec
 from score_exp.errors import CheckpointWriteError, ScoreExpError, WriteError, user_error
-from score_exp.io import flatten
-from score_exp.record import (
+from score_exp.run import build, trainable_params
+from score_exp.runs import cluster, launch, stop, sweeps
+from score_exp.runs.checkpoints import load_checkpoint
+from score_exp.runs.claim import claim_for_ranks, keep_finished
+from score_exp.runs.launch import objective
+from score_exp.runs.record import (
     CONFIG,
     HYDRA_FILES,
     SPLITS,
@@ -31,15 +35,11 @@ from score_exp.record import (
     RunFolder,
     RunRecord,
     depth_fields,
+    flatten,
 )
-from score_exp.run import CONFIG_DIR, build, check_depth_overrides, depth_spec, trainable_params
-from score_exp.runs import stop, sweeps
-from score_exp.runs.checkpoints import load_checkpoint
-from score_exp.runs.claim import claim_for_ranks, keep_finished
-from score_exp.sweep import objective
 from score_exp.tasks.distributed import per_device_batch
 
-log = logging.getLogger("score_exp.train")
+log = logging.getLogger("score_exp.cli.train")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
@@ -382,11 +382,11 @@ def main() -> None:
     except ScoreExpError as e:
         print(f"score-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    sweep.install()  # a sweep launches only the jobs whose folders are not finished
+    launch.install()  # a sweep launches only the jobs whose folders are not finished
     try:
         _main()
     finally:
-        sweep.report("score-train")
+        launch.report("score-train")
         sweeps.report_sweep_failures("score-train")
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
 
 from score_exp.errors import DataError, ScoreExpError
-from score_exp.io import atomic_write_json
 from score_exp.report.studies import study_experiment
+from score_exp.runs.files import atomic_write_json
 from score_exp.runs.safe_load import study_overrides
 
 log = logging.getLogger("hydra_plugins.score_exp_sweeper")  # shown with the sweeper's [HYDRA] lines
@@ -167,7 +167,7 @@ def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
         [
             sys.executable,
             "-m",
-            "score_exp.train",
+            "score_exp.cli.train",
             *over,
             f"seed={s}",
             f"experiment_name={name}",

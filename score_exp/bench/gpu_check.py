@@ -1,7 +1,7 @@
 """``make gpu-check``: everything a GPU machine should measure, in one command.
 
-    python -m score_exp.gpu_check                 # on a CUDA machine (make gpu-check)
-    python -m score_exp.gpu_check --dry-run       # the same orchestration on CPU, tiny budgets
+    python -m score_exp.bench.gpu_check                 # on a CUDA machine (make gpu-check)
+    python -m score_exp.bench.gpu_check --dry-run       # the same orchestration on CPU, tiny budgets
 
 Steps, each a fresh subprocess whose output goes to ``<out>/logs/``; a failing step is recorded
 and the others still run:
@@ -11,7 +11,7 @@ and the others still run:
    trainer=gpu``, 5000 iterations, bf16, ``task.model.compile=true``) for ``depth=stacked``
    (nanoGPT itself) and ``depth=score``: best val loss, wall time, tokens/s (median of the
    logged intervals after the first, which holds the compilation), model FLOPs per token
-   (:mod:`score_exp.flops`), MFU against the device's bf16 dense peak, and the number of
+   (:mod:`score_exp.bench.flops`), MFU against the device's bf16 dense peak, and the number of
    recompilations (``TORCH_LOGS=recompiles``; 1 is inherent: training -> validation).
 3. ``esol_mlp``, ``esol_gnn``, ``esol_attentivefp``: the molecule tasks on CUDA for a few epochs
    (:data:`MOLECULE_EPOCHS`): the MLP (``depth=score``), the MPNN (PyG on CUDA, ``score025``) and
@@ -40,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from score_exp.record import RunFolder, RunRecord
+from score_exp.runs.record import RunFolder, RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 RECOMPILING = re.compile(r"Recompiling function")
@@ -90,7 +90,7 @@ def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
             {
                 "name": f"train_{preset}",
                 "kind": "train",
-                "cmd": [*py, "score_exp.train", *train, f"depth={preset}", *quiet],
+                "cmd": [*py, "score_exp.cli.train", *train, f"depth={preset}", *quiet],
                 "run_dir": f"runs/{preset}",
             }
         )
@@ -100,7 +100,7 @@ def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
             {
                 "name": name,
                 "kind": "molecules",
-                "cmd": [*py, "score_exp.train", *overrides, *molecules, *extra, *quiet],
+                "cmd": [*py, "score_exp.cli.train", *overrides, *molecules, *extra, *quiet],
                 "run_dir": f"runs/{name}",
             }
         )
@@ -108,13 +108,20 @@ def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
         {
             "name": "bench",
             "kind": "bench",
-            "cmd": [*py, "score_exp.bench", *bench, "--depth", "stacked", "score"],
+            "cmd": [*py, "score_exp.bench.cli", *bench, "--depth", "stacked", "score"],
         }
     )
     ddp_step = {
         "name": "ddp",
         "kind": "ddp",
-        "cmd": [*py, "score_exp.train", "task=shakespeare_char_cpu", "depth=score", *ddp, *quiet],
+        "cmd": [
+            *py,
+            "score_exp.cli.train",
+            "task=shakespeare_char_cpu",
+            "depth=score",
+            *ddp,
+            *quiet,
+        ],
         "run_dir": "runs/ddp",
     }
     if not dry_run and n_gpus < 2:
@@ -184,7 +191,7 @@ def _tokens_per_s(run_dir: Path) -> float | None:
 
 def _flops_per_token(run_dir: Path) -> dict:
     """The run's model FLOPs per token, its model rebuilt from its config as score-train built it."""
-    from score_exp.flops import gpt_flops_per_token
+    from score_exp.bench.flops import gpt_flops_per_token
     from score_exp.run import build, run_config
 
     cfg = run_config(run_dir)
@@ -210,7 +217,7 @@ def read_run(result: dict, run_dir: Path) -> RunRecord | None:
 
 def read_train(result: dict, run_dir: Path, device_type: str, device_name: str) -> None:
     """Add a training run's figures (best val, wall time, tokens/s, FLOPs, MFU) to ``result``."""
-    from score_exp.flops import mfu
+    from score_exp.bench.flops import mfu
 
     if read_run(result, run_dir) is None:
         return
@@ -318,7 +325,7 @@ def parser() -> argparse.ArgumentParser:
         prog="gpu-check",
         description="Run the CUDA tests, nanoGPT's GPU preset (stacked and SCORE), the ESOL MLP, "
         "GNN and AttentiveFP for a few epochs, score-bench and a 2-GPU DDP smoke run; write "
-        "gpu_check.json and gpu_check.md (see score_exp/gpu_check.py).",
+        "gpu_check.json and gpu_check.md (see score_exp/bench/gpu_check.py).",
     )
     p.add_argument("--dry-run", action="store_true", help="every step on CPU with tiny budgets")
     p.add_argument("--out", type=Path, default=None, help="default: outputs/gpu_check/<time>")
@@ -335,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import torch
 
-    from score_exp.io import atomic_write_json, atomic_write_text
+    from score_exp.runs.files import atomic_write_json, atomic_write_text
 
     if not args.dry_run and not torch.cuda.is_available():
         print(
