@@ -72,6 +72,19 @@ def bad_input_exits(prog: str, stopped: str = "") -> Iterator[None]:
         stop.exit_stopped(prog, stopped)
 
 
+def check_argv(prog: str, argv: list[str]) -> None:
+    """Refuse, in one line (exit 2), an override holding a line break: Hydra's lexer would end
+    in its own multi-line error (an override comes from a shell line: a newline is a slip)."""
+    for arg in argv:
+        if "\n" in arg or "\r" in arg:
+            print(
+                f"{prog}: error: the override {arg!r} holds a line break; give each override "
+                "as one word of the command line (key=value)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def check_output_dir(path: str | os.PathLike, key: str) -> Path:
     """``path`` is a folder this process can write, or one it can create.
 

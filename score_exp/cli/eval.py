@@ -23,10 +23,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.cli.common import bad_input_exits, require
+from score_exp.cli.common import bad_input_exits, check_argv, require
 from score_exp.config import CONFIG_DIR, depth_spec
-from score_exp.core.spec import HALTS
-from score_exp.errors import ConfigError, WriteError
+from score_exp.core.spec import HALTS, MAX_STEPS
+from score_exp.errors import ConfigError, WriteError, check_int
 from score_exp.run import find_checkpoint, load_run, run_config
 from score_exp.runs import stop
 from score_exp.runs.files import atomic_write_text, read_text
@@ -157,6 +157,9 @@ def _check_request(cfg: DictConfig, run_dir: Path) -> None:
 
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
+    steps = cfg.depth.get("steps")
+    if steps is not None:  # before the run is loaded: the key as the user wrote it
+        check_int("depth.steps", steps, 1, MAX_STEPS)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
     holder = in_training(run_dir)
@@ -241,6 +244,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point of ``score-eval``."""
+    check_argv("score-eval", sys.argv[1:])
     sys.argv = _implicit_multirun(sys.argv)
     _main()
 

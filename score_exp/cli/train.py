@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp.cli.common import check_run_config
+from score_exp.cli.common import check_argv, check_run_config
 from score_exp.config import CONFIG_DIR, check_depth_overrides, depth_spec
 from score_exp.core import DepthSpec
 from score_exp.errors import CheckpointWriteError, ScoreExpError, WriteError, user_error
@@ -377,6 +377,7 @@ def main() -> None:
     """Console entry point of ``score-train``: a misspelt depth field is one error line; every
     failed job of a sweep is listed at the end."""
     sweeps.adopt_jobs()
+    check_argv("score-train", sys.argv[1:])
     try:
         check_depth_overrides(sys.argv[1:])
     except ScoreExpError as e:
