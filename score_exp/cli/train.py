@@ -21,7 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from score_exp.cli.common import check_argv, check_run_config
 from score_exp.config import CONFIG_DIR, check_depth_overrides, depth_spec
 from score_exp.core import DepthSpec
-from score_exp.errors import CheckpointWriteError, ScoreExpError, WriteError, user_error
+from score_exp.errors import (
+    CheckpointWriteError,
+    ConfigError,
+    ScoreExpError,
+    WriteError,
+    user_error,
+)
 from score_exp.run import build, trainable_params
 from score_exp.runs import cluster, launch, stop, sweeps
 from score_exp.runs.checkpoints import load_checkpoint
@@ -169,7 +175,17 @@ def _fit_and_test(
     if resume:
         log.info("resuming from %s", resume)
     ckpt_path = str(resume) if resume else None
-    trainer.fit(task.module, datamodule=task.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(task.module, datamodule=task.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except RuntimeError as e:
+        if not resume or "loading state_dict" not in str(e):
+            raise
+        # A checkpoint of another model (copied in, or of an older version): bad input, one
+        # line; the run's previous record stays as it was (not turned "failed").
+        raise ConfigError(
+            f"cannot resume from {resume}: its weights do not fit this configuration's model "
+            f"({str(e).strip().splitlines()[0]}); move it aside or pass overwrite=true"
+        ) from None
     _record_training(record, trainer, task.model, callbacks, clock)
     _evaluate_best(record, trainer, task, folder)
     _record_depth(record, task.model, callbacks, spec)
