@@ -229,12 +229,21 @@ def _loggers(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> list:
     """``cfg.logger``'s loggers; a resumed run (a requeue) continues its W&B run (same id)."""
     from hydra.utils import instantiate
 
+    from score_exp.cli.common import check_output_dir
+
     wandb_id = cluster.wandb_run_id(folder.path) if resume else None
-    return [
-        instantiate(lg, **({"resume_id": wandb_id} if _is_wandb(lg) and wandb_id else {}))
-        for lg in (cfg.get("logger") or {}).values()
-        if lg is not None
-    ]
+    loggers = []
+    for name, lg in (cfg.get("logger") or {}).items():
+        if lg is None:
+            continue
+        logger = instantiate(lg, **({"resume_id": wandb_id} if _is_wandb(lg) and wandb_id else {}))
+        # Its folder (TensorBoard's log_dir, MLflow's file store) can be written, before any
+        # work: a file in its way or a read-only folder is one line naming the logger.
+        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if isinstance(where, str) and where and "://" not in where:
+            check_output_dir(where, f"logger.{name} folder")
+        loggers.append(logger)
+    return loggers
 
 
 def _trainer(cfg: DictConfig, callbacks: list, loggers: list):

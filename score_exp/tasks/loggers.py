@@ -18,10 +18,14 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from score_exp.errors import ScoreExpError
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
 INIT_TIMEOUT = 10.0  # seconds an online start may take before falling back to offline
+#: Seconds an MLflow tracking server has to answer before a run that logs to it fails (one line).
+TRACKING_TIMEOUT_S = 10.0
 
 
 def has_wandb_key() -> bool:
@@ -126,6 +130,7 @@ def mlflow_logger(
     tracking_uri: str,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
+    connect_timeout: float = TRACKING_TIMEOUT_S,
     **kwargs,
 ) -> MLFlowLogger:
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` on MLflow's file store.
@@ -133,7 +138,17 @@ def mlflow_logger(
     MLflow 3 refuses a ``file:`` tracking URI unless ``MLFLOW_ALLOW_FILE_STORE`` is set (the file
     store is in maintenance mode, not removed); a run that asked for it gets it. The run name
     defaults to the run folder's name, as for W&B.
+
+    A tracking server (``http(s)://``) must answer within ``connect_timeout`` seconds before the
+    run starts, else the run fails in one line (:class:`TrackingServerUnavailable`, exit 1):
+    the policy is to fail early rather than train for hours unlogged. MLflow's own requests
+    are bounded too (``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, unless
+    set), so a server that stops answering mid-run costs seconds, not MLflow's 7 retries.
     """
+    if tracking_uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(connect_timeout, 1))))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        _probe(tracking_uri, connect_timeout)
     if tracking_uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         run_name = run_name or Path(tracking_uri.removeprefix("file:")).parent.name
@@ -144,6 +159,30 @@ def mlflow_logger(
         tags={k: str(v) for k, v in (tags or {}).items()},
         **kwargs,
     )
+
+
+class TrackingServerUnavailable(ScoreExpError):
+    """The MLflow tracking server did not answer in time (exit 1: a failure, not bad input)."""
+
+    exit_code = 1
+
+
+def _probe(uri: str, timeout: float) -> None:
+    """Any HTTP answer (even an error status) within ``timeout`` seconds, else one line."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (OSError, ValueError) as e:
+        why = getattr(e, "reason", None) or e
+        raise TrackingServerUnavailable(
+            f"the MLflow tracking server {uri} did not answer within {timeout:g} s ({why}); "
+            "start it, fix logger.mlflow.tracking_uri, or drop the logger (logger=csv)"
+        ) from None
 
 
 class _BoundedWandbLogger(WandbLogger):
