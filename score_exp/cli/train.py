@@ -236,13 +236,18 @@ def _loggers(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> list:
     for name, lg in (cfg.get("logger") or {}).items():
         if lg is None:
             continue
-        logger = instantiate(lg, **({"resume_id": wandb_id} if _is_wandb(lg) and wandb_id else {}))
-        # Its folder (TensorBoard's log_dir, MLflow's file store) can be written, before any
-        # work: a file in its way or a read-only folder is one line naming the logger.
-        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-        if isinstance(where, str) and where and "://" not in where:
-            check_output_dir(where, f"logger.{name} folder")
-        loggers.append(logger)
+        # Its folder (TensorBoard's <save_dir>/<name>, MLflow's file store) can be written,
+        # before the logger is built: a file in its way or a read-only folder is one line
+        # naming the logger, not the logger's traceback.
+        uri, save_dir = lg.get("tracking_uri"), lg.get("save_dir")
+        if isinstance(uri, str) and uri.startswith("file:"):
+            check_output_dir(uri.removeprefix("file:"), f"logger.{name}.tracking_uri")
+        elif isinstance(save_dir, str) and save_dir:
+            sub = lg.get("name") if isinstance(lg.get("name"), str) else ""
+            check_output_dir(Path(save_dir) / sub, f"logger.{name}.save_dir")
+        loggers.append(
+            instantiate(lg, **({"resume_id": wandb_id} if _is_wandb(lg) and wandb_id else {}))
+        )
     return loggers
 
 
