@@ -2,7 +2,8 @@
 
     python scripts/dial_tables.py [multirun/dial]
 
-Reads only run folders (results.json, eval.csv) and bench JSON (outputs/dial/*.json).
+Reads only run folders (results.json through RunRecord, eval.csv) and bench JSON
+(outputs/dial/*.json).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from score_exp.runs.record import RunRecord
+
 
 def _ms(xs: list[float]) -> str:
     return f"{st.mean(xs):.4f} ± {st.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
@@ -23,12 +26,12 @@ def runs(root: Path) -> None:
     """Test metric, epochs, wall time and evaluations per scheme (one folder per scheme)."""
     print(f"{'scheme':<28}{'n':>3}{'test metric':>22}{'epochs':>8}{'wall s':>8}{'nfe spent':>11}")
     for scheme in sorted(p for p in root.glob("*/*") if p.is_dir()):
-        rows = [json.loads(f.read_text()) for f in scheme.glob("*/results.json")]
-        rows = [r for r in rows if r.get("status") == "ok"]
+        rows = [RunRecord.load(f) for f in scheme.glob("*/results.json")]
+        rows = [r for r in rows if r.ok]
         if not rows:
             continue
         # The headline: RMSE for ESOL, loss for the language model.
-        metric = [r["test"].get("rmse", r["test"]["loss"]) for r in rows]
+        metric = [r.test.get("rmse", r.test["loss"]) for r in rows]
         spent = []
         for f in scheme.glob("*/eval.csv"):
             first = next(csv.DictReader(f.open()), None)  # the run's own setting comes first
@@ -36,8 +39,8 @@ def runs(root: Path) -> None:
                 spent.append(float(first["nfe_spent"]))
         print(
             f"{str(scheme.relative_to(root)):<28}{len(rows):>3}{_ms(metric):>22}"
-            f"{st.mean(r.get('epochs_timed', 0) for r in rows):>8.1f}"
-            f"{st.mean(r['wall_time_s'] for r in rows):>8.0f}"
+            f"{st.mean(r.epochs_timed or 0 for r in rows):>8.1f}"
+            f"{st.mean(r.wall_time_s for r in rows):>8.0f}"
             f"{(f'{st.mean(spent):.2f}' if spent else '-'):>11}"
         )
 
@@ -95,9 +98,9 @@ def paired(root: Path, part: str, a: str, b: str) -> None:
     def by_seed(scheme: str) -> dict[int, float]:
         out = {}
         for f in (root / part / scheme).glob("*/results.json"):
-            r = json.loads(f.read_text())
-            if r.get("status") == "ok":
-                out[r["seed"]] = r["test"].get("rmse", r["test"].get("loss"))
+            r = RunRecord.load(f)
+            if r.ok:
+                out[r.seed] = r.test.get("rmse", r.test.get("loss"))
         return out
 
     xa, xb = by_seed(a), by_seed(b)

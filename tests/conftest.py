@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import forkserver
 import pytest
 
 from score_exp.config import CONFIG_DIR as _CONFIG_DIR
+from score_exp.runs.record import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(_CONFIG_DIR)
@@ -84,8 +84,14 @@ def train_cli(run_dir: Path, *overrides: str, **kw) -> subprocess.CompletedProce
     return run_cli(f"hydra.run.dir={run_dir}", *QUIET, *overrides, **kw)
 
 
+def load_record(run_dir: Path) -> RunRecord:
+    """A run folder's ``results.json``, read (and checked) as the report reads it."""
+    return RunRecord.load(run_dir)
+
+
 def load_results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
+    """:func:`load_record` as the JSON object of ``results.json`` (for tests that index it)."""
+    return load_record(run_dir).to_dict()
 
 
 @pytest.fixture

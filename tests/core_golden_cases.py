@@ -104,15 +104,19 @@ def build(kwargs: dict[str, Any]) -> RecurrentDepth:
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         if random_logits:
-            depth.connect_logits.copy_(torch.randn(depth.connect_logits.shape, generator=g))
+            depth.mixing.logits.copy_(torch.randn(depth.mixing.logits.shape, generator=g))
         if random_dt:
-            depth.dt_logit.copy_(torch.randn(depth.dt_logit.shape, generator=g))
+            depth.step_size.logit.copy_(torch.randn(depth.step_size.logit.shape, generator=g))
     return depth
+
+
+# The reference file names parameters as the original core did, before the parts owned them.
+ORIGINAL_NAMES = {"mixing.logits": "connect_logits", "step_size.logit": "dt_logit"}
 
 
 def _grads(depth: RecurrentDepth, prefix: str, out: dict[str, Tensor]) -> None:
     for name, p in depth.named_parameters():
-        out[f"{prefix}grad.{name}"] = p.grad.detach().clone()
+        out[f"{prefix}grad.{ORIGINAL_NAMES.get(name, name)}"] = p.grad.detach().clone()
 
 
 Rediscretise = Callable[[RecurrentDepth, Tensor, dict[str, Any]], Tensor]

@@ -101,7 +101,7 @@ def test_a_csv_too_small_to_split_fails_before_training(tmp_path):
 
 @pytest.mark.parametrize("prog, module", [("score-eval", "eval"), ("score-sample", "sample")])
 def test_eval_and_sample_without_run_dir(prog, module):
-    line = one_error_line(run_cli(module=f"score_exp.{module}"), prog)
+    line = one_error_line(run_cli(module=f"score_exp.cli.{module}"), prog)
     assert line.startswith(f"{prog}: error: run_dir is required, e.g. {prog} run_dir=")
 
 
@@ -119,7 +119,7 @@ def test_eval_and_sample_with_a_truncated_checkpoint(tmp_path, prog, module):
     torch.save({"state_dict": {"model.w": torch.zeros(1000)}, "global_step": 1}, buf)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    line = one_error_line(run_cli(f"run_dir={run_dir}", module=f"score_exp.{module}"), prog)
+    line = one_error_line(run_cli(f"run_dir={run_dir}", module=f"score_exp.cli.{module}"), prog)
     assert f"checkpoint {ckpt} is unreadable" in line
 
 

@@ -128,8 +128,8 @@ def test_ancre_matches_a_hand_written_mixture_and_learns_its_coefficients():
         _tanh_block, DepthSpec(steps=steps, dt=0.4, connect="ancre", ancre_tau=tau)
     )
     with torch.no_grad():
-        depth.connect_logits.copy_(torch.randn(steps, steps))
-    c = depth.connect_logits.detach()
+        depth.mixing.logits.copy_(torch.randn(steps, steps))
+    c = depth.mixing.logits.detach()
     block = depth.blocks[0]
     h0 = torch.randn(3, 5)
     states = [h0]
@@ -140,10 +140,10 @@ def test_ancre_matches_a_hand_written_mixture_and_learns_its_coefficients():
     out = depth(h0)
     assert torch.allclose(out, states[-1], atol=1e-12)
     out.pow(2).sum().backward()
-    g = depth.connect_logits.grad
+    g = depth.mixing.logits.grad
     assert torch.equal(g.triu(1), torch.zeros(steps, steps))  # masked entries get nothing
     assert (g.tril(-1)[1:].abs().sum(1) > 0).all()  # every row with a choice learns
-    trainable = int(depth.connect_mask.sum())
+    trainable = int(depth.mixing.mask.sum())
     assert trainable == steps * (steps + 1) // 2
 
 
@@ -170,8 +170,8 @@ def test_learned_dt_starts_at_the_configured_dt_and_gets_gradients(mode):
     out = learned(h)
     assert torch.allclose(out, fixed(h), atol=1e-12)
     out.sum().backward()
-    assert learned.dt_logit.grad.shape == ((1,) if mode == "global" else (3,))
-    assert (learned.dt_logit.grad.abs() > 0).all()
+    assert learned.step_size.logit.grad.shape == ((1,) if mode == "global" else (3,))
+    assert (learned.step_size.logit.grad.abs() > 0).all()
     assert f"learn_dt='{mode}'" in repr(learned)
 
 
@@ -179,7 +179,7 @@ def test_per_step_dt_is_a_sigmoid_of_each_logit():
     depth = RecurrentDepth(_tanh_block, DepthSpec(steps=3, dt=None, learn_dt="per_step"))
     assert torch.allclose(torch.stack(depth.dts()), torch.full((3,), 1 / 3))
     with torch.no_grad():
-        depth.dt_logit.copy_(torch.tensor([-1.0, 0.0, 2.0]))
+        depth.step_size.logit.copy_(torch.tensor([-1.0, 0.0, 2.0]))
     dts = [1 / (1 + math.exp(1.0)), 0.5, 1 / (1 + math.exp(-2.0))]
     assert torch.allclose(torch.stack(depth.dts()), torch.tensor(dts))
     h = torch.randn(2, 5)

@@ -76,6 +76,21 @@ def test_an_older_or_unreadable_requeue_checkpoint_does_not_replace_last(tmp_pat
     assert len(list(tmp_path.glob("hpc_ckpt_2.ckpt.unreadable-*"))) == 1
 
 
+def test_an_unreadable_checkpoint_is_moved_aside_one_way_wherever_it_is_found(tmp_path):
+    import datetime
+
+    from score_exp.runs.record import ASIDE_STAMP
+
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"truncated")  # a requeue's
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"truncated")  # a run's own
+    assert cluster.resume_point(tmp_path) is None
+    aside = sorted(tmp_path.rglob("*.unreadable-*"))
+    assert [p.name.split(".unreadable-")[0] for p in aside] == ["last.ckpt", "hpc_ckpt_3.ckpt"]
+    for p in aside:  # one timestamp format, the run folders' too (overwrite=true)
+        datetime.datetime.strptime(p.name.split(".unreadable-")[1], ASIDE_STAMP)
+
+
 def test_segments_count_requeues_of_the_same_job(tmp_path, monkeypatch):
     import json
 

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from score_exp.core import DepthSpec, RecurrentDepth
-from score_exp.core.halting import integrate_halting
 from score_exp.core.solver import anderson
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -103,10 +102,10 @@ def test_inject_add_and_concat_see_the_input_at_every_step():
     for _ in range(3):
         h = h + 0.5 * (block(h + e) - h)
     assert torch.equal(add(e), h)
-    assert concat.inject_weight.shape == (5, 10)
+    assert concat.injection.weight.shape == (5, 10)
     assert torch.allclose(concat(e), h, atol=1e-12)  # W = [I, I] starts as add
     concat(e).sum().backward()
-    assert concat.inject_weight.grad.abs().sum() > 0
+    assert concat.injection.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="needs the state width"):
         RecurrentDepth(_tanh_block, DepthSpec(inject="concat"))
 
@@ -331,9 +330,9 @@ def test_halting_via_discretised_and_evaluations_spent():
     with torch.no_grad(), depth.discretised(adaptive_eps=1e-3) as d:
         depth(_scaled_rows())
     assert d.nfe == 30 and depth.last_nfe < 30
-    with depth.discretised(adaptive_eps=1e-300) as d:
-        h = torch.randn(2, 5)
-        out, used, spent = integrate_halting(depth, h, h, d, {})
+    with torch.no_grad(), depth.discretised(adaptive_eps=1e-300):
+        depth(torch.randn(2, 5))
+    used, spent = depth.last_steps_used, depth.last_nfe * len(depth.last_steps_used)
     assert spent == 2 * 30 and used.tolist() == [30, 30]  # no eps: nobody stops
 
 
@@ -704,13 +703,13 @@ def test_ancre_residual_starts_as_the_chain_bit_for_bit_and_learns():
     w = ancre.connection_weights()
     assert torch.equal(w[:, :4], torch.eye(4)) and "ancre_param='residual'" in repr(ancre)
     ancre(h).pow(2).sum().backward()
-    g = ancre.connect_residual.grad
+    g = ancre.mixing.residual.grad
     assert (g.tril(-1)[1:].abs().sum(1) > 0).all()  # every row with a choice learns at init
     assert torch.equal(g.triu(), torch.zeros(4, 4))  # the diagonal and above are unused
     # A hand-written mixture with random coefficients.
     with torch.no_grad():
-        ancre.connect_residual.copy_(0.2 * torch.randn(4, 4))
-    a, block = ancre.connect_residual.detach(), ancre.blocks[0]
+        ancre.mixing.residual.copy_(0.2 * torch.randn(4, 4))
+    a, block = ancre.mixing.residual.detach(), ancre.blocks[0]
     states = [h]
     for j in range(4):
         x = states[j] + sum(a[j, i] * (states[i] - states[j]) for i in range(j))

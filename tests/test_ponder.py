@@ -93,8 +93,8 @@ def _ponder_depth(steps: int = 3, **kwargs) -> RecurrentDepth:
 def test_training_forward_offers_the_expected_loss_and_kl():
     depth = _ponder_depth(ponder_lambda_p=0.3, ponder_beta=0.5).train()
     with torch.no_grad():  # lambda_n = sigmoid(h_n . w + b) with known w, b
-        depth.halting_head.linear.weight.copy_(torch.tensor([[1.0, 0.0]]))
-        depth.halting_head.linear.bias.fill_(0.0)
+        depth.halting.head.linear.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        depth.halting.head.linear.bias.fill_(0.0)
     h0 = torch.tensor([[4.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     out = depth(h0)
     assert torch.equal(out.detach(), h0 / 8)
@@ -111,7 +111,7 @@ def test_training_forward_offers_the_expected_loss_and_kl():
     # Gradients reach the head through the weights and the KL.
     loss = (terms.step_weights * torch.tensor([[3.0], [2.0], [1.0]])).sum(0).mean() + terms.aux
     loss.backward()
-    assert depth.halting_head.linear.weight.grad.abs().sum() > 0
+    assert depth.halting.head.linear.weight.grad.abs().sum() > 0
 
 
 def test_no_loss_terms_without_ponder_or_outside_training():
@@ -138,7 +138,7 @@ def test_inference_stops_when_the_cumulative_halting_probability_passes_the_thre
         def forward(self, h, group=None, n=None):
             return torch.sigmoid(h[:, 1])
 
-    depth.halting_head = Head()
+    depth.halting.head = Head()
     h0 = torch.tensor([[1.0, 2.0], [1.0, -1.0]], dtype=torch.float64)
     lam = torch.sigmoid(h0[:, 1])
     for eps, steps in ((0.5, [1, 3]), (0.2, [1, 6])):
@@ -267,7 +267,7 @@ def test_ancre_halting_removes_whole_samples_through_the_one_halting_path():
         out = depth(h, group=torch.tensor([0, 0, 1, 1, 1]))
     used = depth.last_steps_used
     assert used.tolist() == [6, 9]
-    mix, x, states = depth.input_mixing(h), h, []
+    mix, x, states = depth.mixing.start(h), h, []
     with torch.no_grad():
         for l in range(12):
             x = depth.step(l, mix.input(l, x), h, depth.dts()[l], "euler", {})
@@ -287,7 +287,7 @@ def test_regression_module_minimises_the_expected_loss_over_the_steps():
     spec = DepthSpec(steps=3, dt=0.5, halt="ponder", ponder_beta=0.5)
     model = RecurrentMLP(4, spec, hidden=8, dropout=0.0)
     with torch.no_grad():  # a head that depends on the state: lambdas differ per sample
-        model.depth.halting_head.linear.weight.normal_()
+        model.depth.halting.head.linear.weight.normal_()
     module = RegressionModule(model).train()
     x, y = torch.randn(5, 4), torch.randn(5)
     with warnings.catch_warnings():
@@ -299,7 +299,7 @@ def test_regression_module_minimises_the_expected_loss_over_the_steps():
         h = 0.5 * h + 0.5 * model.depth.blocks[0](h)
         states.append(h)
     lam = torch.stack(
-        [torch.sigmoid(model.depth.halting_head.linear(s)).squeeze(-1) for s in states]
+        [torch.sigmoid(model.depth.halting.head.linear(s)).squeeze(-1) for s in states]
     )
     p = torch.stack([lam[0], (1 - lam[0]) * lam[1], (1 - lam[0]) * (1 - lam[1])])  # (3, 5)
     errors = torch.stack([(model.head(s).view(-1) - y).pow(2) for s in states])  # (3, 5)

@@ -187,11 +187,68 @@ def test_the_fingerprint_the_folder_names_and_the_report_leave_out_the_same_keys
     # 3. the report: runs that differ only in non-identity keys are one variant.
     flat = {"task.name": "esol_mlp", "depth.steps": 4}
     runs = [
-        Run(tmp_path / str(i), {"status": "ok"}, {**flat, key: i, f"{key}.sub": i})
+        Run(tmp_path / str(i), RunRecord(status="ok"), {**flat, key: i, f"{key}.sub": i})
         for i, key in enumerate(NON_IDENTITY)
     ]
-    runs.append(Run(tmp_path / "x", {"status": "ok"}, dict(flat)))
+    runs.append(Run(tmp_path / "x", RunRecord(status="ok"), dict(flat)))
     assert varied_keys(runs) == []
-    assert varied_keys([*runs, Run(tmp_path / "y", {}, {**flat, "depth.steps": 8})]) == [
+    assert varied_keys([*runs, Run(tmp_path / "y", RunRecord(), {**flat, "depth.steps": 8})]) == [
         "depth.steps"
     ]
+
+
+def test_the_recorded_depth_fields_are_derived_from_depthspec():
+    import dataclasses
+
+    from score_exp.core import DepthSpec
+    from score_exp.tasks.results import PAPER_DEPTH_FIELDS, UNRECORDED_DEPTH_FIELDS, depth_fields
+
+    names = [f.name for f in dataclasses.fields(DepthSpec)]
+    assert set(names) >= UNRECORDED_DEPTH_FIELDS and set(PAPER_DEPTH_FIELDS) <= set(names)
+    paper = {k: getattr(DepthSpec(), k) for k in PAPER_DEPTH_FIELDS}
+    assert depth_fields(DepthSpec()) == paper
+    # Today's options as results.json records them: switched-on options, never their settings.
+    spec = DepthSpec(connect="ancre", ancre_init=0.9, learn_dt="per_step", checkpoint=True)
+    assert depth_fields(spec) == {**paper, "connect": "ancre", "learn_dt": "per_step"}
+    # A field DepthSpec gains is recorded where it is switched on, with no edit of the record.
+    field = dataclasses.field(default="off")
+    wider = dataclasses.make_dataclass("Wider", [("new_option", str, field)], bases=(DepthSpec,))
+    assert depth_fields(wider(new_option="on")) == {**paper, "new_option": "on"}
+    assert depth_fields(wider()) == paper
+
+
+def test_the_report_reads_a_runs_typed_record(tmp_path):
+    from score_exp.report.runs import load_run
+
+    record = RunRecord(task="esol_mlp", status="ok", seed=3, params=7, best_val={"value": 0.5},
+                       depth={"steps": 4, "dt": 0.5}, test={"rmse": 0.7}, extra={"custom": 1})  # fmt: skip
+    record.save(tmp_path)
+    run = load_run(tmp_path)
+    assert run.record == record
+    assert (run.task, run.status, run.test_metric(), run.headline) == (
+        "esol_mlp",
+        "ok",
+        0.7,
+        "rmse",
+    )
+    assert run.get("depth.dt") == 0.5 and run.get("params") == 7 and run.get("custom") == 1
+    assert run.get("best_val.value") == 0.5 and run.get("nfe") is None and run.get("x.y", 9) == 9
+
+
+def test_runs_csv_columns_come_from_one_list(tmp_path):
+    from score_exp.report.build import RUN_COLUMNS, TESTED, VARIED, runs_csv
+    from score_exp.report.runs import Run
+
+    runs = [
+        Run(tmp_path / str(s), RunRecord(task="t", status="ok", seed=s, test={"rmse": 1.0 + s},
+                                        best_val={"value": 0.5}, params=10, nfe=4),
+            {"task.name": "t", "depth.steps": 4 + s})
+        for s in range(2)
+    ]  # fmt: skip
+    header, first, _ = runs_csv(runs).splitlines()
+    columns = header.split(",")
+    expand = {VARIED: ["depth.steps"], TESTED: ["test/rmse"]}
+    assert columns == [c for column in RUN_COLUMNS for c in expand.get(column, [column])]
+    row = dict(zip(columns, first.split(","), strict=True))
+    assert row["depth.steps"] == "4" and row["test/rmse"] == "1.0" and row["best_val"] == "0.5"
+    assert row["params"] == "10" and row["nfe"] == "4" and row["wall_time_s"] == ""

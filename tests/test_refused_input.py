@@ -64,7 +64,7 @@ def test_a_checkpoint_that_does_not_fit_the_model(finished, kind, says, prog, mo
     torch.save(_crafted(ckpt, kind), finished / "checkpoints" / name)
     try:
         out = run_cli(
-            f"run_dir={finished}", f"checkpoint=checkpoints/{name}", module=f"score_exp.{module}"
+            f"run_dir={finished}", f"checkpoint=checkpoints/{name}", module=f"score_exp.cli.{module}"
         )
     finally:
         (finished / "checkpoints" / name).unlink()

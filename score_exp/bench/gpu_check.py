@@ -1,7 +1,7 @@
 """``make gpu-check``: everything a GPU machine should measure, in one command.
 
-    python -m score_exp.bench.gpu_check                 # on a CUDA machine (make gpu-check)
-    python -m score_exp.bench.gpu_check --dry-run       # the same orchestration on CPU, tiny budgets
+    python -m score_exp.bench.gpu_check             # on a CUDA machine (make gpu-check)
+    python -m score_exp.bench.gpu_check --dry-run   # the same orchestration on CPU, tiny budgets
 
 Steps, each a fresh subprocess whose output goes to ``<out>/logs/``; a failing step is recorded
 and the others still run:
@@ -42,7 +42,7 @@ from typing import Any
 
 from score_exp.runs.record import RunFolder, RunRecord
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECOMPILING = re.compile(r"Recompiling function")
 # nanoGPT's README: the GPU preset reaches val 1.4697 in about 3 minutes on one A100.
 TARGET_VAL, TARGET_WALL_S = 1.50, 180.0
@@ -104,24 +104,14 @@ def plan(dry_run: bool, max_steps: int | None, n_gpus: int) -> list[dict]:
                 "run_dir": f"runs/{name}",
             }
         )
-    steps.append(
-        {
-            "name": "bench",
-            "kind": "bench",
-            "cmd": [*py, "score_exp.bench.cli", *bench, "--depth", "stacked", "score"],
-        }
-    )
+    bench_cmd = [*py, "score_exp.bench.cli", *bench, "--depth", "stacked", "score"]
+    steps.append({"name": "bench", "kind": "bench", "cmd": bench_cmd})
     ddp_step = {
         "name": "ddp",
         "kind": "ddp",
-        "cmd": [
-            *py,
-            "score_exp.cli.train",
-            "task=shakespeare_char_cpu",
-            "depth=score",
-            *ddp,
-            *quiet,
-        ],
+        "cmd": [*py, "score_exp.cli.train", "task=shakespeare_char_cpu", "depth=score"]
+        + ddp
+        + quiet,
         "run_dir": "runs/ddp",
     }
     if not dry_run and n_gpus < 2:

@@ -32,6 +32,7 @@ from score_exp.run import build, trainable_params
 from score_exp.runs import cluster, launch, stop, sweeps
 from score_exp.runs.checkpoints import load_checkpoint
 from score_exp.runs.claim import claim_for_ranks, keep_finished
+from score_exp.runs.fingerprint import flatten
 from score_exp.runs.launch import objective
 from score_exp.runs.record import (
     CONFIG,
@@ -40,8 +41,6 @@ from score_exp.runs.record import (
     RunDirError,
     RunFolder,
     RunRecord,
-    depth_fields,
-    flatten,
 )
 from score_exp.tasks.distributed import per_device_batch
 
@@ -76,7 +75,7 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
 
 
 def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None) -> RunRecord:
-    from score_exp.tasks.results import git_commit, package_versions
+    from score_exp.tasks.results import depth_fields, git_commit, package_versions
 
     t0 = time.perf_counter()
     # Earlier segments of a resumed run (a requeue, a re-run after an interruption): their wall
@@ -327,13 +326,15 @@ def _is_wandb(logger_cfg) -> bool:
 
 
 def _record_depth(record: RunRecord, model, callbacks: list, spec: DepthSpec) -> None:
-    """The depth as it ended (:meth:`RunRecord.note_depth`) and the fixed-point solves."""
+    """The depth as it ended (:func:`~score_exp.tasks.results.depth_outcome`) and the
+    fixed-point solves."""
     from score_exp.tasks.callbacks import FixedPointSolves, find_depth
+    from score_exp.tasks.results import depth_outcome
 
     solves = _find(callbacks, FixedPointSolves)
     if spec.solver == "fixed_point" and solves is not None:  # registered always, active then
         record.solver = solves.summary(spec)
-    record.note_depth(find_depth(model))
+    record.update(**depth_outcome(find_depth(model)))
 
 
 def _strip(metrics: list[dict], prefix: str) -> dict:

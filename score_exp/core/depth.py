@@ -14,10 +14,14 @@ proposal into a vector field and an integrator steps it:
 ``share=True`` applies ONE block ``steps`` times; ``share=False`` applies ``steps``
 independent blocks in turn. Nothing else differs between the two.
 
-The loop (:meth:`RecurrentDepth.forward`) is the paper's: for each of ``steps`` steps, one
-integrator step of the update's vector field with that step's ``dt``. Everything optional is
-a small part in a file of its own, off by default (the plain chain, bit for bit); the parts are
-listed in ``score_exp/core/__init__.py``.
+The loop (``loop.py``) is the paper's: for each of ``steps`` steps, one integrator step of the
+update's vector field with that step's ``dt``. Everything optional is a part, a child module
+built from the spec and always present (the identity, holding nothing, when off; the plain
+chain, bit for bit): ``step_size``, ``mixing``, ``growth``, ``injection``, ``halting``,
+``step_count``. Each owns its parameters and buffers; the depth asks them, they never reach
+into the depth or each other. How a forward runs (unroll, halting, fixed point, recording,
+replay) is a runner (``runners.py``) that the discretisation names; see
+``score_exp/core/__init__.py``.
 
 A part with a training objective hands it to the task through one channel: after a training
 forward, :meth:`RecurrentDepth.loss_terms` returns a :class:`~ponder.DepthLoss` (per-step weights
@@ -37,13 +41,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from score_exp.core import growth, inject, mixing, solver, step_count, step_size
 from score_exp.core.discretisation import Discretisation, resolve, trained
-from score_exp.core.halting import Select, integrate_halting
-from score_exp.core.integrators import INTEGRATORS
-from score_exp.core.observers import Observer, Trace
-from score_exp.core.ponder import DepthLoss, PonderRecorder, halting_head
+from score_exp.core.growth import Growth, blocks_in_state_dict, doubled, resized
+from score_exp.core.halting import Select
+from score_exp.core.inject import Injection
+from score_exp.core.loop import Loop, StepContext, integrate, takes_step, update_step
+from score_exp.core.migrate import migrate_keys
+from score_exp.core.mixing import Mixing
+from score_exp.core.observers import Trace
+from score_exp.core.ponder import DepthLoss, Halting, PonderRecorder
+from score_exp.core.runners import Request, get_runner
 from score_exp.core.spec import CONNECTS, LEARN_DT, UPDATES, DepthSpec
+from score_exp.core.step_count import StepCount
+from score_exp.core.step_size import StepSize
 
 __all__ = ["CONNECTS", "LEARN_DT", "UPDATES", "DepthSpec", "Discretisation", "RecurrentDepth"]
 
@@ -54,7 +64,10 @@ class RecurrentDepth(nn.Module):
     Args:
         block_factory: a callable returning a fresh ``nn.Module`` ``F`` with
             ``F(h, **ctx) -> Tensor`` of the same shape as ``h``. Called once when
-            ``spec.share`` else once per (initial) step.
+            ``spec.share`` else once per (initial) step. A block whose forward takes a
+            keyword ``step`` is also given a :class:`~loop.StepContext` (step index,
+            integrator stage, running rows) at every call (``takes_step``, read from the
+            first block's signature).
         spec: the depth specification.
         width: the state's last dimension; needed by ``inject="concat"`` (its ``(C, 2C)``
             projection) and ``halt="ponder"`` (the halting head).
@@ -86,30 +99,26 @@ class RecurrentDepth(nn.Module):
     ):
         super().__init__()
         self.spec = spec
-        # growth starts at its first stage; without growth this is spec.steps.
-        self._steps = spec.steps_at(0)
-        self.keep_horizon = spec.keep_horizon
-        n_blocks = 1 if spec.share else self._steps
+        self.growth = Growth(spec)  # the active step count (active_steps with a schedule)
+        n_blocks = 1 if spec.share else self.growth.steps
         self.blocks = nn.ModuleList(block_factory() for _ in range(n_blocks))
-        if spec.growth is not None:
-            # Persisted so that a checkpoint taken at any stage reloads at that stage.
-            self.register_buffer("active_steps", torch.tensor(self._steps))
-        mixing.add_parameters(self, spec)  # connect=ancre: connect_logits (or connect_residual)
-        if spec.learn_dt != "none":
-            self.dt_logit = nn.Parameter(step_size.init_dt_logit(spec))
-        self.injection = inject.Injection(spec.inject, width)  # F as every step sees it
-        self.halting_head = halting_head(spec, width)  # learned halting's lambda_n, or identity
-        self._ponder: PonderRecorder | None = None  # the last training forward's record
-        self._replay: Tensor | None = None
-        self._override: Discretisation | None = None
-        self._drawn_steps: int | None = None
+        # Read once from the factory's block (a plain bool, so torch.compile guards on it).
+        self.takes_step = takes_step(self.blocks[0])
+        # Parameter order as before the parts (an optimiser's state is saved by position).
+        self.mixing = Mixing(spec)  # the chain, or ANCRe's connections
+        self.step_size = StepSize(spec)  # fixed dt, or the learned logit
+        self.injection = Injection(spec, width)  # F as every step sees it, and h_0
+        self.halting = Halting(spec, width)  # PonderNet's head, or the identity
+        self.step_count = StepCount(spec)  # train_steps: the drawn count
+        self._active: Discretisation | None = None  # discretised() / replaying()
+        self._record: PonderRecorder | None = None  # the last training forward's record
         self.last_steps_used: Tensor | None = None
         self.last_nfe: float | None = None
         self.last_iterations: Tensor | None = None
         self.last_residual: Tensor | None = None
         self.last_converged: Tensor | None = None
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the forward
 
     def forward(
         self,
@@ -133,26 +142,68 @@ class RecurrentDepth(nn.Module):
             readout: for ``halt="kl"``: maps a state to logits (e.g. next-token logits).
             **ctx: passed to every block call, e.g. ``edge_index`` for a graph convolution.
         """
-        if self._replay is not None:  # replaying(n): the recorded state of step n
-            return self._replay
         d = self.discretisation
-        e = h  # the input, which inject= shows to every step
-        h = inject.initial_state(self.spec, e)
-        self._ponder = None
-        if self.spec.solver == "fixed_point":
-            return self._solve(h, e, ctx, group)
-        self.last_steps_used, self.last_nfe = None, d.nfe
-        self.last_iterations = self.last_residual = self.last_converged = None
         training = torch.is_grad_enabled() and self.training
-        if training and d.halt == "ponder":  # every step runs; its state and lambda are kept
-            n = int(group.max()) + 1 if group is not None and group.numel() else h.shape[0]
-            self._ponder = PonderRecorder(self.halting_head, group, n)
-            return self._integrate(h, e, d, ctx, self._ponder)
-        if d.adaptive_eps is None or training:
-            return self._integrate(h, e, d, ctx, None)
-        h, used, spent = integrate_halting(self, h, e, d, ctx, group, select, readout)
-        self.last_steps_used, self.last_nfe = used, spent / len(used)
-        return h
+        runner = get_runner(d.train_runner if training else d.runner)
+        request = Request(
+            self.spec, d.halt, d.adaptive_eps, d.evals_per_step, self.halting,
+            group, select, readout, self._record, d.replay,
+        )  # fmt: skip
+        if d.replay is not None:  # no step runs: nothing to prepare
+            return runner(None, h, request).h
+        h0 = self.injection.initial_state(h)  # the input h is e, which inject= shows each step
+        out = runner(self._loop(d, h0, h, ctx), h0, request)
+        self._record = out.record
+        self.last_nfe, self.last_steps_used = out.nfe, out.steps_used
+        self.last_iterations, self.last_residual = out.iterations, out.residual
+        self.last_converged = out.converged
+        return out.h
+
+    def _loop(self, d: Discretisation, h0: Tensor, e: Tensor, ctx: dict[str, Any]) -> Loop:
+        """One forward's loop from ``h0`` with the input ``e``."""
+        return Loop(
+            step=self.step,
+            F=self._call_block,
+            steps=d.steps,
+            integrator=d.integrator,
+            dts=self.dts(),
+            mix=self.mixing.start(h0),
+            e=e,
+            ctx=ctx,
+            backprop_steps=self.spec.backprop_steps,
+        )
+
+    def step(
+        self,
+        l: int,
+        x: Tensor,
+        e: Tensor,
+        dt: Any,
+        integrator: str,
+        ctx: dict[str, Any],
+        rows: Tensor | None = None,
+    ) -> Tensor:
+        """One step of block ``l`` (the shared block for every ``l``) from ``x``, with the input
+        ``e`` injected, checkpointed if asked; ``rows``: the running rows (halting)."""
+        if self.spec.checkpoint and torch.is_grad_enabled():
+            return activation_checkpoint(
+                self._update, l, x, e, dt, integrator, rows, use_reentrant=False, **ctx
+            )
+        return self._update(l, x, e, dt, integrator, rows, **ctx)
+
+    def _update(self, l, x, e, dt, integrator, rows, **ctx) -> Tensor:
+        block = self.blocks[0 if self.spec.share else l]
+        F = self.injection(block, e)
+        context = (lambda stage: StepContext(l, stage, rows)) if self.takes_step else None
+        return update_step(F, x, dt, self.spec.update, integrator, ctx, context)
+
+    def _call_block(self, l: int, x: Tensor, e: Tensor, ctx: dict, rows: Tensor | None) -> Tensor:
+        """``F`` of step ``l`` at ``x`` as a step sees it (injected), without the update rule."""
+        block = self.blocks[0 if self.spec.share else l]
+        F = self.injection(block, e)
+        if self.takes_step:
+            return F(x, step=StepContext(l, 0, rows), **ctx)
+        return F(x, **ctx)
 
     # ------------------------------------------------------------------ the loss channel
 
@@ -163,101 +214,28 @@ class RecurrentDepth(nn.Module):
         ``ponder_beta * KL(p || Geometric(ponder_lambda_p))`` (see ``ponder.py``). The task
         computes its per-sample loss at step ``n`` inside :meth:`replaying`.
         """
-        if self._ponder is None:
+        if self._record is None:
             return None
-        return self._ponder.loss(self.spec.ponder_lambda_p, self.spec.ponder_beta)
+        return self._record.loss(self.spec.ponder_lambda_p, self.spec.ponder_beta)
 
-    @contextlib.contextmanager
-    def replaying(self, n: int) -> Iterator[None]:
+    def replaying(self, n: int) -> contextlib.AbstractContextManager[Discretisation]:
         """Inside the ``with`` block, a forward returns the last training forward's state after
-        step ``n`` (0-based, of :meth:`loss_terms`' steps) without running any step, so that a
-        model's layers after the depth give that step's prediction."""
-        if self._ponder is None:
+        step ``n`` (0-based, of :meth:`loss_terms`' steps) without running any step (the
+        ``replay`` runner), so that a model's layers after the depth give that step's
+        prediction."""
+        if self._record is None:
             raise RuntimeError("replaying(n) needs a training forward that kept its states")
-        self._replay = self._ponder.states[n]
-        try:
-            yield
-        finally:
-            self._replay = None
-
-    def _integrate(
-        self,
-        h: Tensor,
-        e: Tensor,
-        d: Discretisation,
-        ctx: dict[str, Any],
-        observer: Observer | None,
-    ) -> Tensor:
-        """``d.steps`` integrator steps of the update's vector field: the paper's depth."""
-        dts = self.dts()
-        mix = self.input_mixing(h)
-        k = self.spec.backprop_steps
-        first_grad = d.steps - k if k is not None and torch.is_grad_enabled() else 0
-        for l in range(d.steps):
-            # backprop_steps: the steps before the last k build no graph.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and l >= first_grad):
-                x = mix.input(l, h)  # the state step l updates (h itself for the chain)
-                h_next = self.step(l, x, e, dts[l], d.integrator, ctx)
-            if observer is not None:
-                h_next = observer.step(h, h_next)
-            h = h_next
-            mix.push(h)
-        return h
-
-    def step(
-        self, l: int, x: Tensor, e: Tensor, dt: Any, integrator: str, ctx: dict[str, Any]
-    ) -> Tensor:
-        """One step of block ``l`` (the shared block for every ``l``), checkpointed if asked."""
-        block = self._block(l, e)
-        if self.spec.checkpoint and torch.is_grad_enabled():
-            return activation_checkpoint(
-                self._update, block, x, dt, integrator, use_reentrant=False, **ctx
-            )
-        return self._update(block, x, dt, integrator, **ctx)
-
-    def _block(self, l: int, e: Tensor) -> Callable[..., Tensor]:
-        """``F`` of step ``l`` as the update sees it (with the input injected, if asked)."""
-        return self.injection(self.blocks[0 if self.spec.share else l], e)
-
-    def _solve(self, h: Tensor, e: Tensor, ctx: dict[str, Any], group: Tensor | None) -> Tensor:
-        """``solver=fixed_point``: Anderson to ``h* = F(h*)`` per sample, then one
-        differentiable ``F``."""
-        F = self._block(0, e)
-        out, sol = solver.fixed_point(lambda x: F(x, **ctx), h, self.spec, group)
-        self.last_nfe = sol.evals + 1
-        self.last_steps_used = None
-        self.last_iterations, self.last_residual = sol.iterations, sol.residual
-        self.last_converged = sol.converged
-        return out
-
-    def _update(
-        self, block: Callable[..., Tensor], h: Tensor, dt: Any, integrator: str, **ctx: Any
-    ) -> Tensor:
-        """The update rule: ``F(h)`` itself, or an integrator step of ``F(h) - h`` or ``F(h)``."""
-        update = self.spec.update
-        if update == "none":
-            return block(h, **ctx)
-        if update == "contractive":
-
-            def field(x: Tensor) -> Tensor:
-                return block(x, **ctx) - x
-
-        else:
-
-            def field(x: Tensor) -> Tensor:
-                return block(x, **ctx)
-
-        return INTEGRATORS[integrator].step(field, h, dt)
+        return self._activated(dataclasses.replace(self.discretisation, replay=n))
 
     # ------------------------------------------------------------------ discretisation
 
     @property
     def discretisation(self) -> Discretisation:
         """What a forward runs now: the trained discretisation, or :meth:`discretised`'s."""
-        if self._override is not None:
-            return self._override
-        drawn = self._drawn_steps if self.training else None  # train_steps: a drawn count
-        return trained(self.spec, self._steps, self.keep_horizon, drawn)
+        if self._active is not None:
+            return self._active
+        drawn = self.step_count.drawn if self.training else None  # train_steps: a drawn count
+        return trained(self.spec, self.growth.steps, self.growth.keep_horizon, drawn)
 
     def discretised(
         self,
@@ -291,44 +269,40 @@ class RecurrentDepth(nn.Module):
             (``steps``, ``dts``, ``integrator``, ``nfe``). The request is checked here, before
             the ``with`` block starts.
         """
+        request = (steps, dt, integrator, keep_horizon, adaptive_eps, halt)
         return self._activated(
-            resolve(self, steps, dt, integrator, keep_horizon, adaptive_eps, halt)
+            resolve(self.spec, self.growth.steps, self.growth.keep_horizon, *request)
         )
 
     @contextlib.contextmanager
     def _activated(self, d: Discretisation) -> Iterator[Discretisation]:
-        previous, self._override = self._override, d
+        previous, self._active = self._active, d
         try:
             d.dts = [v.detach() if torch.is_tensor(v) else v for v in self.dts()]
             yield d
         finally:
-            self._override = previous
+            self._active = previous
 
     def dts(self) -> list[Any]:
         """The step size of each step a forward now takes (floats; 0-dim tensors when learned)."""
-        return step_size.dts(self, self.discretisation)
+        d = self.discretisation
+        return self.step_size.dts(d.steps, d.dt)
 
     def draw_steps(self, index: int, seed: int = 0) -> int:
         """``train_steps``: draw the step count of optimiser step ``index`` (a pure function of
         ``(seed, index)``, so every data-parallel rank draws the same); training forwards run it
         until the next draw, evaluation runs ``steps``. Returns the count."""
-        self._drawn_steps = step_count.draw_steps(self.spec, seed, index)
-        return self._drawn_steps
+        return self.step_count.draw(index, seed)
 
     def end_drawn_steps(self) -> None:
         """``train_steps``: forget the last draw, so ``nfe`` and training-mode forwards after
         training (the run record, a resumed evaluation) use ``steps`` again."""
-        self._drawn_steps = None
-
-    @property
-    def inject_weight(self) -> Tensor:
-        """``inject="concat"``'s ``(C, 2C)`` projection (the :class:`~inject.Injection` part's)."""
-        return self.injection.weight
+        self.step_count.end()
 
     @property
     def steps(self) -> int:
         """The trained (active) number of steps; growth changes it, :meth:`discretised` not."""
-        return self._steps
+        return self.growth.steps
 
     @property
     def nfe(self) -> int:
@@ -338,17 +312,13 @@ class RecurrentDepth(nn.Module):
 
     # ------------------------------------------------------------------ optional parts
 
-    def input_mixing(self, h0: Tensor) -> mixing.Chain:
-        """The input mixing of one forward that starts at ``h0`` (the chain, or ANCRe's)."""
-        return mixing.for_forward(self, h0)
-
     def connection_weights(self) -> Tensor:
         """Input mixture weights, ``(steps, steps + 1)``: row ``j`` weighs ``h_0 .. h_steps``.
 
         Rows sum to 1 and are zero above the diagonal (the last column, the output state, is
         never an input). The chain is the identity on the first ``steps`` columns.
         """
-        return mixing.connection_weights(self)
+        return self.mixing.connection_weights()
 
     @torch.no_grad()
     def trace(
@@ -364,7 +334,8 @@ class RecurrentDepth(nn.Module):
             halting arguments of :meth:`forward`) are accepted and unused.
         """
         trace = Trace()
-        self._integrate(inject.initial_state(self.spec, h), h, self.discretisation, ctx, trace)
+        h0 = self.injection.initial_state(h)
+        integrate(self._loop(self.discretisation, h0, h, ctx), h0, trace)
         return trace.summary()
 
     def set_steps(self, n: int, keep_horizon: bool | None = None) -> None:
@@ -375,22 +346,29 @@ class RecurrentDepth(nn.Module):
             keep_horizon: keep ``T = spec.steps * dt`` (dt becomes ``T / n``); None keeps the
                 current choice (``spec.keep_horizon`` at first).
         """
-        growth.set_steps(self, n, keep_horizon)
+        if not self.spec.share:
+            raise ValueError("set_steps is for shared depths; a stacked depth grows by refine()")
+        self.growth.set(n, keep_horizon)
 
     def refine(self) -> None:
-        """Double a stacked depth (growth): block ``l`` becomes blocks ``2l`` and ``2l + 1``."""
-        growth.refine(self)
+        """Double a stacked depth (growth): block ``l`` becomes blocks ``2l`` and ``2l + 1``
+        (:func:`~growth.doubled`)."""
+        if self.spec.share:
+            raise ValueError("refine is for stacked depths; a shared depth grows by set_steps()")
+        self.growth.check()
+        self.blocks = doubled(self.blocks)
+        self.growth.set(len(self.blocks))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints from before the parts were child modules: their keys, renamed.
+        migrate_keys(state_dict, prefix)
         # A stacked growth checkpoint may hold more (or fewer) blocks than this module has
         # now: resize the block list before the children load their tensors.
-        growth.resize_to_state_dict(self, state_dict, prefix)
-        if prefix + "inject_weight" in state_dict:  # checkpoints before the Injection part
-            state_dict[prefix + "injection.weight"] = state_dict.pop(prefix + "inject_weight")
+        n = blocks_in_state_dict(state_dict, prefix)
+        if not self.spec.share and n and n != len(self.blocks):
+            self.blocks = resized(self.blocks, n)
+            self.growth.steps = n
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        key = prefix + "active_steps"
-        if key in state_dict:
-            self._steps = int(state_dict[key])
 
     def reset_parameters(self) -> None:
         for block in self.blocks:
@@ -403,7 +381,7 @@ class RecurrentDepth(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         text = (
-            f"share={s.share}, steps={self._steps}, dt={s.dt}, update={s.update!r}, "
+            f"share={s.share}, steps={self.steps}, dt={s.dt}, update={s.update!r}, "
             f"integrator={s.integrator!r}, nfe={self.nfe}"
         )
         shown = {"share", "steps", "dt", "update", "integrator"}

@@ -9,14 +9,11 @@ differently. :func:`resolve` checks a request against what the depth can do and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from score_exp.core import step_size
 from score_exp.core.integrators import get_integrator
 from score_exp.core.spec import HALTS, DepthSpec
-
-if TYPE_CHECKING:
-    from score_exp.core.depth import RecurrentDepth
+from score_exp.core.step_size import fixed_dt
 
 
 @dataclass
@@ -31,7 +28,12 @@ class Discretisation:
         halt: the halting criterion, ``state``, ``kl`` or ``ponder``
             (:data:`~score_exp.core.spec.HALTS`).
         evals_per_step: evaluations of ``F`` per step.
+        solver: ``unroll`` (steps) or ``fixed_point`` (the spec's).
         dts: the step size of each step, filled in by :meth:`RecurrentDepth.discretised`.
+        replay: for :meth:`RecurrentDepth.replaying`: the step whose recorded state a forward
+            returns (None: a forward runs).
+        runner, train_runner: the runner (``runners.py``) an evaluation forward, and a training
+            forward, uses: chosen once here, from the solver, ``halt`` and ``adaptive_eps``.
     """
 
     steps: int
@@ -40,7 +42,22 @@ class Discretisation:
     adaptive_eps: float | None
     evals_per_step: int
     halt: str = "state"
+    solver: str = "unroll"
     dts: list[Any] = field(default_factory=list)
+    replay: int | None = None
+    runner: str = field(init=False)
+    train_runner: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.replay is not None:
+            self.runner = self.train_runner = "replay"
+        elif self.solver == "fixed_point":
+            self.runner = self.train_runner = "fixed_point"
+        else:
+            # Halting saves compute at inference only; a training forward runs every step
+            # (PonderNet's recording them, for its loss).
+            self.runner = "unroll" if self.adaptive_eps is None else "halting"
+            self.train_runner = "record" if self.halt == "ponder" else "unroll"
 
     @property
     def nfe(self) -> int:
@@ -52,27 +69,27 @@ def trained(spec: DepthSpec, steps: int, keep_horizon: bool, drawn: int | None) 
     """The discretisation a depth trained as ``spec`` runs at ``steps`` (its active count), or at
     ``drawn`` steps (``train_steps``' count of this optimiser step) in training."""
     if drawn is not None:
-        dt = (
-            spec.horizon / drawn
-            if spec.train_dt == "horizon"
-            else step_size.fixed_dt(spec, drawn, False)
-        )
+        dt = spec.horizon / drawn if spec.train_dt == "horizon" else fixed_dt(spec, drawn, False)
         return Discretisation(
-            drawn, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step, spec.halt
-        )
+            drawn, dt, spec.integrator, spec.adaptive_eps, spec.evals_per_step, spec.halt,
+            spec.solver,
+        )  # fmt: skip
     learned = spec.learn_dt != "none"
     return Discretisation(
         steps=steps,
-        dt=None if learned else step_size.fixed_dt(spec, steps, keep_horizon),
+        dt=None if learned else fixed_dt(spec, steps, keep_horizon),
         integrator=spec.integrator,
         adaptive_eps=spec.adaptive_eps,
         evals_per_step=spec.evals_per_step,
         halt=spec.halt,
+        solver=spec.solver,
     )
 
 
 def resolve(
-    depth: RecurrentDepth,
+    spec: DepthSpec,
+    trained_steps: int,
+    keep_horizon_trained: bool,
     steps: int | None,
     dt: float | None,
     integrator: str | None,
@@ -80,7 +97,9 @@ def resolve(
     adaptive_eps: float | None,
     halt: str | None = None,
 ) -> Discretisation:
-    """Check a re-discretisation request against ``depth`` and resolve its step size.
+    """Check a re-discretisation request against a depth trained as ``spec``, now at
+    ``trained_steps`` (its active count; growth changes it, with ``keep_horizon_trained``),
+    and resolve its step size.
 
     Rules: ``steps >= 1``; only a shared depth changes its step count (a stacked one runs its
     blocks); ``connect='ancre'`` fixes the step count; ``dt > 0``; ``update='none'`` is Euler
@@ -89,16 +108,15 @@ def resolve(
     Raises:
         ValueError: with a message saying which rule the request breaks.
     """
-    spec = depth.spec
-    n = depth.steps if steps is None else steps
+    n = trained_steps if steps is None else steps
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {n!r}")
-    if n != depth.steps and not spec.share:
+    if n != trained_steps and not spec.share:
         raise ValueError(
-            f"a stacked depth runs its {len(depth.blocks)} independent blocks; it cannot run "
+            f"a stacked depth runs its {trained_steps} independent blocks; it cannot run "
             f"{n} steps (re-discretising the step count needs share=true)"
         )
-    if n != depth.steps and spec.connect == "ancre":
+    if n != trained_steps and spec.connect == "ancre":
         raise ValueError(
             f"connect='ancre' learns one mixture per step: it runs exactly {spec.steps} "
             f"steps, not {n}"
@@ -114,13 +132,13 @@ def resolve(
             raise ValueError(f"dt must be > 0, got {dt!r}")
         dt = float(dt)
     elif spec.learn_dt != "none":
-        dt = None  # the learned dt (its horizon kept at another step count): see depth.dts()
+        dt = None  # the learned dt (its horizon kept at another step count): StepSize.dts
     else:
-        trained = step_size.fixed_dt(spec, depth.steps, depth.keep_horizon)
-        if n == depth.steps:
+        trained = fixed_dt(spec, trained_steps, keep_horizon_trained)
+        if n == trained_steps:
             dt = trained
         elif keep_horizon and spec.update != "none":
-            dt = float(depth.steps * trained / n)  # the trained horizon T = steps * dt
+            dt = float(trained_steps * trained / n)  # the trained horizon T = steps * dt
         else:
             dt = spec.dt if spec.dt is not None else 1.0 / n
     if adaptive_eps is None:
@@ -147,4 +165,4 @@ def resolve(
             f"1 - adaptive_eps: adaptive_eps must lie in (0, 1), got {adaptive_eps}"
         )
     evals = 1 if spec.update == "none" else method.evals_per_step
-    return Discretisation(n, dt, method.name, adaptive_eps, evals, halt)
+    return Discretisation(n, dt, method.name, adaptive_eps, evals, halt, spec.solver)

@@ -5,7 +5,8 @@ group of rows given by ``group`` (PyG's ``batch`` vector: one molecule's atoms).
 a sample whose criterion falls below ``adaptive_eps`` is finished: its state is written to the
 output and the next step runs on the remaining samples only (indexed, not masked), so the work
 shrinks with them. This is the one halting path of the depth (every criterion, every input
-mixing). Criteria (``DepthSpec.halt``), each defined once here:
+mixing): :class:`EarlyExit`, the halting runner's control of the one step loop (``loop.py``).
+Criteria (``DepthSpec.halt``), each defined once here:
 
 * ``state``: ``||h_{t+1} - h_t|| / ||h_t||`` over the sample's rows (:func:`relative_change`,
   which the trace diagnostics share);
@@ -22,15 +23,13 @@ Graph samples need the model's ``select(rows, ctx) -> ctx``, which cuts the bloc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:
-    from score_exp.core.depth import RecurrentDepth
-    from score_exp.core.discretisation import Discretisation
+from score_exp.core.loop import Loop
 
 Select = Callable[[Tensor, dict[str, Any]], dict[str, Any]]
 
@@ -112,58 +111,56 @@ def make_criterion(
     return StateChange()
 
 
-def integrate_halting(
-    depth: RecurrentDepth,
-    h: Tensor,
-    e: Tensor,
-    d: Discretisation,
-    ctx: dict[str, Any],
-    group: Tensor | None = None,
-    select: Select | None = None,
-    readout: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, int]:
-    """Run ``depth`` with halting; returns ``(h, steps used per sample, F evaluations spent)``.
+class EarlyExit:
+    """The halting runner's control of the step loop: after each step, the samples whose
+    criterion fell below ``eps`` are finished (their state written to :attr:`out`) and the loop
+    goes on with the others only (its state, input, context, mixing and ``rows`` cut).
 
-    Uses the depth's public pieces only: :meth:`~RecurrentDepth.step`,
-    :meth:`~RecurrentDepth.input_mixing` (the chain, or ANCRe's states, cut with the samples),
-    :meth:`~RecurrentDepth.dts` and its ``halting_head`` (for ``ponder``).
-
-    ``F evaluations spent`` counts sample-evaluations: the sum over steps of the samples still
-    running, times the integrator's evaluations per step.
+    Attributes:
+        out: the final state of every row, once the loop has ended.
+        used: the steps each sample took, ``(n,)`` long.
+        spent: evaluations of ``F`` summed over the running samples (sample-evaluations).
     """
-    criterion = make_criterion(d.halt, readout, depth.halting_head)
-    mix = depth.input_mixing(h)
-    dts = depth.dts()
-    n = int(group.max()) + 1 if group is not None and group.numel() else h.shape[0]
-    out = h.clone()
-    used = torch.zeros(n, dtype=torch.long, device=h.device)
-    samples = torch.arange(n, device=h.device)  # the running samples
-    rows = torch.arange(h.shape[0], device=h.device)  # their rows in out
-    local = group  # each running row's sample, numbered 0..len(samples)-1
-    spent = 0
-    for l in range(d.steps):
-        h_next = depth.step(l, mix.input(l, h), e, dts[l], d.integrator, ctx)
-        mix.push(h_next)
-        spent += len(samples) * d.evals_per_step
-        used[samples] += 1
-        keep = criterion(h, h_next, local, len(samples)) >= d.adaptive_eps  # (S,)
-        if bool(keep.all()) and l + 1 < d.steps:
-            h = h_next
-            continue
-        out[rows] = h_next  # the finished samples' final state (the others are overwritten)
-        if not bool(keep.any()) or l + 1 == d.steps:
-            break
-        row_keep = keep[local] if local is not None else keep  # (rows,)
+
+    def __init__(
+        self,
+        criterion: Criterion,
+        eps: float,
+        h: Tensor,
+        group: Tensor | None,
+        select: Select | None,
+        evals_per_step: int,
+    ):
+        self.criterion, self.eps, self.select = criterion, eps, select
+        self.evals_per_step = evals_per_step
+        n = int(group.max()) + 1 if group is not None and group.numel() else h.shape[0]
+        self.out = h.clone()
+        self.used = torch.zeros(n, dtype=torch.long, device=h.device)
+        self.samples = torch.arange(n, device=h.device)  # the running samples
+        self.rows = torch.arange(h.shape[0], device=h.device)  # their rows in out
+        self.local = group  # each running row's sample, numbered 0..len(samples)-1
+        self.spent = 0
+
+    def __call__(self, loop: Loop, l: int, h: Tensor, h_next: Tensor) -> Tensor | None:
+        self.spent += len(self.samples) * self.evals_per_step
+        self.used[self.samples] += 1
+        keep = self.criterion(h, h_next, self.local, len(self.samples)) >= self.eps  # (S,)
+        if bool(keep.all()) and l + 1 < loop.steps:
+            return h_next
+        self.out[self.rows] = h_next  # the finished samples' final state (others overwritten)
+        if not bool(keep.any()) or l + 1 == loop.steps:
+            return None
+        row_keep = keep[self.local] if self.local is not None else keep  # (rows,)
         kept = row_keep.nonzero().squeeze(1)
-        samples, rows = samples[keep], rows[kept]
-        h, e = h_next[kept], e[kept]
-        mix.keep(kept)
-        criterion.keep(keep)
-        if local is not None:
+        self.samples, self.rows = self.samples[keep], self.rows[kept]
+        loop.e, loop.rows = loop.e[kept], self.rows
+        loop.mix.keep(kept)
+        self.criterion.keep(keep)
+        if self.local is not None:
             renumber = torch.cumsum(keep.long(), 0) - 1  # old sample id -> new
-            local = renumber[local[kept]]
-        if ctx:
-            if select is None:
+            self.local = renumber[self.local[kept]]
+        if loop.ctx:
+            if self.select is None:
                 raise ValueError("halting a depth with a block context needs select=")
-            ctx = select(row_keep, ctx)
-    return out, used, spent
+            loop.ctx = self.select(row_keep, loop.ctx)
+        return h_next[kept]

@@ -17,15 +17,6 @@ from torch import Tensor, nn
 from score_exp.core.spec import DepthSpec
 
 
-def initial_state(spec: DepthSpec, e: Tensor) -> Tensor:
-    """``h_0`` for the input ``e``."""
-    if spec.init_state == "zeros":
-        return torch.zeros_like(e)
-    if spec.init_state == "random":
-        return torch.randn_like(e) * spec.init_std
-    return e
-
-
 def concat_weight(width: int) -> Tensor:
     """``[I, I]``: ``W [h, e] = h + e`` at initialisation."""
     eye = torch.eye(width)
@@ -33,18 +24,31 @@ def concat_weight(width: int) -> Tensor:
 
 
 class Injection(nn.Module):
-    """How every step sees the input ``e``: ``F`` itself (``none``), ``F(h + e)`` or ``F(W [h, e])``.
+    """How every step sees the input ``e``: ``F`` itself (``none``), ``F(h + e)`` or ``F(W [h, e])``,
+    and where the iteration starts (:meth:`initial_state`).
 
     Always present in a depth; only ``concat`` holds a parameter, ``weight`` ``(C, 2C)``.
+
+    Args:
+        spec: the depth's spec (``inject``, ``init_state``, ``init_std``).
+        width: the state's last dimension (``concat``'s projection).
     """
 
-    def __init__(self, kind: str, width: int | None = None):
+    def __init__(self, spec: DepthSpec, width: int | None = None):
         super().__init__()
-        self.kind = kind
-        if kind == "concat":
+        self.kind, self.init_state, self.init_std = spec.inject, spec.init_state, spec.init_std
+        if self.kind == "concat":
             if width is None:
                 raise ValueError("inject='concat' needs the state width: RecurrentDepth(width=C)")
             self.weight = nn.Parameter(concat_weight(width))
+
+    def initial_state(self, e: Tensor) -> Tensor:
+        """``h_0`` for the input ``e``."""
+        if self.init_state == "zeros":
+            return torch.zeros_like(e)
+        if self.init_state == "random":
+            return torch.randn_like(e) * self.init_std
+        return e
 
     def forward(self, block: nn.Module, e: Tensor) -> Callable[..., Tensor]:
         """``block`` as seen by the update rule."""
@@ -63,4 +67,4 @@ class Injection(nn.Module):
         return block
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}"
+        return f"kind={self.kind!r}, init_state={self.init_state!r}"

@@ -1,8 +1,14 @@
 """Explicit one-step integrators for ``dh/dt = f(h)``, kept in a name registry.
 
 Each integrator is a tiny step function ``step(f, h, dt) -> h_next`` plus its declared
-order and number of field evaluations per step. The loop over steps lives in one place,
-:class:`score_exp.core.RecurrentDepth`; nothing here knows about blocks or weight sharing.
+order and number of field evaluations per step (as torchdiffeq's fixed-grid methods). The field
+is called as ``f(x, stage)``: ``stage`` numbers the step's evaluations ``0 .. evals_per_step - 1``
+in order, so a block that keeps something per evaluation (a KV cache per step and stage) knows
+which one it is (see :class:`~score_exp.core.loop.StepContext`). The loop over steps lives in
+one place (``loop.py``); nothing here knows about blocks or weight sharing.
+
+Our ``rk4`` is the classic fourth-order Runge-Kutta (weights 1/6, 1/3, 1/3, 1/6); torchdiffeq's
+``rk4`` is the 3/8 rule.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-Field = Callable[[Tensor], Tensor]
+Field = Callable[[Tensor, int], Tensor]  # f(x, stage)
 
 
 @dataclass(frozen=True)
@@ -34,20 +40,20 @@ class Integrator:
 
 def euler_step(f: Field, h: Tensor, dt: float) -> Tensor:
     """Forward Euler: ``h + dt * f(h)``."""
-    return h + dt * f(h)
+    return h + dt * f(h, 0)
 
 
 def heun_step(f: Field, h: Tensor, dt: float) -> Tensor:
     """Heun's method (explicit trapezoid): average the slopes at both ends of an Euler step."""
-    k1 = f(h)
-    k2 = f(h + dt * k1)
+    k1 = f(h, 0)
+    k2 = f(h + dt * k1, 1)
     return h + 0.5 * dt * (k1 + k2)
 
 
 def midpoint_step(f: Field, h: Tensor, dt: float) -> Tensor:
     """Explicit midpoint: the slope at half an Euler step."""
-    k1 = f(h)
-    k2 = f(h + 0.5 * dt * k1)
+    k1 = f(h, 0)
+    k2 = f(h + 0.5 * dt * k1, 1)
     return h + dt * k2
 
 
@@ -56,10 +62,10 @@ def rk4_step(f: Field, h: Tensor, dt: float) -> Tensor:
 
     Note: torchdiffeq's ``rk4`` is the 3/8 rule variant; this is the classic one.
     """
-    k1 = f(h)
-    k2 = f(h + 0.5 * dt * k1)
-    k3 = f(h + 0.5 * dt * k2)
-    k4 = f(h + dt * k3)
+    k1 = f(h, 0)
+    k2 = f(h + 0.5 * dt * k1, 1)
+    k3 = f(h + 0.5 * dt * k2, 2)
+    k4 = f(h + dt * k3, 3)
     return h + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 

@@ -2,12 +2,14 @@
 
 ``chain`` (the default, SCORE): step ``j`` updates ``h_j``. ``ancre``: step ``j`` updates a
 learned mixture ``sum_i softmax(c_j / tau)_i h_i`` of every state so far, ``h_0 .. h_j``
-(ANCRe-style connectivity); its logits ``c`` are a ``(steps, steps)`` parameter of the depth.
+(ANCRe-style connectivity); its logits ``c`` are a ``(steps, steps)`` parameter of the
+:class:`Mixing` part.
 ``ancre_param="residual"`` parameterises the same mixture as the chain plus learned residual
 coefficients, ``h_j + sum_{i<j} a_ji (h_i - h_j)`` (``a = 0`` at initialisation), computed as a
 running sum without stacking the states.
 
-A mixing is a small per-forward object: :meth:`Chain.input` gives the input of step ``l`` from
+The :class:`Mixing` part owns the parameters; :meth:`Mixing.start` makes a small per-forward
+object: :meth:`Chain.input` gives the input of step ``l`` from
 the current state, :meth:`Chain.push` sees each new state, :meth:`Chain.keep` drops the rows of
 halted samples. Nothing here evaluates ``F``.
 """
@@ -15,14 +17,11 @@ halted samples. Nothing here evaluates ``F``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from score_exp.core.depth import RecurrentDepth
-    from score_exp.core.spec import DepthSpec
+from score_exp.core.spec import DepthSpec
 
 
 class Chain:
@@ -109,35 +108,47 @@ def ancre_weights(logits: Tensor, mask: Tensor, tau: float) -> Tensor:
     return (logits / tau).masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
-def add_parameters(depth: nn.Module, spec: DepthSpec) -> None:
-    """``connect="ancre"``'s parameters on ``depth``: ``connect_logits`` (and the mask
-    ``connect_mask``) or, for ``ancre_param="residual"``, ``connect_residual``."""
-    n = spec.steps
-    if spec.connect == "ancre" and spec.ancre_param == "residual":
-        depth.connect_residual = nn.Parameter(torch.zeros(n, n))
-    elif spec.connect == "ancre":
-        depth.connect_logits = nn.Parameter(ancre_init_logits(n, spec.ancre_init, spec.ancre_tau))
-        depth.register_buffer("connect_mask", torch.ones(n, n).tril().bool(), persistent=False)
+class Mixing(nn.Module):
+    """The depth's input mixing part: the chain (no parameters) or ANCRe's.
 
+    ``connect="ancre"`` owns ``logits`` ``(steps, steps)`` (and the non-persistent lower-triangle
+    ``mask``) or, for ``ancre_param="residual"``, ``residual`` ``(steps, steps)``.
 
-def weights(depth: RecurrentDepth) -> Tensor:
-    """The ANCRe mixture weights of ``depth``, ``(steps, steps)``."""
-    if depth.spec.ancre_param == "residual":
-        return residual_weights(depth.connect_residual)
-    return ancre_weights(depth.connect_logits, depth.connect_mask, depth.spec.ancre_tau)
+    Args:
+        spec: the depth's spec (``connect``, ``ancre_*``, ``steps``).
+    """
 
+    def __init__(self, spec: DepthSpec):
+        super().__init__()
+        self.connect, self.param, self.tau = spec.connect, spec.ancre_param, spec.ancre_tau
+        self.steps = n = spec.steps
+        if spec.connect == "ancre" and spec.ancre_param == "residual":
+            self.residual = nn.Parameter(torch.zeros(n, n))
+        elif spec.connect == "ancre":
+            self.logits = nn.Parameter(ancre_init_logits(n, spec.ancre_init, spec.ancre_tau))
+            self.register_buffer("mask", torch.ones(n, n).tril().bool(), persistent=False)
 
-def connection_weights(depth: RecurrentDepth) -> Tensor:
-    """:meth:`RecurrentDepth.connection_weights`: ``(steps, steps + 1)``, the chain's or ANCRe's."""
-    n = depth.spec.steps
-    w = weights(depth) if depth.spec.connect == "ancre" else torch.eye(n)  # (n, n)
-    return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)
+    def weights(self) -> Tensor:
+        """The ANCRe mixture weights, ``(steps, steps)``."""
+        if self.param == "residual":
+            return residual_weights(self.residual)
+        return ancre_weights(self.logits, self.mask, self.tau)
 
+    def connection_weights(self) -> Tensor:
+        """``(steps, steps + 1)``: row ``j`` weighs ``h_0 .. h_steps`` (the chain: the identity)."""
+        n = self.steps
+        w = self.weights() if self.connect == "ancre" else torch.eye(n)  # (n, n)
+        return torch.cat([w, w.new_zeros(n, 1)], dim=1)  # (steps, steps + 1)
 
-def for_forward(depth: RecurrentDepth, h0: Tensor) -> Chain:
-    """The mixing of one forward of ``depth`` from ``h0``."""
-    if depth.spec.connect != "ancre":
-        return Chain()
-    if depth.spec.ancre_param == "residual":
-        return AncreResidual(depth.connect_residual, h0)
-    return Ancre(weights(depth), h0)
+    def start(self, h0: Tensor) -> Chain:
+        """The mixing of one forward from ``h0``."""
+        if self.connect != "ancre":
+            return Chain()
+        if self.param == "residual":
+            return AncreResidual(self.residual, h0)
+        return Ancre(self.weights(), h0)
+
+    def extra_repr(self) -> str:
+        return f"connect={self.connect!r}" + (
+            f", param={self.param!r}" if self.connect == "ancre" else ""
+        )

@@ -1,12 +1,15 @@
-"""Per-step observers: they see each step's ``(h, h_next)`` in training-time or full-depth loops.
+"""Per-step observers: controls of the step loop (``loop.py``) that see each ``(h, h_next)``.
 
 An observer's :meth:`Observer.step` returns the state the depth goes on with (``h_next``).
 :class:`Trace` records diagnostics; PonderNet's recorder (``ponder.py``) keeps each step's state
-and halting probability. Halting that stops samples is not an observer: it removes them from
-the computation (``halting.py``). The depth computes no norm unless an observer asks for one.
+and halting probability. Halting that stops samples is a control too, but not an observer: it
+removes them from the computation (``halting.py``). The depth computes no norm unless an
+observer asks for one.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +19,9 @@ from score_exp.core.halting import relative_change
 
 class Observer:
     """Sees every step; the base class changes nothing."""
+
+    def __call__(self, loop: Any, l: int, h: Tensor, h_next: Tensor) -> Tensor:
+        return self.step(h, h_next)
 
     def step(self, h: Tensor, h_next: Tensor) -> Tensor:
         return h_next

@@ -24,11 +24,13 @@ stops together, so the halting decision of a position sees the sequence's later 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from score_exp.core.halting import Criterion, make_criterion
 from score_exp.core.observers import Observer
 from score_exp.core.spec import DepthSpec
 
@@ -64,14 +66,32 @@ class HaltingHead(nn.Module):
         return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))
 
 
-def halting_head(spec: DepthSpec, width: int | None) -> nn.Module:
-    """The depth's halting-head part: a :class:`HaltingHead` for ``halt="ponder"``, else the
-    identity (no parameters, never called)."""
-    if spec.halt != "ponder":
-        return nn.Identity()
-    if width is None:
-        raise ValueError("halt='ponder' needs the state width: RecurrentDepth(width=C)")
-    return HaltingHead(width, spec.ponder_lambda_p)
+class Halting(nn.Module):
+    """The depth's halting part: owns the learned halting head ``head`` (a :class:`HaltingHead`
+    for ``halt="ponder"``, else the identity: no parameters, never called) and makes each
+    forward's criterion and PonderNet's training-time recorder.
+
+    Args:
+        spec: the depth's spec (``halt``, ``ponder_lambda_p``).
+        width: the state's last dimension (the head's input).
+    """
+
+    def __init__(self, spec: DepthSpec, width: int | None):
+        super().__init__()
+        if spec.halt != "ponder":
+            self.head: nn.Module = nn.Identity()
+        elif width is None:
+            raise ValueError("halt='ponder' needs the state width: RecurrentDepth(width=C)")
+        else:
+            self.head = HaltingHead(width, spec.ponder_lambda_p)
+
+    def criterion(self, halt: str, readout: Callable[[Tensor], Tensor] | None) -> Criterion:
+        """The criterion named ``halt`` for one forward (``halting.py``)."""
+        return make_criterion(halt, readout, self.head)
+
+    def recorder(self, group: Tensor | None, n: int) -> PonderRecorder:
+        """PonderNet's record of one training forward (each step's state and ``lambda``)."""
+        return PonderRecorder(self.head, group, n)
 
 
 def halting_distribution(lambdas: Tensor) -> Tensor:

@@ -1,9 +1,8 @@
 """``DepthSpec``: the typed, validated configuration of a recurrent depth.
 
-It is also the structured-config schema of the ``depth`` config group. Every choice is a typed
-``Literal`` (``Update``, ``Halt``, ...) whose values are also the tuple of valid names
-(``UPDATES``, ``HALTS``, ...); OmegaConf 2.3 has no ``Literal``, so the group's schema
-(``score_exp.config.depth_schema``) declares them ``str`` and ``__post_init__`` checks the value.
+Also the ``depth`` group's schema. Each choice is a typed ``Literal`` whose values are also the
+tuple of valid names (``UPDATES``, ...); OmegaConf 2.3 has no ``Literal``, so the schema
+(``score_exp.config.depth_schema``) declares them ``str`` and ``__post_init__`` checks them.
 """
 
 from __future__ import annotations

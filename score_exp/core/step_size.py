@@ -1,22 +1,19 @@
 """Step size: fixed (the spec's ``dt``) or learned (``dt = sigmoid(logit)``, one or one per step).
 
-The depth runs a list ``dts`` of one step size per step (:meth:`RecurrentDepth.dts`); these
-functions make it. ``dt`` is the configured value (``None`` = ``1 / steps``), ``dts`` what runs.
+The :class:`StepSize` part owns the learned logit (``learn_dt``); with a fixed step size it holds
+nothing. The depth runs a list ``dts`` of one step size per step; ``dt`` is the configured value
+(``None`` = ``1 / steps``), ``dts`` what runs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from score_exp.core.spec import DepthSpec, configured_dt
-
-if TYPE_CHECKING:
-    from score_exp.core.depth import RecurrentDepth
-    from score_exp.core.discretisation import Discretisation
 
 
 def fixed_dt(spec: DepthSpec, steps: int, keep_horizon: bool) -> float:
@@ -37,21 +34,36 @@ def init_dt_logit(spec: DepthSpec) -> Tensor:
     return torch.full((size,), math.log(dt / (1.0 - dt)))
 
 
-def learned_dts(logit: Tensor, steps: int) -> list[Tensor]:
-    """The learned step size of each of ``steps`` steps: 0-dim tensors that carry gradients."""
-    return list(torch.sigmoid(logit).expand(steps).unbind())
+class StepSize(nn.Module):
+    """The depth's step sizes: ``logit`` ``(1,)`` or ``(steps,)`` when ``learn_dt``, else none.
 
+    Args:
+        spec: the depth's spec (``learn_dt``, ``dt``, ``steps``).
+    """
 
-def learned_horizon(spec: DepthSpec, logit: Tensor) -> Tensor:
-    """The learned depth-time ``T``: the sum of the per-step dts, or ``steps * dt`` for one."""
-    learned = torch.sigmoid(logit)  # (1,) or (steps,)
-    return learned.sum() if spec.learn_dt == "per_step" else learned[0] * spec.steps
+    def __init__(self, spec: DepthSpec):
+        super().__init__()
+        self.mode, self.steps = spec.learn_dt, spec.steps
+        self.logit = nn.Parameter(init_dt_logit(spec)) if self.learned else None
 
+    @property
+    def learned(self) -> bool:
+        return self.mode != "none"
 
-def dts(depth: RecurrentDepth, d: Discretisation) -> list[Any]:
-    """The step size of each step of ``depth`` run as ``d`` (see :meth:`RecurrentDepth.dts`)."""
-    if d.dt is not None:
-        return [d.dt] * d.steps
-    if d.steps == depth.steps:
-        return learned_dts(depth.dt_logit, d.steps)
-    return [learned_horizon(depth.spec, depth.dt_logit) / d.steps] * d.steps
+    def horizon(self) -> Tensor:
+        """The learned depth-time ``T``: the sum of the per-step dts, or ``steps * dt`` for one."""
+        learned = torch.sigmoid(self.logit)  # (1,) or (steps,)
+        return learned.sum() if self.mode == "per_step" else learned[0] * self.steps
+
+    def dts(self, steps: int, dt: float | None) -> list[Any]:
+        """The step size of each of ``steps`` steps: ``dt`` (a float) for every step, or (None)
+        the learned ones, 0-dim tensors that carry gradients (at another step count than the
+        trained one: the learned horizon shared equally)."""
+        if dt is not None:
+            return [dt] * steps
+        if steps == self.steps:
+            return list(torch.sigmoid(self.logit).expand(steps).unbind())
+        return [self.horizon() / steps] * steps
+
+    def extra_repr(self) -> str:
+        return f"learn_dt={self.mode!r}"

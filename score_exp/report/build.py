@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from score_exp.errors import DataError
 from score_exp.report import plots
 from score_exp.report.claims import (
     across_datasets,
@@ -70,14 +71,12 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
     else:
         runs, missing, unreadable = recorded_runs(recorded)
     if not runs and not missing and not unreadable:
-        from score_exp.errors import DataError
-
         raise DataError(f"no run folders (results.json) under {', '.join(map(str, paths))}")
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, runs)
     for r in runs:
         if not r.ok:
-            detail = r.results.get("error") or r.non_finite() or _diverged_detail(r)
+            detail = r.record.error or r.non_finite() or _diverged_detail(r)
             report.not_ok.append((str(r.path), r.status, detail))
     report.not_ok += [
         (str(m), "missing", "no results.json (still running, crashed before writing, or never ran)")
@@ -157,30 +156,49 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
 
 
 def _diverged_detail(r: Run) -> str:
-    at = r.results.get("diverged_at")
+    at = r.record.diverged_at
     if not at:
         return ""
     return f"non-finite training loss ({at.get('loss')}) at epoch {at.get('epoch')}, step {at.get('step')}"
 
 
+#: The columns of ``runs.csv``, in order. Where :data:`VARIED` stands, the config keys whose value
+#: differs between the runs; where :data:`TESTED`, ``test/<metric>`` of every test metric. A
+#: column in :data:`_OWN` is the run's own; any other is ``Run.get`` (the record's field, else
+#: the config's key).
+VARIED, TESTED = "<varied config keys>", "<test metrics>"
+RUN_COLUMNS = ("run_dir", "task", "status", "seed", VARIED, "best_val", TESTED, "params", "nfe",
+               "wall_time_s", "time_per_epoch_s", "time_per_step_s")  # fmt: skip
+_OWN = {
+    "run_dir": lambda r: str(r.path),
+    "task": lambda r: r.task,
+    "status": lambda r: r.status,
+    "best_val": lambda r: r.record.best_value,
+}
+
+
 def runs_csv(runs: list[Run]) -> str:
-    """One row per run: status, seed, every varied config key flattened, metrics and cost."""
+    """One row per run, :data:`RUN_COLUMNS`: status, seed, every varied config key flattened,
+    metrics and cost."""
     keys = varied_keys(runs) if len(runs) > 1 else []
     if any(r.reference for r in runs):  # results.json's, not a config key
         keys.insert(0, "reference")
-    metric_keys = sorted({f"test/{k}" for r in runs for k in r.results.get("test", {})})
-    header = ["run_dir", "task", "status", "seed", *keys, "best_val", *metric_keys, "params", "nfe",
-              "wall_time_s", "time_per_epoch_s", "time_per_step_s"]  # fmt: skip
+    tested = sorted({f"test/{k}" for r in runs for k in r.record.test or {}})
+    expand = {VARIED: keys, TESTED: tested}
+    header = [c for column in RUN_COLUMNS for c in expand.get(column, [column])]
+
+    def cell(r: Run, column: str):
+        if column in _OWN:
+            return _OWN[column](r)
+        if column in tested:
+            return (r.record.test or {}).get(column.split("/", 1)[1])
+        return r.get(column)
+
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     for r in runs:
-        row = [str(r.path), r.task, r.status, r.get("seed"), *[r.get(k) for k in keys],
-               r.results.get("best_val", {}).get("value"),
-               *[r.results.get("test", {}).get(k.split("/", 1)[1]) for k in metric_keys],
-               r.get("params"), r.get("nfe"), r.get("wall_time_s"), r.get("time_per_epoch_s"),
-               r.get("time_per_step_s")]  # fmt: skip
-        w.writerow(["" if v is None else v for v in row])
+        w.writerow(["" if (v := cell(r, c)) is None else v for c in header])
     return buf.getvalue()
 
 

@@ -142,7 +142,7 @@ def faster_convergence(name: str, vs: list[Variant]) -> list[Claim]:
         diffs, censored = [], 0
         for seed in sorted(set(a_by) & set(b_by)):
             sv, sb = a_by[seed], b_by[seed]
-            target = sb.results.get("best_val", {}).get("value")
+            target = sb.record.best_value
             if target is None or not sb.curve:
                 continue
             eb, _ = _epochs_to(sb, target, hib, by_step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from score_exp.report.runs import Run
+from score_exp.report.runs import Run, last_values
 from score_exp.report.tables import eval_settings, iteration_based
 from score_exp.report.variants import Variant
 from score_exp.runs.record import METRICS
@@ -41,7 +41,7 @@ def val_curves(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]
     for v in vs:
         curves: dict[int, list[float]] = {}
         for r in v.ok_runs:
-            metric = r.results.get("best_val", {}).get("metric", metric)
+            metric = (r.record.best_val or {}).get("metric", metric)
             for row in r.curve:
                 x = row["step"] if by_step or row["epoch"] is None else row["epoch"] + 1
                 curves.setdefault(x, []).append(row["value"])
@@ -179,7 +179,7 @@ def connection_heatmaps(task: str, vs: list[Variant], out: Path, slug: str) -> l
 
     maps = []
     for v in vs:
-        ws = [np.asarray(w) for r in v.ok_runs if (w := r.results.get("connection_weights"))]
+        ws = [np.asarray(w) for r in v.ok_runs if (w := r.record.connection_weights)]
         if ws and all(w.shape == ws[0].shape for w in ws):
             maps.append((v.label, np.mean(ws, axis=0), len(ws)))
     if not maps:
@@ -202,8 +202,6 @@ def connection_heatmaps(task: str, vs: list[Variant], out: Path, slug: str) -> l
 
 def diagnostics(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]:
     """Per-step contraction ratio and relative state change at the last validation, per variant."""
-    from score_exp.report.runs import last_values
-
     series = []
     for v in vs:
         per_run = [last_values(r.path / METRICS, "diag/") for r in v.ok_runs]

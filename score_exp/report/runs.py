@@ -19,9 +19,10 @@ import yaml
 
 from score_exp.errors import DataError
 from score_exp.runs.files import UnsafeRunFile, read_bytes, yaml_loader
-from score_exp.runs.fingerprint import non_identity
+from score_exp.runs.fingerprint import flatten, non_identity
 from score_exp.runs.record import (
     CONFIG,
+    FIELD_NAMES,
     HYDRA,
     METRICS,
     MOVED_ASIDE,
@@ -29,7 +30,6 @@ from score_exp.runs.record import (
     RecordError,
     RunFolder,
     RunRecord,
-    flatten,
     limit,
 )
 
@@ -43,38 +43,32 @@ NOT_A_VARIANT_PREFIX = ("callbacks.", "hydra.")
 
 @dataclass
 class Run:
-    """One run folder."""
+    """One run folder: its record (``results.json``), flattened config and validation curve."""
 
     path: Path
-    results: dict
+    record: RunRecord
     config: dict = field(default_factory=dict)  # flattened resolved config
     curve: list[dict] = field(default_factory=list)  # val rows: {"step", "epoch", "value"}
 
     @property
-    def record(self) -> RunRecord:
-        """``results`` as a :class:`~score_exp.runs.record.RunRecord`."""
-        return RunRecord.from_dict(self.results)
-
-    @property
     def task(self) -> str:
-        return self.results.get("task") or self.config.get("task.name", "?")
+        return self.record.task or self.config.get("task.name", "?")
 
     @property
     def reference(self) -> str | None:
         """The reference model (``attentivefp``) of a field-standard peer's run, else None."""
-        ref = self.results.get("reference")
-        return str(ref) if ref else None
+        return str(self.record.reference) if self.record.reference else None
 
     @property
     def status(self) -> str:
         """``results.json``'s status; an ``ok`` run whose test metrics are not all finite is
         ``non-finite``: counted as not ok and listed, never silently left out of a mean."""
-        status = self.results.get("status", "missing")
+        status = self.record.status or "missing"
         return "non-finite" if status == "ok" and self.non_finite() else status
 
     def non_finite(self) -> str:
         """``test/<metric> = nan, ...`` for the test metrics that are not finite numbers."""
-        test = self.results.get("test") or {}
+        test = self.record.test or {}
         bad = [
             f"test/{k} = {v}"
             for k, v in test.items()
@@ -91,7 +85,7 @@ class Run:
         """Key of the test metric: the task's ``headline``, else rmse or loss."""
         if h := self.config.get("task.headline"):
             return h
-        return "rmse" if "rmse" in self.results.get("test", {}) else "loss"
+        return "rmse" if "rmse" in (self.record.test or {}) else "loss"
 
     @property
     def higher_is_better(self) -> bool:
@@ -101,17 +95,16 @@ class Run:
         )
 
     def test_metric(self) -> float | None:
-        v = self.results.get("test", {}).get(self.headline)
+        v = (self.record.test or {}).get(self.headline)
         return v if v is not None and math.isfinite(v) else None
 
     def get(self, key: str, default: Any = None) -> Any:
-        """A value by flattened key: results first (``depth.dt``, ``params``), then the config."""
-        node: Any = self.results
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                node = None
-                break
-            node = node[part]
+        """A value by flattened key: the record's first (``depth.dt``, ``params``), then the
+        config's (``task.model.hidden``)."""
+        head, _, rest = key.partition(".")
+        node = getattr(self.record, head) if head in FIELD_NAMES else self.record.extra.get(head)
+        for part in rest.split(".") if rest else ():
+            node = node.get(part) if isinstance(node, dict) else None
         return node if node is not None else self.config.get(key, default)
 
 
@@ -193,7 +186,7 @@ def load_run(folder: Path) -> Run:
         ) from None
     except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as e:
         raise UnreadableRun(f"{METRICS}: {type(e).__name__}: {e}") from None
-    return Run(folder, record.to_dict(), config, curve)
+    return Run(folder, record, config, curve)
 
 
 def scan_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -278,7 +271,7 @@ def recorded_runs(rec: dict) -> tuple[list[Run], list[Path], list[tuple[Path, st
         DataError: not the shape :func:`score_exp.report.snapshot.record` writes (one line).
     """
     try:
-        runs = [Run(Path(r["path"]), recorded_result(r).to_dict(), dict(r["config"]), list(r["curve"]))
+        runs = [Run(Path(r["path"]), recorded_result(r), dict(r["config"]), list(r["curve"]))
                 for r in rec["runs"]]  # fmt: skip
         missing = [Path(m) for m in rec["missing"]]
         unreadable = [(Path(p), str(w)) for p, w in rec["unreadable"]]

@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
+from score_exp.report.build import build_report
 from score_exp.report.runs import missing_runs, recorded_result, scan_runs, varied_keys
 from score_exp.runs.files import atomic_write_text
 
@@ -75,7 +76,7 @@ def record(paths: list[Path]) -> dict:
         "runs": [
             {
                 "path": str(r.path),
-                "results": r.results,
+                "results": r.record.to_dict(),
                 "config": {
                     k: v for k, v in sorted(r.config.items()) if k in keys or k.startswith("depth.")
                 },  # fmt: skip
@@ -221,8 +222,6 @@ def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = N
 
 
 def _write(out: Path, paths: list[Path]) -> tuple[dict, object]:
-    from score_exp.report.build import build_report
-
     # Through JSON first: the snapshot is rendered from exactly what runs.json holds.
     rec = json.loads(json.dumps(record(paths), sort_keys=True))
     if not rec["runs"]:
@@ -299,8 +298,6 @@ def splice_readme(readme: Path, snap: Path, short: bool = False) -> None:
 
 def check(snap: Path) -> list[str]:
     """Re-render every report of a snapshot from its ``runs.json``: the files that differ."""
-    from score_exp.report.build import build_report
-
     problems = []
     folders = [d for d in [snap, *sorted(snap.glob("tune_*"))] if d.is_dir()]
     if not (snap / RECORD).is_file():

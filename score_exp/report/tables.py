@@ -47,12 +47,12 @@ def default_target(vs: list[Variant]) -> tuple[float | None, str]:
     base = [v for v in vs if v.get("depth_preset") == "stacked" and not v.reference]
     if len(base) != 1:
         return None, "no single `stacked` variant: pass --target"
-    xs = [r.results["best_val"]["value"] for r in base[0].ok_runs if "best_val" in r.results]
+    xs = [r.record.best_value for r in base[0].ok_runs if r.record.best_val is not None]
     if not xs:
         return None, "the stacked variant has no finished run"
     return statistics.fmean(
         xs
-    ), f"mean best {base[0].ok_runs[0].results['best_val']['metric']} of `stacked`"
+    ), f"mean best {base[0].ok_runs[0].record.best_val['metric']} of `stacked`"
 
 
 # --------------------------------------------------------------------------- tables

@@ -69,7 +69,7 @@ def by_task(runs: list[Run]) -> dict[str, list[Run]]:
     """
     out: dict[str, list[Run]] = {}
     for r in runs:
-        exp = r.get("experiment_name") or r.results.get("experiment")
+        exp = r.get("experiment_name") or r.record.experiment
         name = r.task if not exp or exp == r.task else f"{exp} / {r.task}"
         out.setdefault(name, []).append(r)
     return out

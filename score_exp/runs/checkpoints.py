@@ -14,7 +14,14 @@ from pathlib import Path
 
 from score_exp.errors import ConfigError, DataError, ScoreExpError
 from score_exp.runs.files import open_regular
-from score_exp.runs.record import CHECKPOINT_LIMIT, CONFIG, LAST_CHECKPOINT, RecordError, RunFolder
+from score_exp.runs.record import (
+    ASIDE_STAMP,
+    CHECKPOINT_LIMIT,
+    CONFIG,
+    LAST_CHECKPOINT,
+    RecordError,
+    RunFolder,
+)
 
 log = logging.getLogger("score_exp.runs")
 
@@ -133,6 +140,16 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     raise ConfigError(f"{run_dir} holds no checkpoint (looked for {looked}); train it first")
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Rename an unreadable checkpoint ``<name>.unreadable-<time>`` (kept, never deleted: it may
+    be worth a look), with one warning saying ``why``; returns the new path."""
+    stamp = datetime.datetime.now().strftime(ASIDE_STAMP)
+    aside = path.with_name(f"{path.name}.unreadable-{stamp}")
+    os.rename(path, aside)
+    log.warning("%s; moved it to %s", why, aside.name)
+    return aside
+
+
 def resume_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint a re-run resumes from: ``last.ckpt`` if readable, else the newest other.
 
@@ -153,10 +170,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
         try:
             step = int(load_checkpoint(path).get("global_step", -1))
         except (ScoreExpError, AttributeError, TypeError, ValueError) as e:
-            stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-            aside = path.with_name(f"{path.name}.unreadable-{stamp}")
-            os.rename(path, aside)
-            log.warning("%s; moved it to %s", e, aside.name)
+            set_aside(path, str(e))
             continue
         if path == last:
             return last

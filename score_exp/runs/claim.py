@@ -13,10 +13,11 @@ import logging
 import os
 from pathlib import Path
 
+from score_exp.runs import cluster
 from score_exp.runs import fingerprint as ident
 from score_exp.runs.files import UnsafeRunFile, check_move_aside
 from score_exp.runs.lock import RunLock
-from score_exp.runs.record import MOVED_ASIDE, RunDirError, RunFolder, RunRecord
+from score_exp.runs.record import ASIDE_STAMP, MOVED_ASIDE, RunDirError, RunFolder, RunRecord
 
 log = logging.getLogger("score_exp.runs")
 
@@ -27,7 +28,7 @@ def move_aside(run_dir: Path) -> Path:
         check_move_aside(run_dir, MOVED_ASIDE)  # never moves anything outside the run's parent
     except UnsafeRunFile as e:
         raise RunDirError(str(e)) from None
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    stamp = datetime.datetime.now().strftime(ASIDE_STAMP)
     aside = RunFolder(run_dir).moved_aside
     target = aside / f"{run_dir.name}-{stamp}"
     n = 1
@@ -146,8 +147,6 @@ def claim_for_ranks(
         RunDirError: on every rank, when rank 0 refused the folder
             (:func:`score_exp.runs.cluster.decide_together`).
     """
-    from score_exp.runs import cluster
-
     lock = None
 
     def decide() -> dict:

@@ -29,7 +29,6 @@ import os
 import re
 import socket
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from omegaconf import OmegaConf
 
 from score_exp.errors import ScoreExpError
 from score_exp.runs import fingerprint as ident
-from score_exp.runs.checkpoints import load_checkpoint, resume_checkpoint
+from score_exp.runs.checkpoints import load_checkpoint, resume_checkpoint, set_aside
 from score_exp.runs.record import RecordError, RunDirError, RunFolder, RunRecord
 
 log = logging.getLogger("score_exp.runs")
@@ -300,8 +299,8 @@ def adopt_requeue_checkpoints(run_dir: Path) -> None:
 
     Lightning's SLURM auto-requeue handler saves ``<run>/hpc_ckpt_<n>.ckpt`` before requeueing.
     The newest readable one that is ahead of ``last.ckpt`` (by global step) becomes
-    ``last.ckpt``; the others are removed (older states), an unreadable one is moved aside like
-    :func:`score_exp.runs.checkpoints.resume_checkpoint` does. No orphan checkpoint is left.
+    ``last.ckpt``; the others are removed (older states), an unreadable one is moved aside
+    (:func:`score_exp.runs.checkpoints.set_aside`, as ``resume_checkpoint`` does). No orphan checkpoint is left.
     """
     run_dir = Path(run_dir)
     found = sorted(
@@ -316,9 +315,7 @@ def adopt_requeue_checkpoints(run_dir: Path) -> None:
     for path in reversed(found):
         step = _step(path)
         if step is None:
-            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-            os.rename(path, aside)
-            log.warning("%s is unreadable; moved it to %s", path, aside.name)
+            set_aside(path, f"{path} is unreadable")
             continue
         if best is None and (best_step is None or step > best_step):
             best = path

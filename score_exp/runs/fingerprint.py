@@ -25,7 +25,7 @@ from typing import Any
 
 from score_exp.errors import ScoreExpError
 from score_exp.runs.files import load_yaml, read_json
-from score_exp.runs.record import CONFIG, FINGERPRINT, LIMITS, RunDirError, RunFolder, flatten
+from score_exp.runs.record import CONFIG, FINGERPRINT, LIMITS, RunDirError, RunFolder
 
 #: Config keys that do not change a run's numbers (a key covers its sub-keys): where it is
 #: logged or shown, what a re-run does with a finished folder, the output paths, loader workers
@@ -70,6 +70,18 @@ LEGACY = "<from config.yaml>"  # marks an identity read from a folder made befor
 RENAMED_TARGETS = {
     "score_exp.tasks.lm.ShakespeareDataModule": "score_exp.tasks.shakespeare.ShakespeareDataModule",
 }
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"depth": {"dt": 0.5}}`` -> ``{"depth.dt": 0.5}``: the key names of loggers and reports."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def non_identity(key: str) -> bool:

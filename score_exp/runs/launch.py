@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from score_exp.errors import ConfigError
+from score_exp.runs import cluster
 from score_exp.runs.record import RunRecord, coerce
 
 log = logging.getLogger("score_exp.runs.launch")
@@ -79,8 +80,6 @@ def _finished(overrides: list[str], hydra_context, config):
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf, open_dict, read_write
 
-    from score_exp.runs.cluster import finished_run
-
     old = HydraConfig.instance().cfg
     try:
         # The job's config exactly as the launcher will build it (run_job: its output folder).
@@ -91,7 +90,7 @@ def _finished(overrides: list[str], hydra_context, config):
             cfg.hydra.runtime.output_dir = os.path.abspath(run_dir)
         HydraConfig.instance().set_config(cfg)
         task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        previous = finished_run(
+        previous = cluster.finished_run(
             Path(cfg.hydra.runtime.output_dir),
             OmegaConf.to_container(task_cfg, resolve=True),
             overwrite=bool(task_cfg.get("overwrite", False)),

@@ -65,6 +65,8 @@ HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 FAILURES = "failed_jobs.jsonl"
 #: In a run folder's parent: where ``overwrite=true`` moves old runs (score-report skips it).
 MOVED_ASIDE = ".overwritten"
+#: The time in the name of whatever is moved aside (a run folder, an unreadable checkpoint).
+ASIDE_STAMP = "%Y-%m-%d_%H-%M-%S"
 #: Where a run writes besides its top level: a symbolic link there is refused.
 WRITTEN_SUBDIRS = (CHECKPOINTS, HYDRA)
 
@@ -83,18 +85,6 @@ CHECKPOINT_LIMIT = 64 << 30
 def limit(path: str | os.PathLike) -> int:
     """The size limit of a run folder's file, by its name (:data:`LIMITS`)."""
     return LIMITS.get(Path(path).name, MAX_BYTES)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"depth": {"dt": 0.5}}`` -> ``{"depth.dt": 0.5}``: the key names of loggers and reports."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 class RecordError(ConfigError):
@@ -134,7 +124,7 @@ class RunRecord:
     task: str | None = None
     status: str | None = None  # running, ok, diverged, failed, interrupted
     seed: int | None = None
-    depth: dict[str, Any] | None = None  # share, update, steps, dt, integrator (+ options on)
+    depth: dict[str, Any] | None = None  # tasks.results.depth_fields: the paper five + options on
     depth_preset: str | None = _null()
     experiment: str | None = _null()
     run_dir: str | None = None
@@ -222,21 +212,6 @@ class RunRecord:
         """Write ``results.json`` atomically (``path``: a ``.json`` file or a run folder)."""
         return atomic_write_json(_results_path(path), self.to_dict())
 
-    def note_depth(self, depth: Any) -> None:
-        """The depth as it ended (a :class:`~score_exp.core.RecurrentDepth`, or None): its nfe,
-        its step count (growth), learned dt and connection weights (ANCRe)."""
-        if depth is None:
-            return
-        self.nfe = depth.nfe
-        if depth.spec.growth is not None:
-            self.final_steps = depth.steps
-        if depth.spec.learn_dt != "none":
-            self.learned_dt = [round(float(dt), 6) for dt in depth.dts()]
-        if depth.spec.connect == "ancre":
-            self.connection_weights = [
-                [round(v, 6) for v in row] for row in depth.connection_weights().tolist()
-            ]
-
     def check_finite(self) -> None:
         """A NaN metric at the end is a diverged run too, whatever the loss said."""
         values = [self.best_value, *(self.test or {}).values()]
@@ -258,28 +233,16 @@ class RunRecord:
     def update(self, **values: Any) -> None:
         """Set fields by name (a name the record does not know is refused)."""
         for key, value in values.items():
-            if key not in _NAMES:
+            if key not in FIELD_NAMES:
                 raise AttributeError(f"RunRecord has no field {key!r}")
             setattr(self, key, value)
-
-
-# Depth options beyond the paper's: recorded in ``depth`` only where they are switched on.
-BEYOND_FIELDS = ("connect", "learn_dt", "adaptive_eps", "growth", "inject", "init_state",
-                 "train_steps", "train_dt", "backprop_steps", "solver", "solver_grad", "halt")  # fmt: skip
-
-
-def depth_fields(spec: Any) -> dict[str, Any]:
-    """``results.json``'s ``depth`` of a :class:`~score_exp.core.DepthSpec`."""
-    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
-    depth = {k: getattr(spec, k) for k in ("share", "update", "steps", "dt", "integrator")}
-    depth.update({k: getattr(spec, k) for k in BEYOND_FIELDS if getattr(spec, k) != defaults[k]})
-    return depth
 
 
 _FIELDS = tuple(
     f for f in dataclasses.fields(RunRecord) if f.name not in ("extra", "schema_version")
 )
-_NAMES = frozenset(f.name for f in _FIELDS)
+#: The names of the record's fields (``extra`` and ``schema_version`` aside).
+FIELD_NAMES = frozenset(f.name for f in _FIELDS)
 
 
 def _results_path(path: str | os.PathLike | RunFolder) -> Path:

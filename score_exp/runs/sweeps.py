@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from score_exp.runs import cluster
 from score_exp.runs.lock import RunLock
 from score_exp.runs.record import FAILURES
 
@@ -54,8 +55,6 @@ _watching = False
 def adopt_jobs() -> None:
     """Watch this process's own score-train parent (:func:`watch_parent`), then name this process
     as the parent of the jobs it starts (sweep workers, data-parallel ranks)."""
-    from score_exp.runs import cluster
-
     watch_parent()
     os.environ[PARENT_ENV] = str(os.getpid())
     os.environ[cluster.PARENT_WHERE_ENV] = cluster.where()  # a Slurm job will not watch it
@@ -72,8 +71,6 @@ def watch_parent(interval: float = 1.0, grace: float = 120.0) -> None:
     Nor does a job that a scheduler owns (another host, PID namespace or Slurm job than the
     parent's, :func:`score_exp.runs.cluster.submitter_here`): it outlives the shell that submitted it.
     """
-    from score_exp.runs import cluster
-
     global _watching
     parent = os.environ.get(PARENT_ENV, "")
     if _watching or not parent.isdigit() or int(parent) == os.getpid():
