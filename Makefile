@@ -17,7 +17,7 @@ export WANDB_SILENT ?= true
 ARGS ?=
 
 .PHONY: help venv run test test-fast lint format clean clean-data reproduce-cpu reproduce tune-cpu tune \
-	gpu-check claims-datasets-cpu tune-gnn-cpu test-cluster results
+	gpu-check claims-datasets-cpu tune-gnn-cpu test-cluster results results-page
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -106,8 +106,9 @@ reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hyd
 	$(BIN)/score-report multirun/reproduce || exit $$?; \
 	if [ -n "$$failed" ]; then echo "sweeps with failed runs:$$failed (see the report)"; exit 1; fi
 
-# Tuning: one Optuna study per depth variant (same trial budget, best val metric; SQLite in the
-# study folder, so re-running resumes), repeated for every study seed in STUDY_SEEDS (the TPE
+# Tuning: one Optuna study per depth variant (score-tune study: same trial budget, best val metric;
+# SQLite in the study folder, so re-running resumes; JOBS trials at a time, threads of one process
+# on that one SQLite file), repeated for every study seed in STUDY_SEEDS (the TPE
 # sampler's seed), then each study's best configuration over SEEDS seeds (stage 2, experiment
 # tuned_<task>_study<k>) and the report of those runs: paired statistics and claims per study and
 # pooled across the study seeds (a verdict only when every study agrees). CPU-sized: the MLP task
@@ -117,17 +118,16 @@ TUNE_TASK ?= esol_mlp
 STUDY_SEEDS ?= 0 1 2
 SEEDS ?= 5
 TUNE_DIR ?= multirun/tune_cpu/$(TUNE_TASK)
+# make tune: trials at a time (one GPU shared by the trials' processes).
+TUNE_JOBS ?= 1
 
 tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget) x 3 study seeds, re-train the bests over 5 seeds, report
 	@start=$$(date +%s); for k in $(STUDY_SEEDS); do for v in $(TUNE_VARIANTS); do \
 	  echo "== study $(TUNE_TASK) / study seed $$k / $$v"; \
-	  OMP_NUM_THREADS=1 $(BIN)/score-train -m experiment=tune_$(TUNE_TASK)_cpu depth=$$v \
-	    hydra.sweeper.sampler.seed=$$k \
-	    hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweeper.n_jobs=$(JOBS) \
-	    trainer.enable_progress_bar=false hydra.sweep.dir=$(TUNE_DIR)/study$$k/$$v $(ARGS) \
-	    || exit $$?; \
+	  OMP_NUM_THREADS=1 $(BIN)/score-tune study experiment=tune_$(TUNE_TASK)_cpu depth=$$v \
+	    --seed $$k --jobs $(JOBS) --dir $(TUNE_DIR)/study$$k/$$v $(ARGS) || exit $$?; \
 	done; \
-	OMP_NUM_THREADS=1 $(BIN)/python -m score_exp.cli.tune retrain --out $(TUNE_DIR)/retrain/study$$k \
+	OMP_NUM_THREADS=1 $(BIN)/score-tune retrain --out $(TUNE_DIR)/retrain/study$$k \
 	  --study-seed $$k --seeds $(SEEDS) --jobs $(JOBS) $(TUNE_DIR)/study$$k \
 	  $(if $(RETRAIN_ARGS),-- $(RETRAIN_ARGS)) || exit $$?; \
 	done; \
@@ -147,21 +147,28 @@ RESULTS_DIR ?= docs/results
 RESULTS_README ?= README.md
 RESULTS_PAGE ?= docs/reproducing.md
 
-results: $(STAMP)  ## publish docs/results/ (report, claims, plots, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
+results: $(STAMP)  ## publish docs/results/ (report, claims, plots, index.html, runs.csv + PROVENANCE.md) from claims-datasets-cpu's runs
 	$(BIN)/python -m score_exp.report.snapshot $(RESULTS_RUNS) --tune $(RESULTS_TUNE) \
 	  --out $(RESULTS_DIR) --readme $(RESULTS_README) \
 	  --page $(RESULTS_PAGE) $(if $(WALL),--wall "$(WALL)") \
 	  --command "make results RESULTS_RUNS='$(RESULTS_RUNS)' RESULTS_TUNE='$(RESULTS_TUNE)'"
 	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 
+# The committed snapshot re-rendered by the current report code from its own runs.json files (no
+# run folder, nothing trained): tables, plots, headline and the page docs/results/index.html.
+results-page: $(STAMP)  ## re-render docs/results/ (tables, plots, index.html) from its runs.json, then check it
+	$(BIN)/python -m score_exp.report.rerender --out $(RESULTS_DIR) \
+	  --readme $(RESULTS_README) --page $(RESULTS_PAGE)
+	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
+
 tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-training + report
 	@for t in esol_mlp esol_gnn; do \
 	  vs="$(TUNE_VARIANTS)"; [ $$t = esol_gnn ] && vs=$${vs/score /score025 }; \
 	  for v in $$vs; do \
-	    $(BIN)/score-train -m experiment=tune_$$t depth=$$v hydra.sweep.dir=multirun/tune/$$t/$$v \
-	      $(ARGS) || exit $$?; \
+	    $(BIN)/score-tune study experiment=tune_$$t depth=$$v --jobs $(TUNE_JOBS) \
+	      --dir multirun/tune/$$t/$$v $(ARGS) || exit $$?; \
 	  done; \
-	  $(BIN)/python -m score_exp.cli.tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
+	  $(BIN)/score-tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
 	  $(BIN)/score-report multirun/tune/$$t/retrain || exit $$?; \
 	done
 

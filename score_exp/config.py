@@ -186,4 +186,189 @@ def depth_spec(cfg: DictConfig) -> DepthSpec:
         raise ConfigError(f"invalid depth config: {e}") from None
 
 
+# ----------------------------------------------------------------------------- the command line
+
+#: Hydra's options that choose another config or read a file: the checks below assume the
+#: project's own config, so they step aside.
+_OTHER_CONFIG_FLAGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
+                       "--experimental-rerun", "-h", "--help", "--hydra-help")  # fmt: skip
+#: Node keys that are built by a constructor whose arguments the config's keys must name.
+_CONSTRUCTED = ("task.model", "task.data", "task.module")
+
+
+def check_overrides(
+    argv: Sequence[str], config_dir: str = CONFIG_DIR, config_name: str = "train"
+) -> Any:
+    """Refuse, in one line and before Hydra makes any folder, an override Hydra would refuse in
+    many lines or a constructor with a traceback.
+
+    * a config group's option that does not exist (``depth=scor``, ``task=esol_mpl``; every
+      value of a sweep): ``did you mean``, and the choices (never ``_`` bases or ``_schema``);
+    * a key that is not in the config (``task.model.hiden=32``, ``trainer.max_epoch=3``), and an
+      added key (``+task.model.hiden=32``) that the task's model, data module or LightningModule
+      does not take: ``did you mean``;
+    * ``depth.<key>=`` fields and types (:func:`check_depth_overrides`).
+
+    Returns the config composed from ``argv`` (for a sweep: with each swept value's first), or
+    None when it does not compose here (Hydra then reports it itself) or when ``argv`` asks for
+    another config or for help.
+
+    Raises:
+        ConfigError: the first override refused, with a ``did you mean`` where one is near.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    check_depth_overrides(argv)
+    if any(a.split("=")[0] in _OTHER_CONFIG_FLAGS for a in argv):
+        return None
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # Hydra reports bad syntax itself, with its own message
+        return None
+    running = GlobalHydra.instance().hydra  # inside a Hydra app: give it back as it was
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            choices, keys = [], []
+            for o in parsed:
+                group = o.key_or_group.split("@")[0]
+                options = loader.get_group_options(group)
+                if options or "/" in group:
+                    _check_choice(o, group, options)
+                    if not group.startswith("hydra/"):
+                        choices.append(_first(o))
+                elif not o.key_or_group.startswith("hydra.") and not o.is_delete():
+                    keys.append(o)
+            if not choices and not keys:
+                return None
+            choices = [c for c in choices if c]
+            try:  # as the run will compose it (a sweep: its first values)
+                cfg = hydra_compose(
+                    config_name, overrides=[*choices, *filter(None, map(_first, keys))]
+                )
+            except Exception:
+                cfg = None
+            if cfg is None:  # which key is wrong? (else Hydra reports it itself)
+                try:
+                    base = hydra_compose(config_name, overrides=choices)
+                except Exception:
+                    return None
+                for o in keys:
+                    _check_key(base, o)
+                return None
+            for o in keys:
+                _check_key(cfg, o)  # an added key is an argument its constructor takes
+            return cfg
+    finally:
+        GlobalHydra.instance().clear()
+        if running is not None:
+            GlobalHydra.instance().initialize(running)
+
+
+def _values(o: Any) -> list[Any]:
+    """The values an override gives (each of a sweep's), or [] when it cannot say."""
+    from hydra.core.override_parser.types import ChoiceSweep, Glob
+
+    try:
+        value = o.value()
+    except Exception:
+        return []
+    if isinstance(value, ChoiceSweep):
+        return list(value.list)
+    if isinstance(value, Glob) or o.is_sweep_override():
+        return []  # a range or glob: Hydra expands it against the options itself
+    return [value]
+
+
+def _first(o: Any) -> str | None:
+    """The override with its first value (a sweep's), as text; None when that is not simple."""
+    values = _values(o)
+    if not values:
+        return None if o.is_sweep_override() else o.input_line
+    prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(o.type.name, "")
+    value = values[0]
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+    return f"{prefix}{o.key_or_group}={text}"
+
+
+def _near(word: str, candidates: Sequence[str]) -> str:
+    near = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _check_choice(o: Any, group: str, options: list[str]) -> None:
+    visible = sorted(x for x in options if not x.startswith("_"))
+    if not options:
+        raise ConfigError(f"unknown config group {group!r}")
+    for value in _values(o):
+        if value is None or value in options and not str(value).startswith("_"):
+            continue
+        raise ConfigError(
+            f"unknown {group} {value!r}{_near(value, visible)}; choices: {', '.join(visible)}"
+        )
+
+
+def _check_key(cfg: DictConfig, o: Any) -> None:
+    """``o``'s key exists in ``cfg`` (or, added with ``+``, is an argument its node's class takes)."""
+    key = o.key_or_group
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
+    adding = o.type.name in ("ADD", "FORCE_ADD")
+    if adding and parent is None:
+        return  # `+a.b.c=1` makes its parents too
+    if parent is None or not isinstance(parent, DictConfig):
+        where = parent_key.rpartition(".")[0]
+        node = OmegaConf.select(cfg, where) if where else cfg
+        near = (
+            _near(parent_key.rpartition(".")[2], list(node)) if isinstance(node, DictConfig) else ""
+        )
+        raise ConfigError(f"unknown key {parent_key!r} in {key}={_value_text(o)}{near}")
+    if not adding and name not in parent:
+        raise ConfigError(
+            f"unknown key {key!r}{_near(name, [k for k in parent if k != '_target_'])}"
+        )
+    if adding and parent_key in _CONSTRUCTED and "_target_" in parent:
+        params = _arguments(str(parent._target_))
+        if params is not None and name not in params:
+            taken = [p for p in params if p not in ("self", "depth", "model")]
+            raise ConfigError(
+                f"{parent._target_.rsplit('.', 1)[-1]} ({parent_key}) takes no argument "
+                f"{name!r}{_near(name, taken)}"
+            )
+
+
+def _value_text(o: Any) -> str:
+    return o.input_line.split("=", 1)[1] if o.input_line and "=" in o.input_line else "..."
+
+
+def _arguments(target: str) -> list[str] | None:
+    """The keyword arguments ``target`` (a class or function path) takes, through the classes
+    its ``**kwargs`` reach (``super().__init__(**kwargs)``); None when that cannot be told."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+        inits = (
+            [k.__dict__["__init__"] for k in obj.__mro__ if "__init__" in k.__dict__]
+            if inspect.isclass(obj)
+            else [obj]
+        )
+        names: list[str] = []
+        for init in inits:
+            params = inspect.signature(init).parameters.values()
+            names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                return names
+    except Exception:
+        return None
+    return None  # **kwargs all the way up: anything may be taken
+
+
 register_configs()

@@ -64,7 +64,9 @@ def test_a_checkpoint_that_does_not_fit_the_model(finished, kind, says, prog, mo
     torch.save(_crafted(ckpt, kind), finished / "checkpoints" / name)
     try:
         out = run_cli(
-            f"run_dir={finished}", f"checkpoint=checkpoints/{name}", module=f"score_exp.cli.{module}"
+            f"run_dir={finished}",
+            f"checkpoint=checkpoints/{name}",
+            module=f"score_exp.cli.{module}",
         )
     finally:
         (finished / "checkpoints" / name).unlink()
@@ -230,7 +232,7 @@ def _study(folder, overrides: dict) -> None:
     study.add_trial(
         optuna.trial.create_trial(
             params={"task.module.lr": 0.001},
-            distributions={"task.module.lr": optuna.distributions.UniformDistribution(1e-4, 1e-2)},
+            distributions={"task.module.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
             value=1.0,
             user_attrs=overrides,
         )

@@ -5,6 +5,7 @@ small synthetic one, so the page can never drift from the runs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import yaml
 from conftest import QUIET, REPO, cli_env, run_cli
 from test_report import write_run
 
+from score_exp.report.html import IMAGE_RE
+from score_exp.report.rerender import rerender
 from score_exp.report.snapshot import (
     HEADLINE,
     NOT_GENERATED,
@@ -56,9 +59,10 @@ def _snapshot(tmp_path: Path) -> Path:
 
 def test_synthetic_snapshot_re_renders_exactly_and_a_changed_table_is_caught(tmp_path):
     out = _snapshot(tmp_path)
-    for name in ("report.md", "claims.md", "runs.csv", "paired.csv", RECORD, HEADLINE, PROVENANCE):
+    for name in ("report.md", "claims.md", "runs.csv", "paired.csv", RECORD, HEADLINE, PROVENANCE,
+                 "index.html"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert all(p.suffix in (".md", ".csv", ".json", ".tex", ".png", ".svg") for p in out.rglob("*"))
+    assert all(p.suffix in (".md", ".csv", ".json", ".tex", ".png", ".svg", ".html") for p in out.rglob("*"))  # fmt: skip
     assert check(out) == []
     headline = (out / HEADLINE).read_text()
     assert "| claim | model | esol | freesolv |" in headline
@@ -70,6 +74,47 @@ def test_synthetic_snapshot_re_renders_exactly_and_a_changed_table_is_caught(tmp
     claims = out / "claims.md"
     claims.write_text(claims.read_text().replace("supported", "contradicted", 1))
     assert check(out) == [f"{claims}: differs from what score-report makes of {RECORD}"]
+
+
+def test_the_results_page_is_checked_like_the_tables(tmp_path):
+    """index.html: one file, nothing fetched, every plot inlined; re-rendered from runs.json to
+    the same text (images masked); a hand-edited verdict or a broken image is caught."""
+    out = _snapshot(tmp_path)
+    page = out / "index.html"
+    text = page.read_text()
+    report_md = (out / "report.md").read_text()
+    assert text.count("data:image/png;base64,") == report_md.count("![")
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", text), "the page links outside itself"
+    assert "http://" not in text and "https://" not in text
+    for part in ("Headline", "Claims of the paper", "Provenance", "command: <code>make results"):
+        assert part in text, part
+    assert 'class="verdict supported' in text and "lower is better" in text
+    page.write_text(text.replace("verdict supported", "verdict contradicted", 1))
+    assert check(out) == [f"{page}: differs from the page score-report makes of {RECORD}"]
+    page.write_text(IMAGE_RE.sub("data:image/png;base64,AAAA", text, count=1))
+    assert check(out) == [f"{page}: an inlined image is not a PNG"]
+    page.unlink()
+    assert check(out) == [f"{page}: missing (make results writes it)"]
+
+
+def test_rerender_remakes_a_snapshot_from_its_runs_json_alone(tmp_path):
+    out = _snapshot(tmp_path)
+    (out / "tune_toy").mkdir()
+    for name in (RECORD, PROVENANCE):
+        shutil.copy(out / name, out / "tune_toy" / name)
+    before = {p.name: p.read_bytes() for p in out.glob("*.md") if p.name != PROVENANCE}
+    for p in [*out.glob("*.png"), out / "index.html", out / "report.md"]:
+        p.unlink()
+    rerender(out)  # the run folders are gone: runs.json only
+    assert check(out) == []
+    assert {p.name: p.read_bytes() for p in out.glob("*.md") if p.name != PROVENANCE} == before
+    assert (out / "tune_toy" / "report.md").is_file() and list(out.glob("*.png"))
+    prov = (out / PROVENANCE).read_text()
+    assert prov.count("- re-rendered from `runs.json` at commit") == 1
+    assert "- command: `make results`" in prov
+    rerender(out)  # again: the line is replaced, not added
+    assert (out / PROVENANCE).read_text().count("- re-rendered from") == 1
+    assert "Tuned: tune_toy" in (out / "index.html").read_text()
 
 
 def test_a_changed_recorded_number_changes_the_rendered_tables(tmp_path):

@@ -123,7 +123,7 @@ def test_tune_targets_repeat_every_study_for_three_study_seeds(target, task):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "for k in 0 1 2; do" in text
-    assert f"experiment=tune_{task}_cpu" in text and "hydra.sweeper.sampler.seed=$k" in text
-    assert f"hydra.sweep.dir=multirun/tune_cpu/{task}/study$k/$v" in text
+    assert f"score-tune study experiment=tune_{task}_cpu depth=$v" in text and "--seed $k" in text
+    assert f"--dir multirun/tune_cpu/{task}/study$k/$v" in text and "--jobs 2" in text
     assert f"--out multirun/tune_cpu/{task}/retrain/study$k" in text and "--study-seed $k" in text
     assert f"score-report multirun/tune_cpu/{task}/retrain " in text

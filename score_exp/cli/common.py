@@ -105,6 +105,34 @@ def check_output_dir(path: str | os.PathLike, key: str) -> Path:
     return path
 
 
+#: Run folders that this process's Hydra run creates (they did not exist before it started).
+created_run_dirs: set[Path] = set()
+
+#: What a run writes before its work starts (the files of a refused run, nothing else).
+_BEFORE_WORK = ("train.log", ".lock", "fingerprint.json", "config.yaml", "splits.json",
+                ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")  # fmt: skip
+
+
+def remove_refused_run_dir(path: str | os.PathLike) -> bool:
+    """Remove a run folder that this process created for a run refused as bad input.
+
+    Only a folder made by this very run (:data:`created_run_dirs`), and only the files a run
+    writes before any work; a folder holding anything else (a checkpoint, results.json, a file
+    of the user's) is left as it is. Returns whether the folder is gone.
+    """
+    path = Path(path).absolute()
+    if path not in created_run_dirs or path.is_symlink() or not path.is_dir():
+        return False
+    for name in _BEFORE_WORK:
+        f = path / name
+        if f.is_file() and not f.is_symlink():
+            f.unlink()
+    for folder in (path / ".hydra", path):
+        with contextlib.suppress(OSError):  # not empty (something else is in it), or gone
+            folder.rmdir()
+    return not path.exists()
+
+
 class CheckOutputDir(Callback):
     """Hydra callback: refuse an unusable output folder in one line (exit 2) before Hydra makes it.
 
@@ -119,11 +147,22 @@ class CheckOutputDir(Callback):
         self.prog = prog
 
     def _check(self, config: DictConfig, key: str) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        # The folder's name may read Hydra's own state (${hydra:runtime.choices.depth} in the
+        # default run folder), which Hydra sets only once the job starts: set it for the check.
+        hydra_config = HydraConfig.instance()
+        before = hydra_config.cfg
+        hydra_config.set_config(config)
         try:
-            check_output_dir(str(OmegaConf.select(config, key)), key)
+            path = check_output_dir(str(OmegaConf.select(config, key)), key)
         except ConfigError as e:
             print(f"{self.prog}: error: {e}", file=sys.stderr)
             sys.exit(2)  # SystemExit: Hydra turns a callback's Exception into a mere warning
+        finally:
+            hydra_config.cfg = before
+        if key == "hydra.run.dir" and not path.exists():
+            created_run_dirs.add(path)  # Hydra makes it: a run refused later removes it
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.run.dir")

@@ -33,8 +33,6 @@ from score_exp.runs.files import atomic_write_text, read_text
 from score_exp.runs.lock import in_training
 from score_exp.runs.record import RunFolder, limit
 
-log = logging.getLogger("score_exp.cli.eval")
-
 # Columns printed by the table (eval.csv keeps every metric of the split).
 SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
          "solver_converged", "solver_max_residual", "seconds")  # fmt: skip
@@ -206,10 +204,19 @@ def format_table(path: Path, metric: str) -> str:
     """The eval.csv at ``path`` as an aligned text table of the shown columns and ``metric``."""
     rows = list(csv.DictReader(io.StringIO(read_text(path, limit(path)), newline="")))
     cols = [c for c in (*SHOWN, metric) if rows and c in rows[0]]
+    # The metric to 4 decimals, as score-report prints it (eval.csv keeps every digit).
+    rows = [{**r, metric: _decimals(r.get(metric, ""))} for r in rows]
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols}
     lines = ["  ".join(c.rjust(widths[c]) for c in cols)]
     lines += ["  ".join(r.get(c, "").rjust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
+
+
+def _decimals(cell: str, digits: int = 4) -> str:
+    try:
+        return f"{float(cell):.{digits}f}"
+    except ValueError:  # empty, or not a number
+        return cell
 
 
 def _implicit_multirun(argv: list[str]) -> list[str]:

@@ -7,7 +7,6 @@ and logs to stderr, so ``score-sample run_dir=... > samples.txt`` keeps only the
 
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from score_exp.config import CONFIG_DIR
 from score_exp.errors import ConfigError, check_int, check_number, check_seed
 from score_exp.run import load_run
 from score_exp.runs import stop
-
-log = logging.getLogger("score_exp.cli.sample")
 
 
 def load_model(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):

@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp.cli.common import check_argv, check_run_config
-from score_exp.config import CONFIG_DIR, check_depth_overrides, depth_spec
+from score_exp.cli.common import check_argv, check_run_config, remove_refused_run_dir
+from score_exp.config import CONFIG_DIR, check_overrides, depth_spec
 from score_exp.core import DepthSpec
 from score_exp.errors import (
     CheckpointWriteError,
@@ -192,9 +192,8 @@ def _fit_and_test(
     # trainer.test has returned on every rank, with metrics synchronised over all of them, so
     # rank 0's record is the run's record.
     if trainer.is_global_zero:
-        for lg in loggers:
-            _log_summary(lg, record)
         record.save(folder)
+        _log_final(loggers, record, folder, flatten(resolved))
     return record
 
 
@@ -257,8 +256,18 @@ def _trainer(cfg: DictConfig, callbacks: list, loggers: list):
 
     from score_exp.tasks.callbacks import AtomicCheckpointIO
 
+    # task.val_check_interval counts optimiser steps; Lightning's counts training batches, which
+    # gradient accumulation makes several per step.
+    every, accumulate = (
+        cfg.trainer.get("val_check_interval"),
+        cfg.trainer.get("accumulate_grad_batches"),
+    )
+    steps = {}
+    if isinstance(every, int) and isinstance(accumulate, int) and accumulate > 1:
+        steps["val_check_interval"] = every * accumulate
     trainer = instantiate(
         cfg.trainer,
+        **steps,
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],  # atomic checkpoint writes, weights_only reads
@@ -317,8 +326,15 @@ def _evaluate_best(record: RunRecord, trainer, task, folder: RunFolder) -> None:
     record.best_checkpoint = str(Path(best_path).relative_to(folder.path))
     if record.ok:
         kw = dict(datamodule=task.datamodule, ckpt_path=best_path, verbose=False, weights_only=True)
-        record.val = _strip(trainer.validate(task.module, **kw), "val/")
-        record.test = _strip(trainer.test(task.module, **kw), "test/")
+        # The loggers are detached: this re-validation is no validation pass of training (a
+        # val/ point one step past the last epoch); its numbers and the test's are logged once,
+        # under best/val/ and test/, by _log_final.
+        loggers, trainer.loggers = trainer.loggers, []
+        try:
+            record.val = _strip(trainer.validate(task.module, **kw), "val/")
+            record.test = _strip(trainer.test(task.module, **kw), "test/")
+        finally:
+            trainer.loggers = loggers
 
 
 def _is_wandb(logger_cfg) -> bool:
@@ -335,6 +351,8 @@ def _record_depth(record: RunRecord, model, callbacks: list, spec: DepthSpec) ->
     if spec.solver == "fixed_point" and solves is not None:  # registered always, active then
         record.solver = solves.summary(spec)
     record.update(**depth_outcome(find_depth(model)))
+    if (spent := (record.solver or {}).get("test", {}).get("nfe")) is not None:
+        record.nfe = spent  # a solved depth's cost is what its solves spent, not its steps
 
 
 def _strip(metrics: list[dict], prefix: str) -> dict:
@@ -342,11 +360,45 @@ def _strip(metrics: list[dict], prefix: str) -> dict:
     return {k[len(prefix) :]: float(v) for k, v in merged.items() if k.startswith(prefix)}
 
 
-def _log_summary(logger, record: RunRecord) -> None:
-    """Put the headline numbers into a W&B run's summary (other loggers: nothing to do)."""
-    summary = getattr(getattr(logger, "experiment", None), "summary", None)
-    if summary is not None:
-        summary.update(record.summary())
+def _log_final(loggers: list, record: RunRecord, folder: RunFolder, hparams: dict) -> None:
+    """The best checkpoint's and the test's numbers, tags and files, once, in every logger.
+
+    A logger that fails here (an MLflow server gone) costs its copy, never the run: the
+    results are already saved.
+    """
+    from score_exp.tasks.loggers import log_final, wandb_sync_hint
+
+    metrics = {
+        **{f"best/val/{k}": v for k, v in (record.val or {}).items()},
+        **{f"test/{k}": v for k, v in (record.test or {}).items()},
+    }
+    best = record.best_val or {}
+    if not record.val and best.get("value") is not None:  # a diverged run: its best so far
+        metrics[f"best/{best['metric']}"] = best["value"]
+    tags = {
+        "status": record.status,
+        "seed": record.seed,
+        "run_dir": str(folder.path),
+        **({"mlflow.source.git.commit": record.git} if record.git else {}),
+    }
+    for lg in loggers:
+        try:
+            log_final(
+                lg,
+                metrics,
+                # On the best validation pass's point: Lightning logs a pass at the steps
+                # trained so far minus one, and the checkpoint saved there counts them all.
+                step=max(int(best.get("step") or 0) - 1, 0),
+                hparams=hparams,
+                tags=tags,
+                artifacts=[folder.results, folder.config],
+                summary=record.summary(),
+            )
+        except Exception as e:  # noqa: BLE001 (any logger, any backend)
+            log.warning("%s: the final numbers were not logged (%s: %s); results.json has them",
+                        type(lg).__name__, type(e).__name__, e)  # fmt: skip
+        if hint := wandb_sync_hint(lg):
+            log.info("W&B run logged offline: upload it with `%s`", hint)
 
 
 def _overrides() -> list[str]:
@@ -389,6 +441,7 @@ def _main(cfg: DictConfig) -> float | None:
             raise  # Hydra records this job as failed and the sweep goes on
         if not isinstance(e, RunDirError):
             print(f"score-train: error: {e}", file=sys.stderr)
+            remove_refused_run_dir(run_dir)  # a refused run leaves no folder behind
         sys.exit(e.exit_code)
     if not cluster.is_rank_zero():
         return None  # the other data-parallel processes: rank 0 reports the run
@@ -404,13 +457,42 @@ def _main(cfg: DictConfig) -> float | None:
     return objective(cfg, record)
 
 
+def check_command_line(argv: list[str]) -> None:
+    """Bad input refused in one line before Hydra makes a folder (or a sweep a failure record):
+    config groups, keys and, for one run, the values no constructor owns (seed, budget, depth,
+    objective)."""
+    cfg = check_overrides(argv, CONFIG_DIR)
+    if cfg is None or {"-m", "--multirun"} & set(argv):
+        return  # a sweep's values may differ job by job: each job checks its own
+    check_run_config(cfg)
+    depth_spec(cfg)
+    objective(cfg, {})
+    _check_constructors(cfg)
+
+
+def _check_constructors(cfg: DictConfig) -> None:
+    """The values the data module and the LightningModule check in their constructors (cheap:
+    nothing is read or built), before Hydra makes the run folder."""
+    import torch
+    from hydra.utils import instantiate
+
+    for node, kwargs in (("data", {}), ("module", {"model": torch.nn.Identity()})):
+        try:
+            instantiate(cfg.task[node], **kwargs)
+        except Exception as e:
+            if (error := user_error(e)) is not None:
+                raise error from None
+            # Anything else (an argument only the data provides): the run reports it itself.
+
+
 def main() -> None:
-    """Console entry point of ``score-train``: a misspelt depth field is one error line; every
-    failed job of a sweep is listed at the end."""
+    """Console entry point of ``score-train``: a mistake in the command (a config group's
+    option, a key, a value) is one error line before any folder exists; every failed job of a
+    sweep is listed at the end."""
     sweeps.adopt_jobs()
     check_argv("score-train", sys.argv[1:])
     try:
-        check_depth_overrides(sys.argv[1:])
+        check_command_line(sys.argv[1:])
     except ScoreExpError as e:
         print(f"score-train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,15 +1,11 @@
-"""Tuning every depth variant with the same budget: Optuna studies (stage 1) and re-training (stage 2).
+"""``score-tune``: tuning every depth variant with the same budget (stage 1: studies; stage 2: re-training).
 
-Stage 1 is a Hydra multirun with Hydra's Optuna sweeper (``experiment=tune_*``, one study per
-depth variant, objective = best val metric). ``StudySweeper`` (``hydra_plugins/score_exp_sweeper``)
-is that plugin's sweeper with what a long study needs, implemented here by
-:class:`ResumableStudy`: its SQLite file inside the sweep folder, ``n_trials`` as the study's
-total budget (a re-run finishes what is left), and a trial killed mid-run asked again. A
-diverged trial returns ``inf`` (score-train's objective) and is kept as the worst trial.
+Stage 1 (``score-tune study experiment=tune_esol_mlp depth=score``): an Optuna study per depth
+variant, resumable, each trial a ``score-train`` run (:mod:`score_exp.runs.study`).
 
 Stage 2 (``score-tune retrain PATH... --seeds 5``) reads each study's best trial
-and re-trains that configuration over seeds ``0..N-1`` by calling ``score-train`` once per seed
-(one process per run), so the test metrics of the tuned variants can be compared by
+(:mod:`score_exp.runs.study_db`) and re-trains that configuration over seeds ``0..N-1`` (one
+``score-train`` process per run), so the test metrics of the tuned variants can be compared by
 ``score-report`` (paired by seed).
 """
 
@@ -17,137 +13,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
-
 from score_exp.errors import DataError, ScoreExpError
 from score_exp.report.studies import study_experiment
 from score_exp.runs.files import atomic_write_json
-from score_exp.runs.safe_load import study_overrides
+from score_exp.runs.study import plan_study, run_study
+from score_exp.runs.study_db import STUDY_FILE, best_trial, find_studies
 
-log = logging.getLogger("hydra_plugins.score_exp_sweeper")  # shown with the sweeper's [HYDRA] lines
-
-STUDY_FILE = "optuna.db"
-# System attribute of a trial killed with its study (failed, asked again, not counted).
-INTERRUPTED = "score_exp:interrupted"
-
-
-class ResumableStudy(OptunaSweeperImpl):
-    """The Optuna sweeper's study loop, resumable (used by ``hydra_plugins.score_exp_sweeper``)."""
-
-    def sweep(self, arguments: list[str]) -> None:
-        import numpy as np
-        import optuna
-        from optuna.trial import TrialState
-
-        # SQLite creates the database file but not its folder.
-        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            sampler=self.sampler,
-            directions=self._get_directions(),
-            load_if_exists=True,
-        )
-        trials = study.get_trials(deepcopy=False)
-        finished = [
-            t for t in trials if t.state.is_finished() and not t.system_attrs.get(INTERRUPTED)
-        ]
-        # A trial still RUNNING in the database was killed with the study (one study runs in one
-        # process at a time): mark it failed and ask its parameters again, so its run folder
-        # resumes from last.ckpt. It does not count against the budget.
-        for t in trials:
-            if t.state == TrialState.RUNNING:
-                study._storage.set_trial_system_attr(t._trial_id, INTERRUPTED, True)
-                study._storage.set_trial_state(t._trial_id, TrialState.FAIL)
-                study.enqueue_trial(t.params)
-                log.warning("trial %d was interrupted: asking it again (%s)", t.number, t.params)
-        if trials:
-            # The seeded sampler would replay the random start of the first run: reseed it from
-            # the seed and the number of trials so far (deterministic, and new points).
-            seed = self.config.hydra.sweeper.sampler.get("seed")
-            if seed is not None:
-                rng = np.random.RandomState(int(seed) + len(trials))
-                # optuna 2.10's TPESampler and its random start sampler (pinned in pyproject).
-                for s in (self.sampler, getattr(self.sampler, "_random_sampler", None)):
-                    if s is not None and hasattr(s, "_rng"):
-                        s._rng = np.random.RandomState(rng.randint(2**31 - 1))
-        total = self.n_trials
-        self.n_trials = max(0, total - len(finished))
-        log.info(
-            "study %s: %d of %d trials finished, %d to run (storage %s)",
-            study.study_name, len(finished), total, self.n_trials, self.storage,
-        )  # fmt: skip
-        super().sweep(arguments)
-
-
-# --------------------------------------------------------------------------- stage 2
-
-
-def find_studies(paths: list[Path]) -> list[Path]:
-    """Every study database (``optuna.db``) under the given folders."""
-    out = []
-    for p in paths:
-        out += [p] if p.name == STUDY_FILE else sorted(p.rglob(STUDY_FILE))
-    return out
-
-
-def best_trial(db: Path) -> dict:
-    """The best finished trial of the one study stored in ``db``.
-
-    Returns ``{"study", "db", "value", "number", "n_complete", "overrides"}``, where
-    ``overrides`` are the ``key=value`` overrides the trial ran with (its sampled parameters and
-    the study's fixed overrides, as Hydra's Optuna sweeper passed them), checked as values for the
-    project's keys (:func:`score_exp.runs.safe_load.study_overrides`; ``hydra.*`` left out).
-
-    Raises:
-        DataError: no single study or no finished trial.
-        ConfigError: a stored override that is not a value of a known key (one line).
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    storage = f"sqlite:///{db.resolve()}"
-    try:
-        summaries = optuna.get_all_study_summaries(storage)
-        if len(summaries) != 1:
-            raise DataError(f"{db}: expected one study, found {len(summaries)}")
-        study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
-        complete = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)
-        ]
-    except DataError:
-        raise
-    except Exception as e:  # not SQLite, truncated, another schema: SQLAlchemy's or Optuna's error
-        why = " ".join(str(getattr(e, "orig", None) or e).split())[:200]
-        raise DataError(f"{db} is not a readable Optuna study ({why})") from None
-    if not complete:
-        raise DataError(
-            f"{db}: study {study.study_name!r} has no finished trial with a finite value"
-        )
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    best = min(complete, key=lambda t: (sign * t.value, t.number))
-    params = {**best.params, **best.user_attrs}  # user_attrs: the fixed overrides
-    # The database is data: values for the project's keys only, never code or paths.
-    overrides = study_overrides(
-        [f"{k}={v}" for k, v in params.items()], f"{db} (trial {best.number})"
-    )
-    return {
-        "study": study.study_name,
-        "db": str(db),
-        "value": best.value,
-        "number": best.number,
-        "n_complete": len(complete),
-        "overrides": overrides,
-    }
+log = logging.getLogger("score_exp.cli.tune")
 
 
 def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
@@ -232,15 +110,38 @@ def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
     return sum(rc != 0 for rc in rcs)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# --------------------------------------------------------------------------- the CLI
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         prog="score-tune",
-        description="Stage 2 of tuning: re-train each Optuna study's best configuration "
-        "(best val metric) over N seeds; then `score-report OUT` compares the tuned variants.",
-        epilog="Example: score-tune retrain multirun/tune/esol_mlp --seeds 5 "
-        "--jobs 2   # -> multirun/tune/esol_mlp/retrain/<variant>/seed=<s>/",
+        description="Tuning with the same budget for every depth variant. Stage 1 (study): an "
+        "Optuna study per variant on the best val metric, resumable; stage 2 (retrain): each "
+        "study's best configuration over N seeds; then `score-report OUT` compares the tuned "
+        "variants. A study opens in optuna-dashboard: optuna-dashboard sqlite:///STUDY/optuna.db",
+        epilog="Example: score-tune study experiment=tune_esol_mlp_cpu depth=score --jobs 2; "
+        "score-tune retrain multirun/tune/esol_mlp --seeds 5 --jobs 2",
     )
     sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser(
+        "study", help="create or resume one study (tune.n_trials in total) and run its trials",
+        description="Create or resume the Optuna study of a tune_* experiment and one depth "
+        "variant; each trial is a score-train run in <study>/trial<N>/. Running it again "
+        "finishes what is left of the budget.",
+    )  # fmt: skip
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="score-train overrides, e.g. experiment=tune_esol_mlp_cpu depth=score "
+                   "(tune.* change the study: tune.n_trials=20)")  # fmt: skip
+    s.add_argument("--dir", type=Path, default=None,
+                   help="the study folder (default: <tune.dir>/<depth>, e.g. multirun/tune/esol_mlp/score)")  # fmt: skip
+    s.add_argument(
+        "--seed", type=int, default=None, help="the sampler's seed (default tune.seed, 0)"
+    )
+    s.add_argument("--trials", type=int, default=None,
+                   help="the study's total budget (default tune.n_trials)")  # fmt: skip
+    s.add_argument("--jobs", type=int, default=1,
+                   help="trials in parallel (threads of this process, one score-train each; default 1)")  # fmt: skip
     r = sub.add_parser("retrain", help="re-train the best trial of every study under PATH")
     r.add_argument("paths", nargs="+", type=Path, help="study folders (searched for optuna.db)")
     r.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
@@ -251,37 +152,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "so score-report pools the verdicts over study seeds")  # fmt: skip
     r.add_argument("overrides", nargs="*", default=[], metavar="-- KEY=VALUE",
                    help="extra score-train overrides after `--` (e.g. trainer=gpu)")  # fmt: skip
-    return p.parse_args(argv)
+    return p.parse_known_args(argv)
+
+
+def _error(msg: str, code: int = 2) -> int:
+    print(f"score-tune: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _study_main(args: argparse.Namespace) -> int:
+    bad = next((o for o in args.overrides if "=" not in o), None)
+    if bad is not None:
+        return _error(
+            f"{bad!r} is not a KEY=VALUE override (score-tune study experiment=tune_... depth=...)"
+        )
+    if args.jobs < 1:
+        return _error("--jobs must be >= 1")
+    try:
+        plan = plan_study(args.overrides, args.dir, args.seed, args.trials, args.jobs)
+        from score_exp.cli.common import check_output_dir
+
+        check_output_dir(plan.folder, "--dir")
+        out = run_study(plan)
+    except ScoreExpError as e:
+        return _error(str(e))
+    best = out["best"]
+    line = f"score-tune: study {out['study']}: {out['finished']} of {out['total']} trials finished"
+    if out["failed"]:
+        line += f", {out['failed']} failed (run it again to replace them)"
+    if best is not None:
+        line += f"; best val {best['value']:.4f} (trial {best['number']})"
+    print(line + f"\n  dashboard: optuna-dashboard sqlite:///{Path(out['db']).resolve()}")
+    return 0 if out["finished"] >= out["total"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Everything after `--` is a score-train override, never a study PATH (argparse would give
-    # the first of them to PATH..., whose nargs="+" is greedy).
+    # retrain: everything after `--` is a score-train override, never a study PATH (argparse
+    # would give the first of them to PATH..., whose nargs="+" is greedy).
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    args.overrides = [*args.overrides, *extra]
+    args, rest = parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    # study: KEY=VALUE overrides may also follow the options (make tune-cpu ARGS=...).
+    stray = [a for a in rest if a.startswith("-") or args.command != "study"]
+    if stray:
+        return _error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *rest, *extra]
+    if args.command == "study":
+        return _study_main(args)
     if args.seeds < 1 or args.jobs < 1:
-        print("score-tune: error: --seeds and --jobs must be >= 1", file=sys.stderr)
-        return 2
+        return _error("--seeds and --jobs must be >= 1")
     missing = next((p for p in args.paths if not p.exists()), None)
     if missing is not None:
         hint = " (score-train overrides go after `--`)" if "=" in str(missing) else ""
-        print(f"score-tune: error: {missing} does not exist{hint}", file=sys.stderr)
-        return 2
+        return _error(f"{missing} does not exist{hint}")
     if args.out is None:
         if len(args.paths) != 1:
-            print("score-tune: error: several PATHs need --out DIR", file=sys.stderr)
-            return 2
+            return _error("several PATHs need --out DIR")
         args.out = args.paths[0] / "retrain"
     try:
         failed = retrain(
             args.paths, args.out, args.seeds, args.jobs, args.overrides, args.study_seed
         )
     except ScoreExpError as e:
-        print(f"score-tune: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     print(f"retrained into {args.out}" + (f"; {failed} run(s) failed" if failed else ""))
     return 1 if failed else 0
 

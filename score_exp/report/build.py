@@ -35,6 +35,16 @@ log = logging.getLogger("score_exp.report")
 
 
 @dataclass
+class Section:
+    """One task's part of a report: its tables and figures, in the order report.md shows them."""
+
+    task: str
+    tables: list[Table]
+    figures: list[Path]
+    higher_is_better: bool = False
+
+
+@dataclass
 class Report:
     """What a report holds; ``tables`` and ``figures`` are also written to ``out``."""
 
@@ -45,6 +55,8 @@ class Report:
     not_ok: list[tuple[str, str, str]] = field(default_factory=list)  # (path, status, detail)
     paired: list[dict] = field(default_factory=list)  # paired.csv rows
     claims: list = field(default_factory=list)  # claims.md rows (report.claims.Claim)
+    sections: list[Section] = field(default_factory=list)  # per task (the results page's order)
+    claim_tables: list[Table] = field(default_factory=list)  # claims, across datasets, studies
 
 
 def _slug(text: str) -> str:
@@ -116,6 +128,7 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
             figs += plots.diagnostics(task, vs, out, slug)
         report.tables += tables
         report.figures += figs
+        report.sections.append(Section(task, tables, figs, task_runs[0].higher_is_better))
         text = [f"## {task}", ""] + [t.markdown() for t in tables]
         text += [f"![{p.stem}]({p.name})\n" for p in figs if p.suffix == ".png"]
         sections.append("\n".join(text))
@@ -123,14 +136,15 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
     report.claims = claims(runs)
     claims_md = claims_markdown(report.claims)
     if report.claims:
-        report.tables.append(claims_table(report.claims))
+        report.claim_tables.append(claims_table(report.claims))
         if summary := across_datasets(report.claims):
-            report.tables.append(across_table(summary))
+            report.claim_tables.append(across_table(summary))
     hib = {t: rs[0].higher_is_better for t, rs in tasks.items()}
     if studies := across_studies(report.paired, report.claims, hib):
         st = studies_table(studies)
-        report.tables.append(st)
+        report.claim_tables.append(st)
         claims_md += "\n## Across study seeds\n\n" + st.markdown().split("\n", 2)[2]
+    report.tables += report.claim_tables
     sections.append("## Claims of the paper\n\n" + claims_md.split("\n", 2)[2])
     md = [
         "# score_exp report",

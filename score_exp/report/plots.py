@@ -20,6 +20,27 @@ def _plt():
     return plt
 
 
+def better(hib: bool) -> str:
+    """The direction a metric improves in, said on every axis that shows one."""
+    return "higher is better" if hib else "lower is better"
+
+
+def _metric_label(metric: str, hib: bool) -> str:
+    return f"{metric} ({better(hib)})"
+
+
+def _title(ax, task: str, what: str) -> None:
+    # Two lines: "experiment / task" names are long and a one-line title ran off the figure.
+    ax.set_title(f"{task}\n{what}", fontsize=9)
+
+
+def _integer_x(ax) -> None:
+    """Epochs and steps are counts: ticks at whole numbers only (never "2.5 epochs")."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     fig.tight_layout()
@@ -62,8 +83,10 @@ def val_curves(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path]
         plt.close(fig)
         return []
     ax.set_xlabel("step" if by_step else "epoch")
-    ax.set_ylabel(metric or "val metric")
-    ax.set_title(f"{task}: val curves (mean, min-max band over seeds)")
+    _integer_x(ax)
+    hib = next(r for v in vs for r in v.runs).higher_is_better
+    ax.set_ylabel(_metric_label(metric or "val metric", hib))
+    _title(ax, task, "val curves (mean, min-max band over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out, f"{slug}_val_curves")
@@ -79,19 +102,37 @@ def _scatter(task: str, vs: list[Variant], out: Path, slug: str, key: str, xlabe
             continue
         err = statistics.stdev(ys) if len(ys) > 1 else 0.0
         pts.append((v.label, x, statistics.fmean(ys), err))
-    if not pts:
+    if len({x for _, x, _, _ in pts}) < 2:  # one x for every variant (equal params): says nothing
         return []
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, x, y, err in pts:
         ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=3, label=label)
     if logx:
         ax.set_xscale("log")
+        _plain_log_ticks(ax)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"test {vs[0].runs[0].headline}")
-    ax.set_title(f"{task}: test metric vs {xlabel} (mean ± std)")
+    run = vs[0].runs[0]
+    ax.set_ylabel(_metric_label(f"test {run.headline}", run.higher_is_better))
+    _title(ax, task, f"test metric vs {xlabel} (mean ± std over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out, f"{slug}_{name}")
+
+
+def _plain_log_ticks(ax) -> None:
+    """Counts on a log axis as 200k / 1.1M (matplotlib's choice of labelled ticks, which labels
+    some minor ticks when the axis spans less than a decade) instead of 2 x 10^5."""
+    from matplotlib.ticker import LogFormatter
+
+    class Counts(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+                if x >= div:
+                    return f"{x / div:.3g}{unit}"
+            return f"{x:.3g}"
+
+    ax.xaxis.set_major_formatter(Counts(labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(Counts(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def metric_vs_params(task, vs, out, slug) -> list[Path]:
@@ -121,8 +162,8 @@ def metric_vs_dt(task: str, runs: list[Run], out: Path, slug: str) -> list[Path]
         es = [statistics.stdev(cells[steps][d]) if len(cells[steps][d]) > 1 else 0.0 for d in dts]
         ax.errorbar(dts, ys, yerr=es, marker="o", capsize=3, label=f"steps={steps}")
     ax.set_xlabel("dt (dt=null plotted at 1/steps)")
-    ax.set_ylabel(f"test {ok[0].headline}")
-    ax.set_title(f"{task}: test metric vs dt (shared depth)")
+    ax.set_ylabel(_metric_label(f"test {ok[0].headline}", ok[0].higher_is_better))
+    _title(ax, task, "test metric vs dt (shared depth, mean ± std over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out, f"{slug}_vs_dt")
@@ -134,12 +175,12 @@ def metric_vs_inference_nfe(task: str, vs: list[Variant], out: Path, slug: str) 
     horizon rule), open markers for halting thresholds."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    drew, headline = False, ""
+    drew, headline, hib = False, "", False
     for v in vs:
         settings = eval_settings(v)
         if not settings:
             continue
-        headline = v.ok_runs[0].headline
+        headline, hib = v.ok_runs[0].headline, v.ok_runs[0].higher_is_better
         color = None
         lines: dict[tuple, list[tuple[float, float, float]]] = {}
         halted = []
@@ -166,8 +207,8 @@ def metric_vs_inference_nfe(task: str, vs: list[Variant], out: Path, slug: str) 
         return []
     ax.set_xscale("log", base=2)
     ax.set_xlabel("evaluations of F per sample at inference (NFE spent)")
-    ax.set_ylabel(f"test {headline}")
-    ax.set_title(f"{task}: metric vs inference NFE")
+    ax.set_ylabel(_metric_label(f"test {headline}", hib))
+    _title(ax, task, "test metric vs inference NFE")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, out, f"{slug}_vs_inference_nfe")
@@ -232,6 +273,7 @@ def diagnostics(task: str, vs: list[Variant], out: Path, slug: str) -> list[Path
             if steps:
                 ax.plot(steps, ys, marker="o", label=label)
         ax.set_xlabel("step t")
+        _integer_x(ax)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")

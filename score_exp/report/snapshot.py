@@ -14,7 +14,12 @@
   between the ``results`` markers of ``docs/reproducing.md`` (all of it) and of the README (its
   short form: the verdict tables, without the per-experiment rows);
 - ``PROVENANCE.md``: commit, command, machine (CPU model, cores), date, the runs' own commits and
-  their wall time.
+  their wall time;
+- ``index.html``: the results page, one self-contained file (:mod:`score_exp.report.html`): the
+  headline, claims, every table (sortable), the plots inline and the provenance, of this snapshot
+  and its ``tune_<task>/`` folders; checked like the tables (its images masked).
+
+:mod:`score_exp.report.rerender` re-renders a committed snapshot from its own ``runs.json`` files.
 
 Text and images only: checkpoints, logs and run folders are never copied.
 """
@@ -35,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
+from score_exp.report import html
 from score_exp.report.build import build_report
 from score_exp.report.runs import missing_runs, recorded_result, scan_runs, varied_keys
 from score_exp.runs.files import atomic_write_text
@@ -45,7 +51,8 @@ PROVENANCE = "PROVENANCE.md"
 # Files score-report writes that the check compares (the plots are drawn from the same runs).
 TABLE_FILES = ("report.md", "claims.md", "runs.csv", "paired.csv", "tables.tex")
 # What a snapshot may hold: small text and images.
-ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg")
+ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg", ".html")
+PAGE_TITLE = "score_exp: published results"
 README_START = "<!-- results:start (written by `make results`: docs/results/HEADLINE.md) -->"
 README_END = "<!-- results:end -->"
 # The headline's per-experiment table (long rows): in the full block only, never the README's.
@@ -260,15 +267,23 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
     if out.exists():
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    rec, _ = _write(out, runs)
+    rec, report = _write(out, runs)
+    reports = {"": report}
     for t in tune:
         if t.exists() and scan_runs([t])[0]:
             name = t.parent.name if t.name == "retrain" else t.name
-            rec_t, _ = _write(out / f"tune_{name}", [t])
+            rec_t, reports[f"tune_{name}"] = _write(out / f"tune_{name}", [t])
             atomic_write_text(
                 out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None, dirty)
             )
     atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty))
+    write_page(out, reports)
+
+
+def write_page(snap: Path, reports: dict) -> Path:
+    """The snapshot's ``index.html`` from its reports (``""``: the main one, ``tune_<task>``: the
+    tuned ones) and their HEADLINE.md and PROVENANCE.md."""
+    return html.write_page(snap, html.folder_parts(snap, reports, PROVENANCE, HEADLINE), PAGE_TITLE)
 
 
 def readme_block(snap: Path, short: bool = False) -> str:
@@ -302,12 +317,16 @@ def check(snap: Path) -> list[str]:
     folders = [d for d in [snap, *sorted(snap.glob("tune_*"))] if d.is_dir()]
     if not (snap / RECORD).is_file():
         return [f"{snap}: no {RECORD}"]
-    for d in folders:
-        rec = json.loads((d / RECORD).read_text())
-        with tempfile.TemporaryDirectory() as tmp:
-            report = build_report([Path(p) for p in rec["paths"]], Path(tmp), recorded=rec)
+    reports = {}
+    # One temporary folder for all: the page is rendered last, from every report's plots.
+    with tempfile.TemporaryDirectory() as top:
+        for k, d in enumerate(folders):
+            rec = json.loads((d / RECORD).read_text())
+            tmp = Path(top) / str(k)
+            report = build_report([Path(p) for p in rec["paths"]], tmp, recorded=rec)
+            reports["" if d == snap else d.name] = report
             for name in TABLE_FILES:
-                if (Path(tmp) / name).read_bytes() != (d / name).read_bytes():
+                if (tmp / name).read_bytes() != (d / name).read_bytes():
                     problems.append(f"{d / name}: differs from what score-report makes of {RECORD}")
             if headline(report) != (d / HEADLINE).read_text():
                 problems.append(f"{d / HEADLINE}: differs from the re-rendered headline")
@@ -317,6 +336,8 @@ def check(snap: Path) -> list[str]:
             for p in d.iterdir():
                 if p.is_file() and p.suffix not in ALLOWED:
                     problems.append(f"{p}: not text or an image")
+        made = html.page(html.folder_parts(snap, reports, PROVENANCE, HEADLINE), PAGE_TITLE)
+        problems += html.check_page(snap / html.PAGE, made, RECORD)
     return problems
 
 

@@ -21,6 +21,10 @@
 - :mod:`score_exp.runs.safe_load`: rebuilding a run's config from the project's own config files
   with plain values from the folder; the one allow-list of ``_target_``s (``TRUSTED_ENV``); the
   values an Optuna study may hand to ``score-train``.
+- :mod:`score_exp.runs.study`: a tuning study (Optuna 4): its search space (``tune:``), its
+  trials as ``score-train`` runs in ``<study>/trial<N>/``, its budget and resumption.
+- :mod:`score_exp.runs.study_db`: a study's database read as data (schema checked read-only,
+  the best trial's overrides).
 
 ``files`` imports nothing of the package but :mod:`score_exp.errors`, ``record`` only ``files``;
 nothing here imports the builder (:mod:`score_exp.run`) or a door (:mod:`score_exp.cli`).

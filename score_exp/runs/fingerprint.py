@@ -39,6 +39,7 @@ NON_IDENTITY = (
     "fail_on_diverge",
     "overwrite",
     "objective",
+    "tune",  # score-tune's study settings (tune_* experiments): the trials' values are overrides
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.default_root_dir",

@@ -167,9 +167,10 @@ class SweepFailures(_HydraCallback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
 
-        if job_return.status != JobStatus.FAILED:
-            return
+        if job_return.status != JobStatus.FAILED or config.hydra.mode != RunMode.MULTIRUN:
+            return  # a single run's failure is its own (results.json, stderr), not a sweep's
         sweep_dir = Path(str(config.hydra.sweep.dir))
         error = job_return._return_value
         line = json.dumps(

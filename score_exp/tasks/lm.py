@@ -149,7 +149,9 @@ class LanguageModelModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         t = self.trainer
-        every = t.val_check_interval
+        every = t.val_check_interval  # in training batches: accumulate_grad_batches per step
+        if isinstance(every, int):
+            every //= max(int(t.accumulate_grad_batches), 1)
         if isinstance(every, int) and 0 < t.max_steps < every:
             raise ConfigError(
                 f"max_steps={t.max_steps} < val_check_interval={every}: the validation loss "

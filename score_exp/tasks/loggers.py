@@ -12,11 +12,14 @@ import csv
 import io
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from score_exp.errors import ScoreExpError
 
@@ -83,6 +86,9 @@ def init_run(init_timeout: float = INIT_TIMEOUT, **kwargs):
         return wandb.init(**{**kwargs, "mode": "offline"})
 
 
+log = logging.getLogger(__name__)
+
+
 def wandb_logger(
     project: str,
     save_dir: str,
@@ -128,16 +134,20 @@ def wandb_logger(
 def mlflow_logger(
     experiment_name: str,
     tracking_uri: str,
+    run_dir: str | None = None,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     connect_timeout: float = TRACKING_TIMEOUT_S,
     **kwargs,
 ) -> MLFlowLogger:
-    """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` on MLflow's file store.
+    """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger`, for any tracking URI.
 
-    MLflow 3 refuses a ``file:`` tracking URI unless ``MLFLOW_ALLOW_FILE_STORE`` is set (the file
-    store is in maintenance mode, not removed); a run that asked for it gets it. The run name
-    defaults to the run folder's name, as for W&B.
+    The run is named after its run folder (``run_dir``'s name, as for W&B), whatever the store:
+    a server (``http://``), a database (``sqlite:///``) or a file store. The experiment is
+    ``experiment_name``, shared by every run of a sweep: jobs that start together create it once
+    (:class:`_SharedMLFlowLogger`). MLflow 3 refuses a ``file:`` tracking URI unless
+    ``MLFLOW_ALLOW_FILE_STORE`` is set (the file store is in maintenance mode, not removed); a
+    run that asked for it gets it.
 
     A tracking server (``http(s)://``) must answer within ``connect_timeout`` seconds before the
     run starts, else the run fails in one line (:class:`TrackingServerUnavailable`, exit 1):
@@ -151,8 +161,9 @@ def mlflow_logger(
         _probe(tracking_uri, connect_timeout)
     if tracking_uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        run_name = run_name or Path(tracking_uri.removeprefix("file:")).parent.name
-    return MLFlowLogger(
+    if run_name is None and run_dir:
+        run_name = Path(run_dir).name
+    return _SharedMLFlowLogger(
         experiment_name=experiment_name,
         tracking_uri=tracking_uri,
         run_name=run_name,
@@ -183,6 +194,102 @@ def _probe(uri: str, timeout: float) -> None:
             f"the MLflow tracking server {uri} did not answer within {timeout:g} s ({why}); "
             "start it, fix logger.mlflow.tracking_uri, or drop the logger (logger=csv)"
         ) from None
+
+
+class _SharedMLFlowLogger(MLFlowLogger):
+    """An MLFlowLogger whose experiment may be created by another job at the same moment.
+
+    Lightning looks the experiment up by name and creates it when absent; two jobs of a parallel
+    sweep that both find it absent would race, and the second one's creation fails
+    (``RESOURCE_ALREADY_EXISTS``). Here the loser looks it up again.
+    """
+
+    @property
+    def experiment(self):
+        if not self._initialized and self._experiment_id is None and rank_zero_only.rank == 0:
+            self._experiment_id = _experiment_id(
+                self._mlflow_client, self._experiment_name, self._artifact_location
+            )
+        return super().experiment
+
+
+def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+    """The id of the live experiment ``name``, created if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(3):
+        expt = client.get_experiment_by_name(name)
+        if expt is not None and expt.lifecycle_stage != "deleted":
+            return expt.experiment_id
+        try:
+            return client.create_experiment(name=name, artifact_location=artifact_location)
+        except MlflowException as e:  # another job created it since the look-up
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    raise RuntimeError(f"MLflow experiment {name!r} exists but cannot be found (is it deleted?)")
+
+
+def log_final(
+    logger,
+    metrics: Mapping[str, float],
+    step: int,
+    hparams: Mapping[str, Any],
+    tags: Mapping[str, str],
+    artifacts: list[Path],
+    summary: Mapping[str, Any],
+) -> None:
+    """The run's closing numbers, in each logger's own way (rank 0, once, after testing).
+
+    ``metrics`` are the best checkpoint's (``best/val/*``) and the test's (``test/*``): logged
+    once at ``step``, under keys of their own, so a ``val/*`` curve holds validation passes only.
+    TensorBoard also gets them as the HParams tab's metrics beside ``hparams``; MLflow gets
+    ``tags`` and ``artifacts`` (``results.json``, ``config.yaml``); a W&B run gets them (and
+    ``summary``) in its summary, since its history refuses a step that lies behind.
+    """
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update({**summary, **metrics})
+        return
+    if metrics:
+        logger.log_metrics(dict(metrics), step)
+    if isinstance(logger, TensorBoardLogger):
+        _tensorboard_hparams(logger, hparams, metrics)
+    if isinstance(logger, MLFlowLogger):
+        client, run_id = logger.experiment, logger.run_id
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+        for path in artifacts:
+            if path.is_file():
+                client.log_artifact(run_id, str(path))
+    logger.finalize("success")  # written out (Lightning finalised the loggers after fit)
+
+
+def _tensorboard_hparams(
+    logger: TensorBoardLogger, hparams: Mapping[str, Any], metrics: Mapping[str, float]
+) -> None:
+    """TensorBoard's HParams tab: the run's hyperparameters and its headline metrics.
+
+    The tab shows, per run, each hyperparameter and the last value of each metric tag named
+    here (the scalars just logged). Lightning writes this only when ``log_hyperparams`` gets
+    metrics, and then logs them at step 0; the summary is written here instead.
+    """
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    def plain(v: Any) -> bool | int | float | str:
+        return v if isinstance(v, (bool, int, float, str)) else str(v)
+
+    exp, ssi, sei = hparams_summary({k: plain(v) for k, v in hparams.items()}, dict(metrics))
+    writer = logger.experiment._get_file_writer()
+    for summary in (exp, ssi, sei):
+        writer.add_summary(summary)
+
+
+def wandb_sync_hint(logger) -> str | None:
+    """``wandb sync <folder>`` for a W&B run logged offline (None for any other logger)."""
+    if not isinstance(logger, WandbLogger) or not getattr(logger, "_offline", False):
+        return None
+    run = logger.experiment
+    folder = Path(run.dir).parent if getattr(run, "dir", None) else None  # .../offline-run-*/
+    return f"wandb sync {folder}" if folder is not None else None
 
 
 class _BoundedWandbLogger(WandbLogger):

@@ -112,7 +112,7 @@ class FixedPointSolves(L.Callback):
 
     def __init__(self) -> None:
         self.train = [0, 0, 0.0]  # samples, converged, largest residual
-        self.test = [0, 0, 0.0]
+        self.test = [0, 0, 0.0, 0.0, 0]  # ..., evaluations of F spent, forwards
         self._warned = False
         self.active = False  # set in setup
 
@@ -146,12 +146,15 @@ class FixedPointSolves(L.Callback):
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         if not self.active:
             return
-        self.test = [0, 0, 0.0]
+        self.test = [0, 0, 0.0, 0.0, 0]
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dl_idx=0) -> None:
         if not self.active:
             return
-        self._add(self.test, find_depth(pl_module))
+        depth = find_depth(pl_module)
+        if self._add(self.test, depth) is not None and depth.last_nfe is not None:
+            self.test[3] += float(depth.last_nfe)  # what this forward spent (its slowest solve)
+            self.test[4] += 1
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         if not self.active:
@@ -180,14 +183,21 @@ class FixedPointSolves(L.Callback):
         if pl_module.trainer.world_size == 1:
             return totals
         t = pl_module.all_gather(torch.tensor(totals, dtype=torch.float64, device=pl_module.device))
-        return [int(t[:, 0].sum()), int(t[:, 1].sum()), float(t[:, 2].max())]
+        sums = [float(t[:, i].sum()) for i in range(3, t.shape[1])]  # the test's nfe, forwards
+        return [int(t[:, 0].sum()), int(t[:, 1].sum()), float(t[:, 2].max()), *sums]
 
     @staticmethod
     def _record(totals: list) -> dict | None:
-        n, converged, largest = totals
+        n, converged, largest = totals[:3]
         if not n:
             return None
-        return {"converged": round(converged / n, 6), "max_residual": largest, "samples": n}
+        record = {"converged": round(converged / n, 6), "max_residual": largest, "samples": n}
+        if len(totals) > 3 and totals[4]:
+            # The evaluations of F a forward spent (solver iterations + 1), the mean over the
+            # test's forwards: what a solved depth costs, where spec.nfe is only its steps.
+            nfe = round(totals[3] / totals[4], 2)
+            record["nfe"] = int(nfe) if nfe.is_integer() else nfe
+        return record
 
     def summary(self, spec) -> dict:
         """``results.json``'s ``solver``: the budget, and the training's and test's solves."""
