@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The "depth as a dial" measurements on a 2-core CPU (issue 12): each part is a plain CLI command,
-# so any figure in the README can be re-made. Parts: ancre | fp_memory | fixed_point |
+# so any figure of docs/depth.md can be re-made. Parts: ancre | fp_memory | fixed_point |
 # fixed_point_implicit | gnn_deep | equal_time | gpt_equal_time | gpt_dial | gpt_fixed_point |
 # gpt_fixed_point_implicit | gpt_deep | gpt_halting | all. Runs go to multirun/dial/<part>/ (finished runs are skipped on a re-run), bench
 # JSON to outputs/dial/. Benchmarks (ancre, fp_memory) need a quiet machine.

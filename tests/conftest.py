@@ -25,6 +25,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 # Overrides that keep CLI tests quiet and small.
 QUIET = ["trainer.enable_progress_bar=false"]
+# The tiny run of the test suite: the default task (esol_mlp, depth=score) for 2 epochs, narrow.
+TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -94,6 +96,47 @@ def load_results(run_dir: Path) -> dict:
     return load_record(run_dir).to_dict()
 
 
+def train_in_process(run_dir: Path, *overrides: str):
+    """``score-train``'s train function in this process: the real configs composed by Hydra,
+    then ``score_exp.cli.train.train(cfg, run_dir)``, as lightning-hydra-template's tests do.
+
+    What ``score-train`` does around it (argument checks, Hydra's job logging into
+    ``train.log``, the summary line, exit codes) is the door's, tested through the real CLI.
+    Returns the run's :class:`RunRecord`; bad input raises its ``ScoreExpError``. The process
+    state a run changes (environment variables Lightning sets, deterministic algorithms, the
+    Hydra config singleton) is restored afterwards.
+    """
+    import copy
+
+    import torch
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from score_exp.cli.train import train
+
+    env, deterministic = dict(os.environ), torch.are_deterministic_algorithms_enabled()
+    args = [f"hydra.run.dir={run_dir}", *QUIET, *overrides]
+    try:
+        with initialize_config_dir(
+            config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"
+        ):
+            cfg = hydra_compose("train", overrides=args, return_hydra_config=True)
+            with open_dict(cfg):  # what Hydra's run sets before it calls the task function
+                cfg.hydra.runtime.output_dir = str(Path(run_dir).absolute())
+            HydraConfig.instance().set_config(cfg)
+            task_cfg = copy.deepcopy(cfg)
+            with open_dict(task_cfg):
+                del task_cfg["hydra"]
+            return train(task_cfg, Path(run_dir))
+    finally:
+        HydraConfig.instance().cfg = None
+        os.environ.clear()
+        os.environ.update(env)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.fixture
 def compose():
     """``compose(*overrides)`` -> the composed train config (hydra resolvers available).
@@ -111,6 +154,18 @@ def compose():
             )
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One finished ``TINY`` run, trained once per test session (per pytest-xdist worker) by
+    the real ``score-train``, shared by every test that reads a run folder: ``(run_dir, the
+    finished process)``. Read it, never change it: a test that edits a run folder (or trains
+    into one) works on a copy (``shutil.copytree``)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    out = train_cli(run_dir, *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir, out
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from conftest import QUIET, REPO, cli_env, load_results, run_cli, train_cli
 from score_exp.data import fetch
 from score_exp.data.molecules import ESOL_SMILES_COLUMN, ESOL_TARGET_COLUMN
 
-TINY = ["trainer.max_epochs=1", "task.model.hidden=16"]
+ONE_EPOCH = ["trainer.max_epochs=1", "task.model.hidden=16"]
 
 
 def one_error_line(out: subprocess.CompletedProcess, prog: str = "score-train") -> str:
@@ -93,7 +93,7 @@ def test_a_csv_too_small_to_split_fails_before_training(tmp_path):
     """10 rows split 8/1/1: R² cannot score one molecule; said before the first epoch."""
     data = write_csv(tmp_path / "ten.csv", esol_rows(10))
     run_dir = tmp_path / "ten"
-    line = one_error_line(train_cli(run_dir, *TINY, *own_csv(data)))
+    line = one_error_line(train_cli(run_dir, *ONE_EPOCH, *own_csv(data)))
     assert f"{data}: 10 valid molecules" in line and "give 8 train, 1 val, 1 test" in line
     assert "at least 2 molecules" in line
     assert_no_work(run_dir)
@@ -149,7 +149,7 @@ def test_identical_molecules_leave_no_descriptor_and_fail_before_training(tmp_pa
     rows = [("CCO", y) for _, y in esol_rows(60)]  # 60 targets, one molecule
     data = write_csv(tmp_path / "same.csv", rows)
     run_dir = tmp_path / "same"
-    line = one_error_line(train_cli(run_dir, *TINY, *own_csv(data)))
+    line = one_error_line(train_cli(run_dir, *ONE_EPOCH, *own_csv(data)))
     assert "no descriptor varies over the 48 training molecules" in line
     assert_no_work(run_dir)
 
@@ -230,7 +230,7 @@ def test_wandb_without_network_falls_back_to_offline_once(tmp_path):
     run_dir = tmp_path / "wb"
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "score_exp.cli.train", f"hydra.run.dir={run_dir}", *QUIET, *TINY,
+        [sys.executable, "-m", "score_exp.cli.train", f"hydra.run.dir={run_dir}", *QUIET, *ONE_EPOCH,
          "logger=wandb", "logger.wandb.init_timeout=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         preexec_fn=lambda: os.umask(0o027),

@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import load_results, run_cli, train_cli
 
-TINY = ["--task", "esol_mlp", "--override", "task.model.hidden=16"]
+BENCH_TINY = ["--task", "esol_mlp", "--override", "task.model.hidden=16"]
 FAST = ["--repeats", "2", "--warmup", "1", "--steps-per-repeat", "2"]
 
 
@@ -18,7 +18,7 @@ FAST = ["--repeats", "2", "--warmup", "1", "--steps-per-repeat", "2"]
 def bench(tmp_path_factory):
     out_json = tmp_path_factory.mktemp("bench") / "bench.json"
     out = run_cli(
-        *TINY, *FAST, "--depth", "score", "--integrator", "euler", "rk4", "--lightning",
+        *BENCH_TINY, *FAST, "--depth", "score", "--integrator", "euler", "rk4", "--lightning",
         "--json", str(out_json), module="score_exp.bench.cli", timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_params_equal_those_score_train_reports(bench, tmp_path):
 def test_checkpoint_memory_measures_each_point_with_and_without(tmp_path):
     out_json = tmp_path / "mem.json"
     out = run_cli(
-        *TINY, *FAST, "--depth", "score", "--checkpoint-memory", "--checkpoint-steps", "2", "4",
+        *BENCH_TINY, *FAST, "--depth", "score", "--checkpoint-memory", "--checkpoint-steps", "2", "4",
         "--json", str(out_json), module="score_exp.bench.cli", timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -92,7 +92,9 @@ def test_checkpoint_memory_measures_each_point_with_and_without(tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
-    out = run_cli(*TINY, *args, "--json", str(tmp_path / "b.json"), module="score_exp.bench.cli")
+    out = run_cli(
+        *BENCH_TINY, *args, "--json", str(tmp_path / "b.json"), module="score_exp.bench.cli"
+    )
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("score-bench: error: ") and message in line, line

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import cli_env, load_results, train_cli
+from conftest import TINY, cli_env, load_results, train_cli
 
 from score_exp.errors import ConfigError
 from score_exp.tasks.distributed import GlobalBatchSampler, per_device_batch
 
 # dropout 0: the two runs then take the same steps (see test_ddp_run_matches_one_process).
-TINY = ["trainer.max_epochs=2", "task.model.hidden=32", "task.model.dropout=0"]
+NO_DROPOUT = [*TINY, "task.model.dropout=0"]
 
 
 @pytest.mark.parametrize("n, batch", [(902, 64), (10, 4), (7, 2)])
@@ -48,11 +48,11 @@ def test_indivisible_batch_is_one_clear_error_before_any_process_starts(tmp_path
 def test_ddp_run_matches_one_process(tmp_path):
     env = cli_env(WANDB_MODE="offline")
     ddp, one = tmp_path / "ddp", tmp_path / "one"
-    out = train_cli(ddp, "trainer=ddp_cpu", "logger=wandb", *TINY, env=env, timeout=300)
+    out = train_cli(ddp, "trainer=ddp_cpu", "logger=wandb", *NO_DROPOUT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("score-train: ok") == 1  # rank 1 reports nothing
     assert (ddp / "train_ddp_process_1.log").exists()  # two processes did run
-    out = train_cli(one, *TINY, timeout=300)
+    out = train_cli(one, *NO_DROPOUT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
     a, b = load_results(ddp), load_results(one)

@@ -1,5 +1,6 @@
 """Depth as a dial: input injection, initial state, random step counts, truncated backprop,
-halting that removes finished samples, and the fixed-point solver (README "Beyond SCORE")."""
+halting that removes finished samples, and the fixed-point solver (docs/depth.md, "Depth as a
+dial")."""
 
 from __future__ import annotations
 

@@ -257,7 +257,7 @@ def test_nanogpt_learning_rate_schedule():
 
 # ----------------------------------------------------------------------------- CLI
 
-TINY = [
+TINY_GPT = [
     "task=shakespeare_char_cpu",
     "depth=stacked",
     "task.max_steps=60",
@@ -269,7 +269,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("shakespeare") / "run"
-    proc = train_cli(run_dir, *TINY)
+    proc = train_cli(run_dir, *TINY_GPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -316,10 +316,10 @@ def test_same_seed_same_numbers_and_resume_continues_the_run(trained_run, tmp_pa
     short = tmp_path / "run"
     kill = ["+callbacks.kill._target_=sweep_helpers.SigtermAt", "+callbacks.kill.step=20"]
     env = cli_env(PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    proc = train_cli(short, *TINY, "task.max_steps=40", *kill, env=env)
+    proc = train_cli(short, *TINY_GPT, "task.max_steps=40", *kill, env=env)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert val_at(short, 20) == val_at(trained_run, 20)  # exact: same code, same machine
-    proc = train_cli(short, *TINY, "task.max_steps=40", *kill, env=env)
+    proc = train_cli(short, *TINY_GPT, "task.max_steps=40", *kill, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout + proc.stderr
     assert val_at(short, 40) == pytest.approx(val_at(trained_run, 40), rel=1e-5)
@@ -401,7 +401,7 @@ def test_score_train_is_nanogpt_train_py_to_the_bit(tmp_path, compose):
 
 
 def test_a_budget_shorter_than_the_eval_interval_is_an_error(tmp_path):
-    proc = train_cli(tmp_path / "run", *TINY, "task.max_steps=10", "task.val_check_interval=20")
+    proc = train_cli(tmp_path / "run", *TINY_GPT, "task.max_steps=10", "task.val_check_interval=20")
     assert proc.returncode == 2
     assert "would never be computed" in proc.stderr.splitlines()[-1]
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import CONFIG_DIR, cli_env, load_results, run_cli, train_cli
 
-TINY = ["trainer.max_epochs=2", "task.model.hidden=16"]
+# hidden=16: the TensorBoard hparams test reads that value back.
+NARROW = ["trainer.max_epochs=2", "task.model.hidden=16"]
 
 
 def _csv_rows(run_dir: Path, key: str) -> list[dict]:
@@ -75,7 +76,7 @@ def test_a_run_logged_with_each_logger_is_evaluated_by_score_eval(tmp_path, logg
     # Started in tmp_path with no MLFLOW_TRACKING_URI: MLflow's default store is tmp_path's.
     env = cli_env()
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = train_cli(run_dir, f"logger={logger}", *TINY, env=env, cwd=tmp_path, timeout=300)
+    out = train_cli(run_dir, f"logger={logger}", *NARROW, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     results = load_results(run_dir)
     # metrics.csv: one val/ row per validation pass (one per epoch, 2 here), the last one in the
@@ -110,7 +111,7 @@ def test_tensorboard_hparams_tab_holds_the_config_and_the_headline_metrics(tmp_p
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     run_dir = tmp_path / "tb"
-    out = train_cli(run_dir, "logger=tensorboard", *TINY, "depth.dt=0.25", timeout=300)
+    out = train_cli(run_dir, "logger=tensorboard", *NARROW, "depth.dt=0.25", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     results = load_results(run_dir)
     # TensorBoard's own reader, over every event file of the run, as the HParams tab reads them.

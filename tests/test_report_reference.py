@@ -106,9 +106,11 @@ def test_claims_md_sums_each_claim_up_across_datasets(tmp_path):
     assert params["per_dataset"] == {"esol": "supported", "freesolv": "supported",
                                      "lipophilicity": "contradicted"}  # fmt: skip
     assert params["verdict"] == "inconclusive"  # not the same on every dataset
-    # score reaches stacked's best (0.7) at epoch 2, stacked at epoch 4, on every dataset and seed
+    # score reaches stacked's best (0.7) at epoch 2, stacked at epoch 4, on every dataset and seed:
+    # faster in 3 of 3 pairs per dataset, but 3 pairs cannot make an exact sign test significant
+    # (p >= 0.25), so no dataset supports it (the old t-interval rule said supported on all 3).
     speed = summary["faster convergence"]
-    assert (speed["supported"], speed["datasets"], speed["verdict"]) == (3, 3, "supported")
+    assert (speed["inconclusive"], speed["datasets"], speed["verdict"]) == (3, 3, "inconclusive")
     md = (tmp_path / "out" / "claims.md").read_text()
     assert "## Across datasets" in md
     assert ("| fewer parameters | MolGNN | 3 | 2 | 1 | 0 | 0 | esol: supported; freesolv: "

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, cli_env, load_results, run_cli, train_cli
+from conftest import REPO, TINY, cli_env, load_results, run_cli, train_cli
 
 from score_exp.errors import ConfigError
 from score_exp.runs import safe_load
@@ -24,7 +24,6 @@ from score_exp.runs.checkpoints import load_checkpoint
 from score_exp.runs.lock import RunLock
 from score_exp.runs.record import LOCK, MOVED_ASIDE, RunDirError
 
-TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
 HELPERS_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
 READERS = [("score_exp.cli.eval", "score-eval"), ("score_exp.cli.sample", "score-sample")]
 
@@ -48,13 +47,11 @@ def one_line(out, prog: str = "score-train") -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny esol_mlp run (2 epochs)."""
-    run_dir = tmp_path_factory.mktemp("runs") / "run"
-    out = train_cli(run_dir, *TINY)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+@pytest.fixture
+def finished(tiny_run):
+    """A finished tiny esol_mlp run (2 epochs): the suite's (conftest.tiny_run), never changed
+    here (every test that edits or trains into a folder copies it first)."""
+    return tiny_run[0]
 
 
 def crafted(finished: Path, tmp_path: Path, edit) -> Path:

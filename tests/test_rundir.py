@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, REPO, cli_env, load_results, run_cli, train_cli
+from conftest import QUIET, REPO, TINY, cli_env, load_results, run_cli, train_cli
 
 from score_exp.runs.fingerprint import fingerprint, run_identity
 from score_exp.runs.lock import RunLock
 from score_exp.runs.record import FINGERPRINT, LOCK, MOVED_ASIDE
 from score_exp.runs.sweeps import safe_dirname
 
-TINY = ["trainer.max_epochs=3", "task.model.hidden=32"]
 HELPERS_ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
 KILL_AT_2 = ["+callbacks.kill._target_=sweep_helpers.SigtermAt", "+callbacks.kill.epoch=2"]
 
@@ -54,13 +53,11 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny esol_mlp run (3 epochs)."""
-    run_dir = tmp_path_factory.mktemp("rundir") / "run"
-    out = train_cli(run_dir, *TINY)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+@pytest.fixture
+def finished(tiny_run):
+    """A finished tiny esol_mlp run (the suite's TINY run, conftest.tiny_run): commands that
+    must leave it untouched run on it; every test that changes a folder copies it first."""
+    return tiny_run[0]
 
 
 # ----------------------------------------------------------------------------- 1. fingerprint

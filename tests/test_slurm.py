@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, REPO, cli_env, load_results, run_cli, train_cli
+from conftest import QUIET, REPO, TINY, cli_env, load_results, run_cli, train_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
 # One CPU and 1 GB per task fit a small CI machine's node (2 CPUs); slurm_cpu's defaults are
 # sized for a real CPU partition.
 SMALL = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]

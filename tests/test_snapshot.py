@@ -189,7 +189,12 @@ def test_tiny_real_sweep_to_a_checked_snapshot(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     snap = tmp_path / "results"
     proc = run_cli(str(sweep), "--out", str(snap), "--wall", "1 min", module="score_exp.report.snapshot")  # fmt: skip
+    # default numerics (and maybe a dirty tree): refused unless asked, then marked
+    assert proc.returncode == 2 and "refusing to publish" in proc.stderr, proc.stderr[-3000:]
+    proc = run_cli(str(sweep), "--out", str(snap), "--wall", "1 min", "--allow-unpublishable",
+                   module="score_exp.report.snapshot")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "published anyway" in (snap / "PROVENANCE.md").read_text()
     assert not list(snap.rglob("*.ckpt")) and (snap / "runs.csv").is_file()
     assert "score − stacked" in (snap / HEADLINE).read_text()
     check_proc = run_cli("--check", "--out", str(snap), module="score_exp.report.snapshot")

@@ -9,11 +9,10 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, REPO, cli_env, load_results, run_cli, train_cli
+from conftest import QUIET, REPO, TINY, cli_env, load_results, run_cli, train_cli
 
 pytestmark = pytest.mark.slow
 
-TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
 GRID = ["depth=score,stacked", "seed=0,1"]
 # Hydra names a sweep's run folders by their sorted overrides (override_dirname).
 SUFFIX = ",task.model.hidden=32,trainer.max_epochs=2"

@@ -8,13 +8,12 @@ import math
 
 import numpy as np
 import pytest
-from conftest import CONFIG_DIR, cli_env, load_results, run_cli, train_cli
+from conftest import CONFIG_DIR, TINY, cli_env, load_results, run_cli, train_cli
 
 from score_exp.config import depth_spec
 from score_exp.core import DepthSpec
 
 PRESETS = ["score", "stacked", "stacked_plain", "skip05", "shared_residual", "shared_plain"]
-TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
 
 
 # ----------------------------------------------------------------------------- composition
@@ -56,12 +55,10 @@ def test_help_lists_groups_and_examples():
 # ----------------------------------------------------------------------------- a real run
 
 
-@pytest.fixture(scope="module")
-def mlp_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("mlp") / "run"
-    out = train_cli(run_dir, *TINY)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir, out
+@pytest.fixture
+def mlp_run(tiny_run):
+    """The suite's TINY run by the real score-train (conftest.tiny_run): read, never changed."""
+    return tiny_run
 
 
 def test_run_writes_the_documented_record(mlp_run):

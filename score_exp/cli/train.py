@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from score_exp import numerics
 from score_exp.cli.common import check_argv, check_run_config, remove_refused_run_dir
 from score_exp.config import CONFIG_DIR, check_overrides, depth_spec
 from score_exp.core import DepthSpec
@@ -51,6 +52,9 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
     """Run one configuration into ``run_dir`` and return its results record."""
     check_run_config(cfg)  # before anything else: bad top-level keys never start work
     spec = depth_spec(cfg)  # likewise a bad depth
+    # Before anything computes: the kernels of the run's numerics mode (configs/numerics/); a
+    # process that cannot give them is refused before its folder is touched.
+    kernels = numerics.apply(cfg.get("numerics"))
     # The folder is bound to this config (fingerprint) and locked before any work; a folder of
     # another config is refused untouched. Rank 0 decides (skip, refuse, resume, lock) once for
     # every data-parallel rank (score_exp.runs.claim.claim_for_ranks).
@@ -68,13 +72,15 @@ def train(cfg: DictConfig, run_dir: Path) -> RunRecord:
         return RunRecord.from_dict(decision["record"])
     resume = Path(decision["resume"]) if decision.get("resume") else None
     try:
-        return _train(cfg, run_dir, spec, resume)
+        return _train(cfg, run_dir, spec, resume, kernels)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None) -> RunRecord:
+def _train(
+    cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None, kernels: dict
+) -> RunRecord:
     from score_exp.tasks.results import depth_fields, git_commit, package_versions
 
     t0 = time.perf_counter()
@@ -95,6 +101,7 @@ def _train(cfg: DictConfig, run_dir: Path, spec: DepthSpec, resume: Path | None)
         git=git_commit(),
         overrides=_overrides(),
         slurm=before.get("slurm") or None,
+        numerics=kernels,
     )
 
     def clock() -> None:  # total wall time over all segments, and the requeues
@@ -489,6 +496,7 @@ def main() -> None:
     """Console entry point of ``score-train``: a mistake in the command (a config group's
     option, a key, a value) is one error line before any folder exists; every failed job of a
     sweep is listed at the end."""
+    numerics.enter()  # numerics=portable: its kernels before torch computes (may re-execute)
     sweeps.adopt_jobs()
     check_argv("score-train", sys.argv[1:])
     try:

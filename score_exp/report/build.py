@@ -134,7 +134,7 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
         sections.append("\n".join(text))
 
     report.claims = claims(runs)
-    claims_md = claims_markdown(report.claims)
+    claims_md = claims_markdown(report.claims, runs)
     if report.claims:
         report.claim_tables.append(claims_table(report.claims))
         if summary := across_datasets(report.claims):

@@ -7,7 +7,8 @@ they vary); the verdict rule is :data:`VERDICT_RULE`, printed with the table.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from score_exp.report.runs import Run
 from score_exp.report.stats import (
@@ -16,43 +17,33 @@ from score_exp.report.stats import (
     baseline_for,
     by_seed,
     context_keys,
+    holm,
+    noninferiority_p,
     one_sample,
     paired_diff,
+    sign_test,
 )
 from score_exp.report.tables import Table, iteration_based
 from score_exp.report.variants import Variant, by_task, variants
-
-SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
-
-VERDICT_RULE = """\
-Verdict rule (95% two-sided Student-t intervals over seeds, differences paired by seed):
-- **fewer parameters**: supported when the shared variant has fewer trainable parameters than
-  its stacked baseline in every setting of the experiment, contradicted otherwise (parameter
-  counts are exact: no interval).
-- **faster convergence**: per seed, epochs (or steps) until the shared variant's val metric
-  reaches the stacked run's best val value, minus the epochs the stacked run took to reach it
-  (a run that never reaches it counts its last epoch: a lower bound). Supported when the CI
-  lies below 0, contradicted when it lies above 0, inconclusive otherwise.
-- **Euler the best cost/quality trade-off**: per integrator, its test metric minus Euler's.
-  Supported when every other integrator costs more time per step and none is better with a CI
-  that excludes 0; contradicted when another integrator is better with a CI that excludes 0;
-  inconclusive with fewer than 2 pairs.
-- **dt 0.5 often best**: per steps setting, dt 0.5 against the dt with the best mean test
-  metric. Supported when 0.5 has the best mean in at least half of the settings and is worse
-  with a CI that excludes 0 in none; contradicted when it is worse with a CI that excludes 0
-  in at least half; inconclusive otherwise. The CI column pools the per-seed differences
-  (0.5 minus the best dt) over settings.
-- **shared contractive stable where stacking degrades**: per deeper setting S against the
-  fewest steps S0, (shared(S) - shared(S0)) - (stacked(S) - stacked(S0)) per seed, in the
-  metric's "worse" direction. Supported when the CI lies on the side where shared degrades
-  less, contradicted when on the other side, inconclusive otherwise.
-A claim an experiment cannot test (n < 2 pairs) is inconclusive at this n."""
-
-ACROSS_RULE = """\
-Across datasets: per claim and model, each dataset's verdict is the verdict of its rows above (all
-experiments and settings on that dataset; `mixed` when they disagree). The claim is supported
-across datasets when it is supported on every dataset, contradicted when contradicted on every
-dataset, inconclusive otherwise (the counts say how it splits)."""
+from score_exp.report.verdicts import (  # noqa: F401  (the rules are imported from here, too)
+    ACROSS_RULE,
+    ALPHA,
+    CONTRADICTED,
+    INCONCLUSIVE,
+    MARGIN,
+    MIXED,
+    SUPPORTED,
+    VERDICT_RULE,
+    across_datasets,
+    across_table,
+    at_cap,
+    cap_markdown,
+    dataset_and_model,
+    dataset_verdict,
+    once,
+    run_key,
+    run_keys,
+)
 
 
 @dataclass
@@ -65,9 +56,23 @@ class Claim:
     verdict: str
     dataset: str = ""  # the experiment's data (registry key or CSV file name), for the summary
     model: str = ""  # the model class of its runs (RecurrentMLP, MolGNN ...)
+    p: list = field(default_factory=list)  # the row's raw p-values (members of the family)
+    p_holm: list = field(default_factory=list)  # the same, Holm-adjusted over the family
+    runs: frozenset = field(default_factory=frozenset, repr=False)  # configurations it reads
+    decide: Callable | None = field(default=None, repr=False)  # adjusted p-values -> verdict
 
     def row(self) -> list[str]:
-        return [self.claim, self.experiment, str(self.n), self.effect, self.ci, self.verdict]
+        return [self.claim, self.experiment, str(self.n), self.effect, self.ci, self.p_text(),
+                self.verdict]  # fmt: skip
+
+    def p_text(self) -> str:
+        ps = [p for p in self.p_holm if p is not None]
+        if not ps:
+            return "exact" if self.ci == "exact" else "n/a"
+        return " / ".join(f"{p:.3g}" for p in ps)
+
+    def record(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("runs", "decide")}
 
 
 def _is_shared_contractive(v: Variant) -> bool:
@@ -113,9 +118,9 @@ def fewer_parameters(name: str, vs: list[Variant]) -> list[Claim]:
         f"{min(rs):.3f}" if len(rs) == 1 else f"{min(rs):.3f}-{max(rs):.3f} over {len(rs)} settings"
     )
     verdict = SUPPORTED if all(r < 1 for r in rs) else CONTRADICTED
-    return [
-        Claim("fewer parameters", name, n, f"params shared / stacked = {span}", "exact", verdict)
-    ]
+    runs = [r for v, b in _pairs(vs) for r in v.runs + b.runs]
+    return [Claim("fewer parameters", name, n, f"params shared / stacked = {span}", "exact",
+                  verdict, runs=run_keys(runs))]  # fmt: skip
 
 
 def _runs_by_seed(runs: list[Run]) -> dict[int, Run]:
@@ -139,7 +144,7 @@ def faster_convergence(name: str, vs: list[Variant]) -> list[Claim]:
         runs = v.runs + b.runs
         hib, by_step = runs[0].higher_is_better, iteration_based(runs)
         a_by, b_by = _runs_by_seed(v.runs), _runs_by_seed(b.runs)
-        diffs, censored = [], 0
+        diffs, faster, slower, ties, censored = [], 0, 0, 0, 0
         for seed in sorted(set(a_by) & set(b_by)):
             sv, sb = a_by[seed], b_by[seed]
             target = sb.record.best_value
@@ -147,19 +152,48 @@ def faster_convergence(name: str, vs: list[Variant]) -> list[Claim]:
                 continue
             eb, _ = _epochs_to(sb, target, hib, by_step)
             ea, cens = _epochs_to(sv, target, hib, by_step)
-            censored += cens
+            if cens:  # never reached the stacked run's best: not fast, however early it stopped
+                censored += 1
+                slower += 1
+                continue
             diffs.append(ea - eb)
-        if not diffs:
+            faster += ea < eb
+            slower += ea > eb
+            ties += ea == eb
+        n = faster + slower + ties
+        if not n:
             continue
-        d = one_sample([float(x) for x in diffs])
         unit = "steps" if by_step else "epochs"
-        side = _side(d)
-        verdict = SUPPORTED if side < 0 else CONTRADICTED if side > 0 else INCONCLUSIVE
-        effect = f"{v.label} − {b.label}: {_fmt(d.mean, 1)} {unit} to stacked's best"
-        if censored:
-            effect += f" ({censored} never reached: lower bound)"
-        out.append(Claim("faster convergence", name, d.n, effect, d.ci(1), verdict))
+        d = one_sample([float(x) for x in diffs])
+        effect = (f"{v.label} − {b.label}: reached stacked's best in {n - censored}/{n}; faster in "
+                  f"{faster}, slower in {slower} ({censored} never reached), ties {ties}")  # fmt: skip
+        if d.mean is not None:
+            effect += f"; {_fmt(d.mean, 1)} {unit} among those that reached it"
+        ci = _ci(d, 1) if d.n >= 2 else "n/a"
+
+        def decide(ps, faster=faster, slower=slower) -> str:
+            if ps[0] is None or ps[0] >= ALPHA or faster == slower:
+                return INCONCLUSIVE
+            return SUPPORTED if faster > slower else CONTRADICTED
+
+        out.append(Claim("faster convergence", name, n, effect, ci, INCONCLUSIVE,
+                         p=[sign_test(faster, slower)], runs=run_keys(v.runs + b.runs),
+                         decide=decide))  # fmt: skip
     return out
+
+
+def _p(d: PairedDiff) -> float | None:
+    """The two-sided paired t p-value; 0 for a nonzero mean with zero spread (t is infinite)."""
+    if d.p_t is None and d.n >= 2 and d.ci_low == d.ci_high and d.mean:
+        return 0.0
+    return d.p_t
+
+
+def _ci(d: PairedDiff, digits: int = 4) -> str:
+    """The t interval, or why there is none (zero spread: every difference the same)."""
+    if d.ci_low is not None and d.ci_low == d.ci_high:
+        return f"n/a (every pair {_fmt(d.mean, digits)})"
+    return d.ci(digits)
 
 
 def _by_keys(runs: list[Run], key: str) -> dict:
@@ -167,6 +201,11 @@ def _by_keys(runs: list[Run], key: str) -> dict:
     for r in runs:
         out.setdefault(repr(r.get(key)), []).append(r)
     return out
+
+
+def _worse(a: dict[int, float], b: dict[int, float], sign: int) -> list[float]:
+    """Per common seed, how much worse ``a`` is than ``b`` (positive = worse)."""
+    return [sign * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
 
 
 def euler_tradeoff(name: str, runs: list[Run]) -> list[Claim]:
@@ -178,24 +217,32 @@ def euler_tradeoff(name: str, runs: list[Run]) -> list[Claim]:
     t_euler = statistics.fmean(
         [t for r in euler if isinstance(t := r.get("time_per_step_s"), (int, float))] or [0.0]
     )
+    e = by_seed(euler, Run.test_metric)
     out = []
     for key, rs in sorted(groups.items()):
-        d = paired_diff(by_seed(rs, Run.test_metric), by_seed(euler, Run.test_metric))
+        o = by_seed(rs, Run.test_metric)
+        d = paired_diff(o, e)
         times = [t for r in rs if isinstance(t := r.get("time_per_step_s"), (int, float))]
         ratio = statistics.fmean(times) / t_euler if times and t_euler else None
-        better = _side(d) == -sign  # the other integrator is better, CI excluding 0
-        if d.n < 2:
-            verdict = INCONCLUSIVE
-        elif better:
-            verdict = CONTRADICTED
-        else:
-            verdict = SUPPORTED if ratio is not None and ratio > 1 else INCONCLUSIVE
+        margin = MARGIN * abs(statistics.fmean(o.values())) if o else 0.0
+        p_ni = noninferiority_p(_worse(e, o, sign), margin)  # Euler no worse than the other
+        other_better = d.mean is not None and sign * d.mean < 0
+
+        def decide(ps, ratio=ratio, other_better=other_better) -> str:
+            p_ni, p_sup = ps
+            if p_sup is not None and p_sup < ALPHA and other_better:
+                return CONTRADICTED
+            if p_ni is not None and p_ni < ALPHA and ratio is not None and ratio > 1:
+                return SUPPORTED
+            return INCONCLUSIVE
+
         metric = f"test {rs[0].headline}"
         cost = f", {ratio:.2f}x time/step" if ratio else ""
-        effect = f"{key.strip(chr(39))} − euler: {_fmt(d.mean)} {metric}{cost}"
-        out.append(
-            Claim("Euler the best cost/quality trade-off", name, d.n, effect, d.ci(), verdict)
-        )
+        effect = (f"{key.strip(chr(39))} − euler: {_fmt(d.mean)} {metric}{cost}; margin "
+                  f"{margin:.4f} (p non-inferiority / p difference)")  # fmt: skip
+        out.append(Claim("Euler the best cost/quality trade-off", name, d.n, effect, _ci(d),
+                         INCONCLUSIVE, p=[p_ni, _p(d)], runs=run_keys(rs + euler),
+                         decide=decide))  # fmt: skip
     return out
 
 
@@ -206,7 +253,7 @@ def dt_often_best(name: str, runs: list[Run]) -> list[Claim]:
         return []
     sign = _sign(runs)
     settings = _by_keys(ok, "depth.steps")
-    best_count, worse_count, pooled, n = 0, 0, [], None
+    best_count, tested, pooled, ps, n = 0, 0, [], [], None
     for rs in settings.values():
         cells = {
             dt: by_seed([r for r in rs if r.get("depth.dt") == dt], Run.test_metric) for dt in dts
@@ -219,32 +266,35 @@ def dt_often_best(name: str, runs: list[Run]) -> list[Claim]:
             best_count += 1
             n = len(cells[0.5]) if n is None else min(n, len(cells[0.5]))
             continue
+        tested += 1
         d = paired_diff(cells[0.5], cells[best])
         n = d.n if n is None else min(n, d.n)
         pooled += [cells[0.5][s] - cells[best][s] for s in set(cells[0.5]) & set(cells[best])]
-        worse_count += _side(d) == sign
-    total = sum(
-        1
-        for rs in settings.values()
-        if len({r.get("depth.dt") for r in rs}) >= 2 and any(r.get("depth.dt") == 0.5 for r in rs)
-    )
+        margin = MARGIN * abs(statistics.fmean(cells[best].values()))
+        worse = d.mean is not None and sign * d.mean > 0
+        # per setting: non-inferiority of 0.5, then the two-sided test (None unless 0.5 is worse)
+        ps += [noninferiority_p(_worse(cells[0.5], cells[best], sign), margin),
+               _p(d) if worse else None]  # fmt: skip
+    total = best_count + tested
     if not total:
         return []
-    if best_count * 2 >= total and worse_count == 0:
-        verdict = SUPPORTED
-    elif worse_count * 2 >= total:
-        verdict = CONTRADICTED
-    else:
-        verdict = INCONCLUSIVE
+
+    def decide(adj, best_count=best_count, total=total) -> str:
+        ni = sum(p is not None and p < ALPHA for p in adj[0::2])
+        sig_worse = sum(p is not None and p < ALPHA for p in adj[1::2])
+        if sig_worse * 2 >= total:
+            return CONTRADICTED
+        if (best_count + ni) * 2 >= total and sig_worse == 0:
+            return SUPPORTED
+        return INCONCLUSIVE
+
     d = one_sample(pooled) if pooled else None
-    effect = (
-        f"dt 0.5 best in {best_count}/{total} steps settings, significantly worse in "
-        f"{worse_count}/{total}"
-    )
+    effect = f"dt 0.5 best (mean) in {best_count}/{total} steps settings"
     if d is not None and d.mean is not None:
         effect += f"; 0.5 − best dt: {_fmt(d.mean)} test {runs[0].headline} (pooled)"
-    ci = d.ci() if d is not None else "n/a (0.5 best everywhere)"
-    return [Claim("dt 0.5 often best", name, n or 0, effect, ci, verdict)]
+    ci = _ci(d) if d is not None else "n/a (0.5 best everywhere)"
+    return [Claim("dt 0.5 often best", name, n or 0, effect, ci, INCONCLUSIVE, p=ps,
+                  runs=run_keys(ok), decide=decide)]  # fmt: skip
 
 
 def deep_stability(name: str, vs: list[Variant]) -> list[Claim]:
@@ -270,20 +320,32 @@ def deep_stability(name: str, vs: list[Variant]) -> list[Claim]:
             diffs = [(av[s] - a0[s]) - (bv[s] - bb0[s]) for s in seeds]
             stacked_deg = one_sample([bv[s] - bb0[s] for s in seeds])
             d = one_sample(diffs)
-            side = _side(d)
-            verdict = SUPPORTED if side == -sign else CONTRADICTED if side == sign else INCONCLUSIVE
+            side = -1 if (d.mean or 0) < 0 else 1 if (d.mean or 0) > 0 else 0
+
+            def decide(ps, side=side) -> str:
+                if ps[0] is None or ps[0] >= ALPHA or side == 0:
+                    return INCONCLUSIVE
+                return SUPPORTED if side == -sign else CONTRADICTED
+
             effect = (
                 f"{v.label} vs {b.label}, {s0} -> {v.get('depth.steps')} steps: change of shared "
                 f"minus change of stacked {_fmt(d.mean)} test {runs[0].headline} (stacked changed "
                 f"{_fmt(stacked_deg.mean)} {stacked_deg.ci()})"
             )
             out.append(Claim("shared contractive stable where stacking degrades", name, d.n,
-                             effect, d.ci(), verdict))  # fmt: skip
+                             effect, _ci(d), INCONCLUSIVE, p=[_p(d)],
+                             runs=run_keys(v.runs + v0.runs + b.runs + b0.runs),
+                             decide=decide))  # fmt: skip
     return out
 
 
+ORDER = ["fewer parameters", "faster convergence", "Euler the best cost/quality trade-off",
+         "dt 0.5 often best", "shared contractive stable where stacking degrades"]  # fmt: skip
+
+
 def claims(runs: list[Run]) -> list[Claim]:
-    """Every claim row the given runs can test, one per experiment (and setting)."""
+    """Every claim row the given runs can test, each configuration counted once, with verdicts
+    after Holm's adjustment over each claim's rows (:data:`VERDICT_RULE`)."""
     out: list[Claim] = []
     runs = [r for r in runs if not r.reference]  # a reference model is no depth variant
     for name, task_runs in sorted(by_task(runs).items()):
@@ -296,70 +358,31 @@ def claims(runs: list[Run]) -> list[Claim]:
             rows += deep_stability(name, vs)
         rows += euler_tradeoff(name, task_runs)
         rows += dt_often_best(name, task_runs)
-        dataset, model = _dataset_and_model(task_runs[0])
+        dataset, model = dataset_and_model(task_runs[0])
         for c in rows:
             c.dataset, c.model = dataset, model
         out += rows
-    order = ["fewer parameters", "faster convergence", "Euler the best cost/quality trade-off",
-             "dt 0.5 often best", "shared contractive stable where stacking degrades"]  # fmt: skip
-    return sorted(out, key=lambda c: (order.index(c.claim), c.experiment))
-
-
-def _dataset_and_model(run: Run) -> tuple[str, str]:
-    """A run's dataset (registry key, or its own CSV's file name) and model class name."""
-    path = run.get("task.data.path")
-    dataset = str(path).replace("\\", "/").rsplit("/", 1)[-1] if path else run.get("task.data.registry_key")  # fmt: skip
-    model = str(run.get("task.model._target_") or "").rsplit(".", 1)[-1]
-    return str(dataset or ""), model
-
-
-MIXED = "mixed"
-
-
-def across_datasets(rows: list[Claim]) -> list[dict]:
-    """One summary per claim and model tested on at least two datasets (rule: :data:`ACROSS_RULE`).
-
-    Each dict holds ``claim``, ``model``, ``datasets`` (how many), the count of datasets per
-    verdict (``supported``, ``contradicted``, ``inconclusive``, ``mixed``), ``per_dataset``
-    (``{dataset: verdict}``) and the ``verdict`` across them.
-    """
-    groups: dict[tuple[str, str], dict[str, set[str]]] = {}
-    for c in rows:
-        if c.dataset:
-            groups.setdefault((c.claim, c.model), {}).setdefault(c.dataset, set()).add(c.verdict)
-    out = []
-    for (claim, model), by_dataset in groups.items():
-        if len(by_dataset) < 2:
-            continue
-        per = {d: next(iter(vs)) if len(vs) == 1 else MIXED for d, vs in sorted(by_dataset.items())}
-        counts = {k: sum(v == k for v in per.values()) for k in (SUPPORTED, CONTRADICTED, INCONCLUSIVE, MIXED)}  # fmt: skip
-        verdict = next(
-            (k for k in (SUPPORTED, CONTRADICTED) if counts[k] == len(per)), INCONCLUSIVE
-        )
-        out.append({"claim": claim, "model": model, "datasets": len(per), **counts,
-                    "per_dataset": per, "verdict": verdict})  # fmt: skip
+    out = once(sorted(out, key=lambda c: (ORDER.index(c.claim), c.experiment)))
+    for claim in ORDER:
+        family = [c for c in out if c.claim == claim and c.decide is not None]
+        flat = holm([p for c in family for p in c.p])
+        i = 0
+        for c in family:
+            c.p_holm, i = flat[i : i + len(c.p)], i + len(c.p)
+            c.verdict = c.decide(c.p_holm)
     return out
 
 
-def across_table(summary: list[dict]) -> Table:
-    header = ["claim", "model", "datasets", "supported", "contradicted", "inconclusive", "mixed",
-              "per dataset", "verdict"]  # fmt: skip
-    rows = [[s["claim"], s["model"] or "?", str(s["datasets"]),
-             *(str(s[k]) for k in (SUPPORTED, CONTRADICTED, INCONCLUSIVE, MIXED)),
-             "; ".join(f"{d}: {v}" for d, v in s["per_dataset"].items()), s["verdict"]]
-            for s in summary]  # fmt: skip
-    return Table("claims across datasets", header, rows, ACROSS_RULE, summary)
-
-
 def claims_table(rows: list[Claim]) -> Table:
-    header = ["claim", "experiment", "n", "effect", "95% CI", "verdict"]
+    header = ["claim", "experiment", "n", "effect", "95% CI", "p (Holm)", "verdict"]
     note = VERDICT_RULE
-    records = [dict(c.__dict__) for c in rows]
+    records = [c.record() for c in rows]
     return Table("claims of the paper", header, [c.row() for c in rows], note, records)
 
 
-def claims_markdown(rows: list[Claim]) -> str:
-    """``claims.md``: the claims table and the verdict rule."""
+def claims_markdown(rows: list[Claim], runs: list[Run] | None = None) -> str:
+    """``claims.md``: the claims table, the verdict rules and (given the runs) the share of runs
+    that hit their epoch cap."""
     if not rows:
         body = "No experiment under these folders tests a claim (no stacked baseline, integrator or dt grid).\n"
         return "# Claims of the paper\n\n" + body + "\n" + VERDICT_RULE + "\n"
@@ -367,4 +390,8 @@ def claims_markdown(rows: list[Claim]) -> str:
     md = "# Claims of the paper\n\n" + t.markdown().split("\n", 2)[2]
     if summary := across_datasets(rows):
         md += "\n## Across datasets\n\n" + across_table(summary).markdown().split("\n", 2)[2]
+    else:
+        md += "\n" + ACROSS_RULE + "\n"
+    if runs and (cap := cap_markdown(runs)):
+        md += "\n" + cap
     return md

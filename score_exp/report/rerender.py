@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
+from score_exp.report import literature
 from score_exp.report.build import build_report
 from score_exp.report.snapshot import (
     ALLOWED,
     HEADLINE,
+    LITERATURE,
     PROVENANCE,
     RECORD,
     _dirty,
@@ -62,6 +64,7 @@ def rerender(snap: Path) -> None:
                              "page; no run re-trained): `make results-page`")  # fmt: skip
             atomic_write_text(prov, "\n".join(lines) + "\n")
         reports["" if d == snap else d.name] = report
+    atomic_write_text(snap / LITERATURE, literature.markdown())  # the published RMSEs beside ours
     write_page(snap, reports)
 
 

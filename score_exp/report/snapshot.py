@@ -27,34 +27,39 @@ Text and images only: checkpoints, logs and run folders are never copied.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from score_exp.errors import DataError, ScoreExpError
-from score_exp.report import html
+from score_exp.report import html, literature
 from score_exp.report.build import build_report
-from score_exp.report.runs import missing_runs, recorded_result, scan_runs, varied_keys
+from score_exp.report.provenance import (  # noqa: F401  (also imported from here: rerender, tests)
+    README_END,
+    README_START,
+    RECORD,
+    _dirty,
+    _git,
+    check_prose,
+    machine,
+    provenance,
+    training_commands,
+    unpublishable,
+)
+from score_exp.report.runs import missing_runs, scan_runs, varied_keys
 from score_exp.runs.files import atomic_write_text
 
-RECORD = "runs.json"
 HEADLINE = "HEADLINE.md"
 PROVENANCE = "PROVENANCE.md"
+LITERATURE = "LITERATURE.md"
 # Files score-report writes that the check compares (the plots are drawn from the same runs).
 TABLE_FILES = ("report.md", "claims.md", "runs.csv", "paired.csv", "tables.tex")
 # What a snapshot may hold: small text and images.
 ALLOWED = (".md", ".csv", ".json", ".tex", ".png", ".svg", ".html")
 PAGE_TITLE = "score_exp: published results"
-README_START = "<!-- results:start (written by `make results`: docs/results/HEADLINE.md) -->"
-README_END = "<!-- results:end -->"
 # The headline's per-experiment table (long rows): in the full block only, never the README's.
 EXPERIMENTS_HEADER = (
     "| experiment / task | test metric, mean ± std (n) | vs stacked | vs the peer |"
@@ -105,7 +110,7 @@ def _fmt(x: float | None, spec: str = "+.3f") -> str:
 
 def headline(report) -> str:
     """Markdown: each claim's verdict per dataset, then SCORE vs stacked vs the peer per task."""
-    from score_exp.report.claims import MIXED
+    from score_exp.report.claims import dataset_verdict
 
     lines = []
     verdicts: dict[tuple[str, str], dict[str, set[str]]] = {}
@@ -116,8 +121,7 @@ def headline(report) -> str:
         lines += ["| claim | model | " + " | ".join(datasets) + " |",
                   "|---|---|" + "---|" * len(datasets)]  # fmt: skip
         for (claim, model), per in verdicts.items():
-            cells = [("—" if d not in per else next(iter(per[d])) if len(per[d]) == 1 else MIXED)
-                     for d in datasets]  # fmt: skip
+            cells = ["—" if d not in per else dataset_verdict(per[d]) for d in datasets]
             lines.append(f"| {claim} | {model or '?'} | " + " | ".join(cells) + " |")
         lines.append("")
     means = {}
@@ -170,61 +174,6 @@ def headline(report) -> str:
 # --------------------------------------------------------------------------- provenance
 
 
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
-def machine() -> str:
-    """CPU model and cores of this machine (``/proc/cpuinfo`` where there is one)."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores ({platform.system()})"  # fmt: skip
-
-
-def _wall(rec: dict) -> str:
-    times = [
-        t for r in rec["runs"] if isinstance(t := recorded_result(r).wall_time_s, (int, float))
-    ]
-    if not times:
-        return "unknown"
-    return (f"{sum(times) / 60:.1f} min of training summed over {len(times)} runs "
-            f"(median {statistics.median(times):.0f} s per run)")  # fmt: skip
-
-
-def _dirty() -> bool:
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
-
-
-def provenance(rec: dict, command: str, wall: str | None, dirty: bool | None = None) -> str:
-    """PROVENANCE.md; ``dirty``: the tree had uncommitted changes (asked of git when None)."""
-    head = _git("rev-parse", "HEAD") or "unknown"
-    dirty = " (with uncommitted changes)" if (_dirty() if dirty is None else dirty) else ""
-    commits = sorted({str(recorded_result(r).git or "unknown") for r in rec["runs"]})
-    return "\n".join([
-        "# Provenance of this snapshot", "",
-        f"- command: `{command}`",
-        f"- commit of the snapshot: `{head}`{dirty}",
-        f"- commits the runs were trained at: {', '.join(f'`{c}`' for c in commits) or 'none'}",
-        f"- machine: {machine()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- wall time of the sweep: {wall or 'not given'}",
-        f"- runs' own wall time: {_wall(rec)}",
-        f"- run folders: {', '.join(f'`{p}`' for p in rec['paths'])}", "",
-        f"Every table is re-rendered from `{RECORD}` by `tests/test_snapshot.py` and must equal "
-        "the committed files.", "",
-    ])  # fmt: skip
-
-
 # --------------------------------------------------------------------------- build and check
 
 
@@ -257,11 +206,27 @@ def _clear(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: str | None) -> None:
-    """Write the snapshot of ``runs`` (and of each ``tune`` folder, in ``tune_<name>/``) to ``out``."""
+def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: str | None,
+             train: str | None = None, tune_train: str | None = None, tune_wall: str | None = None,
+             allow_unpublishable: bool = True) -> None:  # fmt: skip
+    """Write the snapshot of ``runs`` (and of each ``tune`` folder, in ``tune_<name>/``) to ``out``.
+
+    Raises:
+        DataError: (``allow_unpublishable`` false) a run was trained on a dirty tree or outside the
+            portable numerics mode: named before anything is written.
+    """
     runs = [p for p in runs if p.exists()]
     if not runs:
         raise DataError("no run folder to publish: run `make claims-datasets-cpu` first")
+    if not allow_unpublishable:
+        for paths in [runs, *([t] for t in tune if t.exists())]:
+            if bad := unpublishable(json.loads(json.dumps(record(paths)))):
+                raise DataError(
+                    "refusing to publish: "
+                    + "; ".join(f"{len(v)} runs {k} (e.g. {v[0]})" for k, v in bad.items())
+                    + ". Re-train them from a clean tree with numerics=portable (the claims and "
+                    "tuning targets do), or pass --allow-unpublishable to publish them marked"
+                )
     # Asked before the snapshot rewrites its own tracked files (which would always look dirty).
     dirty = _dirty()
     if out.exists():
@@ -274,9 +239,11 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
             name = t.parent.name if t.name == "retrain" else t.name
             rec_t, reports[f"tune_{name}"] = _write(out / f"tune_{name}", [t])
             atomic_write_text(
-                out / f"tune_{name}" / PROVENANCE, provenance(rec_t, command, None, dirty)
+                out / f"tune_{name}" / PROVENANCE,
+                provenance(rec_t, command, tune_wall, dirty, tune_train),
             )
-    atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty))
+    atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty, train))
+    atomic_write_text(out / LITERATURE, literature.markdown())
     write_page(out, reports)
 
 
@@ -317,6 +284,9 @@ def check(snap: Path) -> list[str]:
     folders = [d for d in [snap, *sorted(snap.glob("tune_*"))] if d.is_dir()]
     if not (snap / RECORD).is_file():
         return [f"{snap}: no {RECORD}"]
+    lit = snap / LITERATURE
+    if lit.is_file() and lit.read_text() != literature.markdown():
+        problems.append(f"{lit}: differs from score_exp.report.literature")
     reports = {}
     # One temporary folder for all: the page is rendered last, from every report's plots.
     with tempfile.TemporaryDirectory() as top:
@@ -351,8 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", type=Path, nargs="*", default=[], help="tune retrain folders, when present")  # fmt: skip
     p.add_argument("--command", default="make results", help="recorded in PROVENANCE.md")
     p.add_argument("--wall", help="wall time of the sweep, recorded in PROVENANCE.md")
-    p.add_argument("--readme", type=Path, help="splice HEADLINE.md's short form into this README")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        help="splice HEADLINE.md's short form into this README "
+        "(with --check: check its prose against the snapshot's verdicts)",
+    )
     p.add_argument("--page", type=Path, help="splice all of HEADLINE.md into this page")
+    p.add_argument("--train-command", help="the command that trained the runs (PROVENANCE.md)")
+    p.add_argument("--tune-train-command", help="the command that trained the tuned runs")
+    p.add_argument("--tune-wall", help="wall time of the tuning, recorded in tune_*/PROVENANCE.md")
+    p.add_argument(
+        "--allow-unpublishable",
+        action="store_true",
+        help="publish runs from a dirty tree or outside numerics=portable (marked)",
+    )
     p.add_argument(
         "--check", action="store_true", help="re-render OUT from its runs.json and compare"
     )
@@ -360,10 +343,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check:
             problems = check(args.out)
+            if args.readme:
+                problems += check_prose(args.readme.read_text(), args.out)
             for line in problems:
                 print(f"snapshot: {line}", file=sys.stderr)
             return 1 if problems else 0
-        snapshot(args.out, args.runs, args.tune, args.command, args.wall)
+        snapshot(
+            args.out,
+            args.runs,
+            args.tune,
+            args.command,
+            args.wall,
+            args.train_command,
+            args.tune_train_command,
+            args.tune_wall,
+            args.allow_unpublishable,
+        )
         if args.readme:
             splice_readme(args.readme, args.out, short=True)
         if args.page:

@@ -145,3 +145,54 @@ def _paired(task: str, pairs: list[tuple[Variant, Variant]], title: str) -> Tabl
 
 def _f(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else fmt.format(x)
+
+
+# ----------------------------------------------------------------------------- claims' tests
+
+
+def holm(ps: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (family-wise error rate).
+
+    ``None`` (no test) is not part of the family and stays ``None``. Adjusted p-values are
+    monotone in the raw ones and never above 1; rejecting where the adjusted p < alpha controls
+    the probability of any false rejection in the family at alpha, whatever the dependence.
+    """
+    order = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    out: list[float | None] = [None] * len(ps)
+    running, m = 0.0, len(order)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def sign_test(wins: int, losses: int) -> float | None:
+    """Two-sided exact sign test (binomial, p = 1/2) of ``wins`` against ``losses`` (ties out).
+
+    With n pairs the smallest possible p is 2 / 2**n: 0.0625 at 5 pairs, 0.002 at 10.
+    """
+    from scipy import stats
+
+    n = wins + losses
+    return float(stats.binomtest(wins, n, 0.5).pvalue) if n else None
+
+
+def noninferiority_p(d: list[float], margin: float) -> float | None:
+    """One-sided paired t test of non-inferiority: p of H0 ``mean(d) >= margin`` against H1
+    ``mean(d) < margin``, where ``d`` is how much WORSE the candidate is per pair (metric units,
+    worse = positive) and ``margin`` > 0 the largest loss still called "no worse".
+
+    A small p supports "no worse than the comparator by ``margin`` or more"; a large one is no
+    evidence either way (absence of a difference is not shown by a non-significant test). None
+    below 2 pairs; with zero spread, 0 when every difference is below the margin, else 1.
+    """
+    from scipy import stats
+
+    n = len(d)
+    if n < 2:
+        return None
+    mean, sd = statistics.fmean(d), statistics.stdev(d)
+    if sd == 0:
+        return 0.0 if mean < margin else 1.0
+    t = (mean - margin) / (sd / math.sqrt(n))
+    return float(stats.t.cdf(t, n - 1))

@@ -114,7 +114,9 @@ def run_identity(resolved: dict, run_dir: Path) -> dict[str, Any]:
         if isinstance(value, str) and here in value:
             value = value.replace(here, "<run_dir>")
         out[key] = value
-    return out
+    from score_exp.numerics import identity_keys
+
+    return identity_keys(out)  # numerics.*: only a mode other than the default
 
 
 def fingerprint(identity: dict[str, Any]) -> str:

@@ -132,6 +132,7 @@ class RunRecord:
     git: str | None = _null()
     overrides: list[str] | None = None
     slurm: dict[str, Any] | None = None  # job_id, restart_count
+    numerics: dict[str, Any] | None = None  # mode, kernels (ATen, MKL), threads, env, CPU
     params: int | None = None
     nfe: int | None = _null("params")  # null: a reference model (no depth)
     reference: str | None = None  # a field-standard peer (attentivefp)

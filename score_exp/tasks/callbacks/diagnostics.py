@@ -33,7 +33,7 @@ class DepthDiagnostics(L.Callback):
     # The hook stays registered for a whole validation (and test, whose forward must match it)
     # and stores every call's input without a branch: under torch.compile, a hook added or
     # removed between batches, or a condition inside it, would change the compiled forward's
-    # guards and recompile it (see README).
+    # guards and recompile it (docs/gpu.md, torch.compile).
     def _capture(self, module, args, kwargs) -> None:
         self._captured = (args[0], dict(kwargs))
 
