@@ -27,6 +27,26 @@ class CheckpointWriteError(ScoreExpError):
     exit_code = 1
 
 
+class WriteError(ScoreExpError, OSError):
+    """A run-folder file could not be written (disk full, read-only, permissions).
+
+    Raised by the atomic writers (:mod:`score_exp.runs.files`): the previous content of the file is
+    intact (the new one was a temporary file, removed). An ``OSError`` too, so code that
+    guards a write with ``except OSError`` keeps working; one line: ``cannot write <path>:
+    <reason>``.
+    """
+
+    exit_code = 1
+
+    def __init__(self, path, cause: OSError) -> None:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        OSError.__init__(self, cause.errno, reason, str(path))
+        self.message = f"cannot write {path}: {reason} (its previous content is kept)"
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def user_error(exc: BaseException | None) -> ScoreExpError | None:
     """The :class:`ScoreExpError` behind ``exc``: itself, or the error a library wrapped.
 
@@ -44,10 +64,14 @@ def user_error(exc: BaseException | None) -> ScoreExpError | None:
     return None
 
 
-def check_int(key: str, value, minimum: int) -> int:
-    """``value`` as an integer >= ``minimum``; a ConfigError naming ``key`` otherwise."""
+def check_int(key: str, value, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an integer >= ``minimum`` (and <= ``maximum``); a ConfigError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(
+            f"{key} must be an integer <= {maximum:,} (the project's sane maximum), got {value!r}"
+        )
     return value
 
 

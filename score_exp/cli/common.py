@@ -50,10 +50,14 @@ def require(cfg: DictConfig, key: str, example: str) -> Any:
 
 
 @contextlib.contextmanager
-def bad_input_exits(prog: str) -> Iterator[None]:
+def bad_input_exits(prog: str, stopped: str = "") -> Iterator[None]:
     """Bad input raised inside (a :class:`~score_exp.errors.ScoreExpError`, or a constructor's
-    unwrapped from Hydra's instantiate) ends the door with one line and exit 2; anything else
-    propagates with its traceback."""
+    unwrapped from Hydra's instantiate) ends the door with one line and its exit code (2; 1
+    for a failed write); a stop by SIGTERM / SIGINT (:mod:`score_exp.runs.stop`) with one line
+    (``stopped``: what that means) and 128 + the signal; anything else propagates with its
+    traceback."""
+    from score_exp.runs import stop
+
     try:
         yield
     except Exception as exc:
@@ -61,7 +65,24 @@ def bad_input_exits(prog: str) -> Iterator[None]:
             raise
         log.error("%s", e)
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns a KeyboardInterrupt into exit 1
+        if stop.received() is None:
+            raise
+        stop.exit_stopped(prog, stopped)
+
+
+def check_argv(prog: str, argv: list[str]) -> None:
+    """Refuse, in one line (exit 2), an override holding a line break: Hydra's lexer would end
+    in its own multi-line error (an override comes from a shell line: a newline is a slip)."""
+    for arg in argv:
+        if "\n" in arg or "\r" in arg:
+            print(
+                f"{prog}: error: the override {arg!r} holds a line break; give each override "
+                "as one word of the command line (key=value)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 def check_output_dir(path: str | os.PathLike, key: str) -> Path:

@@ -23,11 +23,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from score_exp.cli.common import bad_input_exits, require
+from score_exp.cli.common import bad_input_exits, check_argv, require
 from score_exp.config import CONFIG_DIR, depth_spec
-from score_exp.core.spec import HALTS
-from score_exp.errors import ConfigError
+from score_exp.core.spec import HALTS, MAX_STEPS
+from score_exp.errors import ConfigError, WriteError, check_int
 from score_exp.run import find_checkpoint, load_run, run_config
+from score_exp.runs import stop
 from score_exp.runs.files import atomic_write_text, read_text
 from score_exp.runs.lock import in_training
 from score_exp.runs.record import RunFolder, limit
@@ -132,8 +133,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
         **merged,
     }
-    append_row(RunFolder(run_dir).eval_csv, row)
+    try:
+        append_row(RunFolder(run_dir).eval_csv, row)
+    except WriteError as e:  # a full disk, a read-only folder: the row is not lost
+        raise RowNotWritten(e, row) from None
     return row
+
+
+class RowNotWritten(WriteError):
+    """``eval.csv`` could not be written; the computed ``row`` is printed instead."""
+
+    def __init__(self, cause: WriteError, row: dict[str, Any]) -> None:
+        OSError.__init__(self, cause.errno, cause.strerror, cause.filename)
+        self.message = f"{cause}; the row is printed to stdout instead"
+        self.row = row
 
 
 def _check_request(cfg: DictConfig, run_dir: Path) -> None:
@@ -142,6 +155,9 @@ def _check_request(cfg: DictConfig, run_dir: Path) -> None:
 
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
+    steps = cfg.depth.get("steps")
+    if steps is not None:  # before the run is loaded: the key as the user wrote it
+        check_int("depth.steps", steps, 1, MAX_STEPS)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
     holder = in_training(run_dir)
@@ -215,8 +231,17 @@ def _implicit_multirun(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def _main(cfg: DictConfig) -> float | None:
-    with bad_input_exits("score-eval"):
-        row = evaluate(cfg)
+    stop.install(grace=0)  # SIGTERM / SIGINT end it at once, even inside one long forward
+    with bad_input_exits("score-eval", "no row was written"):
+        try:
+            row = evaluate(cfg)
+        except RowNotWritten as e:  # the row goes to stdout, the error line to stderr
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(e.row))
+            writer.writeheader()
+            writer.writerow(e.row)
+            print(buf.getvalue(), end="", flush=True)
+            raise
     run_cfg = run_config(Path(cfg.run_dir).expanduser())
     metric = f"{cfg.split}/{run_cfg.task.get('headline', 'rmse')}"
     print(format_table(RunFolder(Path(cfg.run_dir).expanduser()).eval_csv, metric), flush=True)
@@ -226,6 +251,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point of ``score-eval``."""
+    check_argv("score-eval", sys.argv[1:])
     sys.argv = _implicit_multirun(sys.argv)
     _main()
 

@@ -17,6 +17,7 @@ from score_exp.cli.common import bad_input_exits, require
 from score_exp.config import CONFIG_DIR
 from score_exp.errors import ConfigError, check_int, check_number, check_seed
 from score_exp.run import load_run
+from score_exp.runs import stop
 
 
 def load_model(run_dir: Path, checkpoint: str | None = None, device: str = "cpu"):
@@ -77,6 +78,7 @@ def _check(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``score-sample``."""
+    stop.install(grace=0)  # SIGTERM / SIGINT end it at once, wherever it is
     with bad_input_exits("score-sample"):
         _check(cfg)
         run_dir = require(cfg, "run_dir", "score-sample run_dir=outputs/shakespeare_char_cpu/<run>")

@@ -19,12 +19,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from score_exp import numerics
-from score_exp.cli.common import check_run_config, remove_refused_run_dir
+from score_exp.cli.common import check_argv, check_run_config, remove_refused_run_dir
 from score_exp.config import CONFIG_DIR, check_overrides, depth_spec
 from score_exp.core import DepthSpec
-from score_exp.errors import CheckpointWriteError, ScoreExpError, user_error
+from score_exp.errors import (
+    CheckpointWriteError,
+    ConfigError,
+    ScoreExpError,
+    WriteError,
+    user_error,
+)
 from score_exp.run import build, trainable_params
-from score_exp.runs import cluster, launch, sweeps
+from score_exp.runs import cluster, launch, stop, sweeps
 from score_exp.runs.checkpoints import load_checkpoint
 from score_exp.runs.claim import claim_for_ranks, keep_finished
 from score_exp.runs.fingerprint import flatten
@@ -108,13 +114,14 @@ def _train(
         return _fit_and_test(cfg, RunFolder(run_dir), spec, record, resume, clock)
     except BaseException as e:
         bad_input = user_error(e)
-        if bad_input is not None and not isinstance(bad_input, CheckpointWriteError):
+        if bad_input is not None and not isinstance(bad_input, (CheckpointWriteError, WriteError)):
             # Reported by main as one line (a constructor's error unwrapped from Hydra's
             # instantiate); nothing that looks like a result is written.
             raise bad_input from None
         # Keep what was written and record how the run ended; re-raise. An interrupted run
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
-        stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
+        stop.disarm()  # the grace has done its work: the record below is written whole
+        stopped = isinstance(e, (KeyboardInterrupt, SystemExit)) or stop.received() is not None
         record.update(
             status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
         )
@@ -124,11 +131,15 @@ def _train(
                 record.save(run_dir)
             except OSError as w:  # e.g. the disk is full: the original error is the news
                 log.error("cannot write %s: %s", RunFolder(run_dir).results, w)
-        if type(e).__name__ == "SIGTERMException":
-            # Lightning's SIGTERM exit carries code 0; a killed job must not look successful
-            # to SLURM or a shell loop, so exit as a process killed by SIGTERM would (143).
-            log.warning("interrupted by SIGTERM; re-run the same command to resume")
-            raise SystemExit(128 + signal.SIGTERM) from e
+        signum = stop.received() or (
+            signal.SIGTERM if type(e).__name__ == "SIGTERMException" else None
+        )
+        if signum is not None:
+            # Lightning's SIGTERM exit carries code 0 and its Ctrl-C exit code 1; a killed job
+            # must not look successful to SLURM or a shell loop, so exit as a process killed by
+            # the signal would (143 for SIGTERM, 130 for SIGINT), saying how to resume.
+            log.warning("interrupted by %s; re-run the same command to resume", stop.name(signum))
+            raise SystemExit(128 + signum) from e
         raise
 
 
@@ -170,7 +181,17 @@ def _fit_and_test(
     if resume:
         log.info("resuming from %s", resume)
     ckpt_path = str(resume) if resume else None
-    trainer.fit(task.module, datamodule=task.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(task.module, datamodule=task.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except RuntimeError as e:
+        if not resume or "loading state_dict" not in str(e):
+            raise
+        # A checkpoint of another model (copied in, or of an older version): bad input, one
+        # line; the run's previous record stays as it was (not turned "failed").
+        raise ConfigError(
+            f"cannot resume from {resume}: its weights do not fit this configuration's model "
+            f"({str(e).strip().splitlines()[0]}); move it aside or pass overwrite=true"
+        ) from None
     _record_training(record, trainer, task.model, callbacks, clock)
     _evaluate_best(record, trainer, task, folder)
     _record_depth(record, task.model, callbacks, spec)
@@ -213,12 +234,26 @@ def _loggers(cfg: DictConfig, folder: RunFolder, resume: Path | None) -> list:
     """``cfg.logger``'s loggers; a resumed run (a requeue) continues its W&B run (same id)."""
     from hydra.utils import instantiate
 
+    from score_exp.cli.common import check_output_dir
+
     wandb_id = cluster.wandb_run_id(folder.path) if resume else None
-    return [
-        instantiate(lg, **({"resume_id": wandb_id} if _is_wandb(lg) and wandb_id else {}))
-        for lg in (cfg.get("logger") or {}).values()
-        if lg is not None
-    ]
+    loggers = []
+    for name, lg in (cfg.get("logger") or {}).items():
+        if lg is None:
+            continue
+        # Its folder (TensorBoard's <save_dir>/<name>, MLflow's file store) can be written,
+        # before the logger is built: a file in its way or a read-only folder is one line
+        # naming the logger, not the logger's traceback.
+        uri, save_dir = lg.get("tracking_uri"), lg.get("save_dir")
+        if isinstance(uri, str) and uri.startswith("file:"):
+            check_output_dir(uri.removeprefix("file:"), f"logger.{name}.tracking_uri")
+        elif isinstance(save_dir, str) and save_dir:
+            sub = lg.get("name") if isinstance(lg.get("name"), str) else ""
+            check_output_dir(Path(save_dir) / sub, f"logger.{name}.save_dir")
+        loggers.append(
+            instantiate(lg, **({"resume_id": wandb_id} if _is_wandb(lg) and wandb_id else {}))
+        )
+    return loggers
 
 
 def _trainer(cfg: DictConfig, callbacks: list, loggers: list):
@@ -395,10 +430,14 @@ def _main(cfg: DictConfig) -> float | None:
     so a tuning sweeper (Optuna) never sees test data.
     """
     sweeps.adopt_jobs()  # a sweep worker stops when the sweep process dies
+    # SIGTERM / SIGINT: recorded as interrupted within stop.TRAIN_GRACE_S, wherever it is.
+    stop.install(grace=stop.TRAIN_GRACE_S)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         objective(cfg, {})  # an unknown objective is an error before any work
         record = train(cfg, run_dir)
+    except stop.Stopped:  # before the run started (its claim): nothing to record
+        stop.exit_stopped("score-train", "nothing was trained")
     except ScoreExpError as e:
         if isinstance(e, RunDirError):
             # Not logged: the log file lives in the folder that must stay untouched.
@@ -459,6 +498,7 @@ def main() -> None:
     sweep is listed at the end."""
     numerics.enter()  # numerics=portable: its kernels before torch computes (may re-execute)
     sweeps.adopt_jobs()
+    check_argv("score-train", sys.argv[1:])
     try:
         check_command_line(sys.argv[1:])
     except ScoreExpError as e:

@@ -38,7 +38,8 @@ def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
     """
     own = ("seed=", "experiment_name=", "hydra.run.dir=", "trainer.enable_progress_bar=")
     over = [o for o in best["overrides"] if not o.startswith(own)]
-    variant = Path(best["db"]).parent.name  # the study's folder: the depth preset
+    # The study's folder (the depth preset), made unique over the studies retrained together.
+    variant = best.get("variant") or Path(best["db"]).parent.name
     task = next((o.split("=", 1)[1] for o in over if o.startswith("experiment=")), "tuned")
     name = study_experiment(task.replace("tune_", "tuned_", 1), study_seed)
     return [
@@ -57,6 +58,19 @@ def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
     ]
 
 
+def study_folders(dbs: list[Path]) -> list[str]:
+    """Each study's folder under ``--out``: the name of the folder holding its database, or,
+    where two studies share that name (``a/score/optuna.db``, ``b/score/optuna.db``), its
+    path below the studies' common folder (``a/score``, ``b/score``): never one folder for
+    two studies (the second would be refused as another configuration)."""
+    names = [db.resolve().parent.name for db in dbs]
+    if len(set(names)) == len(names):
+        return names
+    parents = [db.resolve().parent for db in dbs]
+    common = Path(os.path.commonpath(parents))
+    return [str(p.relative_to(common)) if p != common else p.name for p in parents]
+
+
 def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
             extra: list[str] | None = None, study_seed: int | None = None) -> int:  # fmt: skip
     """Stage 2: re-train every study's best configuration over ``seeds`` seeds into ``out``.
@@ -68,8 +82,8 @@ def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
         raise DataError(f"no Optuna study ({STUDY_FILE}) under {', '.join(map(str, paths))}")
     bests = [best_trial(db) for db in dbs]
     out.mkdir(parents=True, exist_ok=True)
-    for b in bests:
-        b["study_seed"] = study_seed
+    for b, variant in zip(bests, study_folders(dbs), strict=True):
+        b["study_seed"], b["variant"] = study_seed, variant
     atomic_write_json(out / "best_trials.json", bests)
     for b in bests:
         print(f"{b['study']}: best val {b['value']:.4f} (trial {b['number']}, "

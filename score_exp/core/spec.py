@@ -41,6 +41,13 @@ HALTS: tuple[str, ...] = get_args(Halt)
 # a sigma beyond 10 gives exp(tau) outside float range.
 MAX_TRAIN_STEPS = 1_000_000
 MAX_SIGMA = 10.0
+# Sane maxima of the sizes a config may ask for, checked before any model is built: a run
+# folder's config.yaml is data, and `steps: 100000000` or `hidden: 10**9` would otherwise
+# compute for hours or allocate until the process is killed. The paper's depths are <= 64
+# steps; the widest model trained here has 384 features, GPT-3's 12,288.
+MAX_STEPS = 100_000  # depth.steps (score-eval's re-discretised steps too)
+MAX_WIDTH = 65_536  # task.model.hidden, task.model.n_embd
+MAX_SEQ_LEN = 65_536  # task.data.block_size (a GPT's context: positions and attention)
 
 
 @dataclass
@@ -157,6 +164,8 @@ class DepthSpec:
                 raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be <= {MAX_STEPS:,} (a sane maximum), got {self.steps:,}")
         if self.dt is not None:
             if isinstance(self.dt, bool) or not isinstance(self.dt, (int, float)):
                 raise ValueError(f"dt must be a positive number or null, got {self.dt!r}")

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import logging
 import math
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +22,17 @@ import numpy as np
 from score_exp.errors import ConfigError, DataError, check_choice
 
 log = logging.getLogger(__name__)
+
+#: Heavy atoms a molecule may have (the largest of ESOL, FreeSolv and Lipophilicity has 115):
+#: RDKit's descriptors grow with the fourth power of the size (100 atoms: 0.1 s, 300: 27 s),
+#: so a larger molecule is skipped and counted, as an invalid SMILES is.
+MAX_ATOMS = 150
+#: A SMILES longer than this is skipped before RDKit parses it.
+MAX_SMILES_CHARS = 20 * MAX_ATOMS
+#: Size limit of a molecule CSV (bytes).
+MAX_CSV_BYTES = 1 << 30
+#: Molecules from which descriptors are computed in parallel worker processes.
+PARALLEL_FROM = 5_000
 
 ESOL_SMILES_COLUMN = "smiles"
 ESOL_TARGET_COLUMN = "measured log solubility in mols per litre"
@@ -72,17 +84,20 @@ def read_molecule_csv(path: str | Path, smiles_column: str, target_column: str) 
         DataError: the file is missing or a directory, is not a CSV with a header, lacks a
             requested column, or holds no valid molecule.
     """
+    import io
+
     from rdkit import Chem
+
+    from score_exp.runs.files import UnsafeRunFile, open_regular
 
     _quiet_rdkit()
     path = Path(path)
     if path.is_dir():
         raise DataError(f"molecule CSV {path} is a directory, not a CSV file")
-    if not path.is_file():
-        raise DataError(f"molecule CSV not found: {path}")
-    try:
-        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column name
-        with open(path, newline="", encoding="utf-8-sig") as f:
+    try:  # a regular file (a FIFO or a device is refused, never waited on), of a sane size
+        with open_regular(path, MAX_CSV_BYTES) as raw:
+            # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of a column name
+            f = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in (smiles_column, target_column) if c not in header]
@@ -91,7 +106,17 @@ def read_molecule_csv(path: str | Path, smiles_column: str, target_column: str) 
                     f"{path}: column(s) {missing} not found; the header has {header}. "
                     "Set data.smiles_column / data.target_column."
                 )
+            twice = [c for c in (smiles_column, target_column) if header.count(c) > 1]
+            if twice:
+                raise DataError(
+                    f"{path}: the header names column {twice[0]!r} {header.count(twice[0])} "
+                    "times; which one holds the data is ambiguous: rename the others"
+                )
             records = list(reader)
+    except FileNotFoundError:
+        raise DataError(f"molecule CSV not found: {path}") from None
+    except UnsafeRunFile as e:
+        raise DataError(f"molecule CSV {e}") from None
     except (csv.Error, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{path}: not a readable CSV file ({e})") from None
 
@@ -107,8 +132,15 @@ def read_molecule_csv(path: str | Path, smiles_column: str, target_column: str) 
         if not math.isfinite(y):
             invalid.append((i, smi, f"target {raw_y!r} is not finite"))
             continue
-        if not smi or Chem.MolFromSmiles(smi) is None:
+        if len(smi) > MAX_SMILES_CHARS:
+            invalid.append((i, smi[:40] + "...", f"SMILES over {MAX_SMILES_CHARS} characters"))
+            continue
+        mol = Chem.MolFromSmiles(smi) if smi else None
+        if mol is None:
             invalid.append((i, smi, "invalid SMILES"))
+            continue
+        if mol.GetNumAtoms() > MAX_ATOMS:
+            invalid.append((i, smi[:40] + "...", f"{mol.GetNumAtoms()} atoms, over {MAX_ATOMS}"))
             continue
         smiles.append(smi)
         ys.append(y)
@@ -234,8 +266,6 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
     warning naming it.
     """
     import rdkit
-    from rdkit import Chem
-    from rdkit.Chem import Descriptors
 
     _quiet_rdkit()
     names = descriptor_names()
@@ -243,27 +273,23 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
         "\n".join([rdkit.__version__, ",".join(names), *smiles]).encode()
     ).hexdigest()[:16]
     path = cache / f"rdkit-descriptors-{key}.npy" if cache is not None else None
-    if path is not None and path.exists():
-        try:
-            X = np.load(path, allow_pickle=False)
+    if path is not None and os.path.lexists(path):
+        from score_exp.runs.files import UnsafeRunFile, open_regular
+
+        try:  # a regular file only: a FIFO planted in the cache is never waited on
+            with open_regular(path, 8 * len(smiles) * len(names) + (1 << 20)) as f:
+                X = np.load(f, allow_pickle=False)
             if X.shape == (len(smiles), len(names)) and X.dtype == np.float64:
                 return X
             reason = f"shape {X.shape} {X.dtype}, expected {(len(smiles), len(names))} float64"
-        except (OSError, ValueError, EOFError) as e:  # truncated or not a .npy file
+        except (OSError, ValueError, EOFError, UnsafeRunFile) as e:  # truncated, not .npy, FIFO
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         log.warning("descriptor cache %s is unreadable (%s); recomputing it", path, reason)
 
     log.info(
         "computing %d RDKit descriptors for %d molecules (cached once)", len(names), len(smiles)
     )
-    fns = [fn for _, fn in Descriptors._descList]
-    out = np.full((len(smiles), len(fns)), np.nan, dtype=np.float64)
-    for i, smi in enumerate(smiles):
-        mol = Chem.MolFromSmiles(smi)
-        for j, fn in enumerate(fns):
-            # Some descriptors fail on exotic molecules: the cell stays NaN and is imputed later.
-            with contextlib.suppress(Exception):
-                out[i, j] = fn(mol)
+    out = _descriptor_rows(smiles)
     with np.errstate(over="ignore", invalid="ignore"):
         out[~np.isfinite(out)] = np.nan
     if path is not None:
@@ -274,6 +300,51 @@ def compute_descriptors(smiles: list[str], cache: Path | None = None) -> np.ndar
         except OSError as e:  # a read-only cache: the descriptors are computed, just not kept
             log.warning("cannot cache the descriptors in %s (%s)", path.parent, e.strerror or e)
     return out
+
+
+def _descriptor_chunk(smiles: list[str]) -> np.ndarray:
+    """Descriptors of ``smiles`` in this process (NaN where one fails or a SMILES is too large)."""
+    from rdkit import Chem
+    from rdkit.Chem import Descriptors
+
+    _quiet_rdkit()
+    fns = [fn for _, fn in Descriptors._descList]
+    out = np.full((len(smiles), len(fns)), np.nan, dtype=np.float64)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i, smi in enumerate(smiles):
+            mol = Chem.MolFromSmiles(smi) if len(smi) <= MAX_SMILES_CHARS else None
+            if mol is None or mol.GetNumAtoms() > MAX_ATOMS:
+                continue  # bounded time: never a molecule the reader would have skipped
+            for j, fn in enumerate(fns):
+                # Some descriptors fail on exotic molecules: the cell stays NaN (imputed later).
+                with contextlib.suppress(Exception):
+                    out[i, j] = fn(mol)
+    return out
+
+
+def _descriptor_rows(smiles: list[str], chunk: int = 500) -> np.ndarray:
+    """Descriptors of ``smiles``: in worker processes (one per CPU this process may use) from
+    :data:`PARALLEL_FROM` molecules, with a progress bar on a terminal; else in this process."""
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
+    if len(smiles) < PARALLEL_FROM or workers < 2:
+        return _descriptor_chunk(smiles)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    parts = [smiles[i : i + chunk] for i in range(0, len(smiles), chunk)]
+    # spawn: a fresh interpreter per worker (no fork of a process that holds torch threads)
+    with (
+        ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool,
+        tqdm(total=len(smiles), unit="mol", desc="RDKit descriptors", disable=None) as bar,
+    ):
+        blocks = []
+        for block in pool.map(_descriptor_chunk, parts):
+            blocks.append(block)
+            bar.update(len(block))
+    return np.concatenate(blocks, axis=0)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

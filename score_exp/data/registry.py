@@ -110,11 +110,26 @@ def cache_dir() -> Path:
     return data_dir() / "cache"
 
 
+#: Size limit of a registered data file (the largest, GPT-2's merges, is under 1 MB).
+MAX_DATA_BYTES = 1 << 30
+
+
 def sha256sum(path: Path) -> str:
+    """The file's sha256, read as a regular file only (a FIFO or a device is refused, never
+    waited on; a link is not followed).
+
+    Raises:
+        DataError: not a regular file, or larger than :data:`MAX_DATA_BYTES` (one line).
+    """
+    from score_exp.runs.files import UnsafeRunFile, open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open_regular(path, MAX_DATA_BYTES) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except UnsafeRunFile as e:
+        raise DataError(f"data file {e}; remove it or point the path elsewhere") from None
     return h.hexdigest()
 
 
@@ -132,7 +147,7 @@ def fetch(key: str) -> Path:
 
     # 1. cache
     looked.append(f"cache {target}")
-    if target.exists():
+    if os.path.lexists(target):
         if sha256sum(target) == entry.sha256:
             return target
         log.warning("cached %s has a wrong checksum; fetching it again", target)
@@ -143,7 +158,7 @@ def fetch(key: str) -> Path:
     if mirror:
         src = Path(mirror).expanduser() / entry.relpath
         looked.append(f"mirror {src}")
-        if src.exists():
+        if os.path.lexists(src):
             got = sha256sum(src)
             if got != entry.sha256:
                 raise DataError(

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from score_exp.errors import DataError
+from score_exp.errors import ConfigError, DataError
 from score_exp.runs.files import mkdtemp_shared
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def prepare_tokens(
         DataError: the text is missing, unreadable or too short to hold both splits, or the
             tokeniser is unknown.
     """
-    from score_exp.data.registry import cache_dir, sha256sum
+    from score_exp.data.registry import MAX_DATA_BYTES, cache_dir, sha256sum
 
     if tokenizer not in TOKENIZERS:
         raise DataError(
@@ -238,17 +238,19 @@ def prepare_tokens(
     if not 0 < train_fraction < 1:
         raise DataError(f"train_fraction must be in (0, 1), got {train_fraction}")
     text_path = Path(text_path).expanduser()
-    if not text_path.is_file():
+    if not os.path.lexists(text_path):
         raise DataError(f"text file not found: {text_path}")
-    text_sha = sha256sum(text_path)
+    text_sha = sha256sum(text_path)  # a regular file only: a FIFO is refused in one line
     root = Path(cache) if cache is not None else cache_dir() / "tokens"
     root = root / f"{tokenizer}-{_cache_key(text_sha, tokenizer, train_fraction)}"
     if (meta := _complete(root)) is not None:
         return TokenFiles(root, meta)
 
     try:
-        text = text_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
+        from score_exp.runs.files import read_text
+
+        text = read_text(text_path, MAX_DATA_BYTES)  # the file sha256sum read, as a regular file
+    except (UnicodeDecodeError, ConfigError) as e:  # read_text: "not UTF-8 text", one line
         raise DataError(f"{text_path}: not a UTF-8 text file ({e})") from None
     n = len(text)
     split_at = int(n * train_fraction)

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from score_exp.core import DepthSpec, RecurrentDepth
+from score_exp.core.spec import MAX_SEQ_LEN, MAX_WIDTH
+from score_exp.errors import check_int
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,6 +114,8 @@ class GPT(nn.Module):
         compile: bool = False,
     ):
         super().__init__()
+        check_int("task.model.n_embd", n_embd, 1, MAX_WIDTH)  # before any weight is allocated
+        check_int("task.data.block_size", block_size, 1, MAX_SEQ_LEN)
         if vocab_size < 1 or block_size < 1:
             raise ValueError(
                 f"vocab_size and block_size must be >= 1, got {vocab_size}, {block_size}"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from score_exp.core import DepthSpec, RecurrentDepth
-from score_exp.errors import ConfigError, check_choice
+from score_exp.core.spec import MAX_WIDTH
+from score_exp.errors import ConfigError, check_choice, check_int
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Identity()}
@@ -85,6 +86,7 @@ class RecurrentMLP(nn.Module):
         compile: bool = False,
     ):
         super().__init__()
+        check_int("task.model.hidden", hidden, 1, MAX_WIDTH)  # before any weight is allocated
         check_halt(depth.halt, self.halts)
         self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
         self.encoder = nn.Linear(in_features, hidden)

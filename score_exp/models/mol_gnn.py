@@ -21,6 +21,7 @@ from torch_geometric.nn import (
 from torch_geometric.utils import scatter
 
 from score_exp.core import DepthSpec, RecurrentDepth
+from score_exp.core.spec import MAX_WIDTH
 from score_exp.errors import ConfigError, check_choice, check_int
 from score_exp.models.mlp import check_halt
 
@@ -234,7 +235,7 @@ class MolGNN(nn.Module):
         # task.model.* are the config keys of these arguments (the message names them).
         check_choice("task.model.conv", conv, CONVS)
         check_choice("task.model.readout", readout, READOUTS)
-        check_int("task.model.hidden", hidden, 1)
+        check_int("task.model.hidden", hidden, 1, MAX_WIDTH)
         check_halt(depth.halt, self.halts)
         if descriptors and descriptor_features <= 0:
             raise ValueError("descriptors=true needs descriptor_features > 0 from the data module")

@@ -88,7 +88,7 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
     report = Report(out, runs)
     for r in runs:
         if not r.ok:
-            detail = r.record.error or _diverged_detail(r)
+            detail = r.record.error or r.non_finite() or _diverged_detail(r)
             report.not_ok.append((str(r.path), r.status, detail))
     report.not_ok += [
         (str(m), "missing", "no results.json (still running, crashed before writing, or never ran)")

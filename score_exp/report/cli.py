@@ -69,14 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     recorded = None
     if len(args.paths) == 1 and args.paths[0].is_file():  # a snapshot's runs.json
-        import json
-
         if args.out is None:
             print("score-report: error: a recorded runs.json needs --out DIR", file=sys.stderr)
             return 2
-        try:
-            recorded = json.loads(args.paths[0].read_text())
+        from score_exp.runs.files import RECORDED_RUNS_LIMIT, UnsafeRunFile, read_json
+
+        try:  # refused by size (one line) before it is read: never a MemoryError
+            recorded = read_json(args.paths[0], RECORDED_RUNS_LIMIT)
             args.paths = [Path(p) for p in recorded["paths"]]
+        except UnsafeRunFile as e:
+            print(f"score-report: error: {e}", file=sys.stderr)
+            return 2
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             print(f"score-report: error: {args.paths[0]}: not a recorded runs.json ({e})", file=sys.stderr)  # fmt: skip
             return 2

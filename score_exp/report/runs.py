@@ -61,7 +61,20 @@ class Run:
 
     @property
     def status(self) -> str:
-        return self.record.status or "missing"
+        """``results.json``'s status; an ``ok`` run whose test metrics are not all finite is
+        ``non-finite``: counted as not ok and listed, never silently left out of a mean."""
+        status = self.record.status or "missing"
+        return "non-finite" if status == "ok" and self.non_finite() else status
+
+    def non_finite(self) -> str:
+        """``test/<metric> = nan, ...`` for the test metrics that are not finite numbers."""
+        test = self.record.test or {}
+        bad = [
+            f"test/{k} = {v}"
+            for k, v in test.items()
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+        ]
+        return ", ".join(bad)
 
     @property
     def ok(self) -> bool:
@@ -186,6 +199,14 @@ def scan_runs(paths: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
     for root in paths:
         for res in sorted(Path(root).rglob(RESULTS)):
             if MOVED_ASIDE in res.relative_to(root).parts:  # set aside by overwrite=true
+                continue
+            try:  # a folder name that is not UTF-8 cannot be printed into a report
+                str(res.parent).encode("utf-8")
+            except UnicodeEncodeError:
+                shown = (
+                    str(res.parent).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                )
+                unreadable.append((Path(shown), "its name is not UTF-8: rename the folder"))
                 continue
             try:
                 runs.append(load_run(res.parent))

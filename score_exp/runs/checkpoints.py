@@ -25,6 +25,11 @@ from score_exp.runs.record import (
 
 log = logging.getLogger("score_exp.runs")
 
+#: What a checkpoint's records may inflate to: this many times their bytes on disk, plus
+#: :data:`INFLATE_SLACK` (``torch.save`` writes them uncompressed: a ratio of about 1).
+INFLATE_RATIO = 4
+INFLATE_SLACK = 64 << 20
+
 
 def load_checkpoint(path: Path) -> dict:
     """``torch.load(path, weights_only=True)`` on CPU: tensors and plain values, never code.
@@ -39,6 +44,7 @@ def load_checkpoint(path: Path) -> dict:
 
     try:  # a regular file, not a link or a device, of a sane size (runs.files)
         with open_regular(path, CHECKPOINT_LIMIT) as f:
+            check_inflation(f, path)  # from the zip directory, before any tensor is built
             return torch.load(f, map_location="cpu", weights_only=True)
     except ScoreExpError:
         raise
@@ -49,6 +55,48 @@ def load_checkpoint(path: Path) -> dict:
         raise DataError(
             f"checkpoint {path} is unreadable (truncated?) or not plain data: {reason}"
         ) from None
+
+
+def check_inflation(f, path: Path) -> None:
+    """Refuse a checkpoint whose zip directory declares more than it can honestly hold.
+
+    ``torch.save`` stores its records uncompressed, so a record inflates to about its size on
+    disk. A record declared larger than :data:`INFLATE_RATIO` times its stored bytes plus
+    :data:`INFLATE_SLACK` (a 27 MB file holding a 6 GiB record of deflated zeros), or records
+    that together inflate past that bound of the whole file or :data:`CHECKPOINT_LIMIT`, are
+    refused from the zip's central directory alone: nothing is inflated, no tensor is built.
+    A file that is not a zip (torch's legacy format) is left to ``torch.load``.
+
+    Raises:
+        DataError: one line naming the file, the record and the sizes.
+    """
+    import zipfile
+
+    size = os.fstat(f.fileno()).st_size
+    try:
+        if not zipfile.is_zipfile(f):
+            return
+        f.seek(0)
+        infos = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # torch.load says what is wrong with it, in one line
+    finally:
+        f.seek(0)
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > info.compress_size * INFLATE_RATIO + INFLATE_SLACK:
+            raise DataError(
+                f"checkpoint {path}: record {info.filename} inflates to {info.file_size:,} bytes "
+                f"from {info.compress_size:,} (a torch checkpoint stores its records as they "
+                "are); refused before loading"
+            )
+    bound = min(size * INFLATE_RATIO + INFLATE_SLACK, CHECKPOINT_LIMIT)
+    if total > bound:
+        raise DataError(
+            f"checkpoint {path} inflates to {total:,} bytes, over the {bound:,}-byte limit for "
+            f"a file of {size:,} bytes; refused before loading"
+        )
 
 
 def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:

@@ -37,6 +37,8 @@ from score_exp.errors import ConfigError
 MiB = 1 << 20
 #: Size limit of a read that names none.
 MAX_BYTES = 64 * MiB
+#: Size limit of a recorded ``runs.json`` that ``score-report`` rebuilds a snapshot from.
+RECORDED_RUNS_LIMIT = 256 * MiB
 #: Nodes a YAML document may hold once its aliases are expanded (score-train writes none).
 MAX_YAML_NODES = 100_000
 
@@ -74,19 +76,29 @@ def mkdtemp_shared(dir: str | os.PathLike, prefix: str = "", suffix: str = "") -
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
 
-    The file gets the umask's permissions (``0644`` under ``022``), as a plain ``open()``.
+    The file gets the umask's permissions (``0644`` under ``022``), as a plain ``open()``. The
+    file is a new inode: never written in place, so a hard link to the old file keeps the old
+    content. A failed write (``ENOSPC``, ``EROFS``...) leaves the old file as it was and raises
+    :class:`~score_exp.errors.WriteError` (one line naming the file; an ``OSError`` too).
     """
+    from score_exp.errors import WriteError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only or full folder: the old file is untouched
+        raise WriteError(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, path)  # a new inode: a hard link to the old file keeps its content
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
         raise
     return path
 
@@ -233,9 +245,56 @@ def load_yaml(path: str | os.PathLike, limit: int = MAX_BYTES) -> Any:
         raise UnsafeRunFile(f"{path} is not plain YAML: {why}") from None
 
 
+#: Nesting a JSON document of a run folder may have (score-train writes 4 or 5 levels).
+MAX_JSON_DEPTH = 64
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def loads_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` bounded: at most ``max_depth`` levels, every number within float range.
+
+    ``NaN`` and ``Infinity`` (which Python's ``json.dumps`` writes for a diverged metric) are
+    kept; a literal such as ``1e400`` or ``10**400`` written out is refused, as is a list
+    nested 100,000 deep (the depth is counted before parsing, so no recursion limit is hit).
+
+    Raises:
+        ValueError: not JSON, nested too deeply or a number out of range (one line).
+    """
+    import json
+    import re
+
+    import numpy as np
+
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    # The nesting, counted over the text with strings blanked out: no recursion, no parse.
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text).encode("utf-8", "replace")
+    step = np.zeros(256, dtype=np.int8)
+    step[list(b"[{")], step[list(b"]}")] = 1, -1
+    levels = np.cumsum(step[np.frombuffer(bare, dtype=np.uint8)], dtype=np.int64)
+    if levels.size and int(levels.max()) > max_depth:
+        raise ValueError(f"JSON nested more than {max_depth} levels deep")
+
+    def number(s: str) -> float | int:
+        value = float(s) if any(c in s for c in ".eE") else int(s)
+        if abs(value) > _FLOAT_MAX:  # an int past float range, or a float literal that is inf
+            raise ValueError(f"the number {s[:20]}{'...' if len(s) > 20 else ''} is out of range")
+        return value
+
+    # Only a text with a 309-digit run or a 3-digit exponent can hold a number past float
+    # range: the others are parsed at C speed.
+    wide = re.search(rb"\d{309}|[eE]\+?\d{3}", bare) is not None
+    try:
+        if not wide:
+            return json.loads(text)
+        return json.loads(text, parse_int=number, parse_float=number)
+    except RecursionError:  # pragma: no cover - the depth is counted first
+        raise ValueError(f"JSON nested more than {max_depth} levels deep") from None
+
+
 def read_json(path: str | os.PathLike, limit: int = MAX_BYTES) -> Any:
-    """A JSON file of a run folder (bounded; ``ValueError`` when it is not JSON)."""
-    return json.loads(read_text(path, limit))
+    """A JSON file of a run folder (bounded: :func:`loads_json`; ``ValueError`` otherwise)."""
+    return loads_json(read_text(path, limit))
 
 
 def refuse_links(run_dir: str | os.PathLike, subdirs: Iterable[str] = ()) -> None:

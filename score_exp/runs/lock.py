@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from pathlib import Path
 
 from score_exp.runs.record import RunDirError, RunFolder
@@ -35,15 +36,18 @@ class RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # O_NOFOLLOW: a crafted .lock link never gets its target overwritten
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        # O_NOFOLLOW: a crafted .lock link never gets its target overwritten; O_NONBLOCK: a
+        # FIFO never hangs the open (it is refused by the fstat below).
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
         except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise RunDirError(
-                f"{self.path} is a symbolic link: a run folder's lock is never written through "
-                "a link; remove it"
-            ) from None
+            raise RunDirError(_refusal(self.path, e)) from None
+        try:
+            _check_lock_file(self.path, fd)
+        except RunDirError:
+            os.close(fd)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -73,6 +77,27 @@ class RunLock:
         self.release()
 
 
+def _refusal(path: Path, e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return f"{path} is a symbolic link: a run folder's lock is never written through a link; remove it"  # fmt: skip
+    if e.errno in (errno.EISDIR, errno.ENXIO):
+        return f"{path} is not a regular file; remove it (the lock is a plain file)"
+    return f"cannot open the run lock {path}: {e.strerror or e}"
+
+
+def _check_lock_file(path: Path, fd: int) -> None:
+    """The lock must be a regular file with one link: the pid written into it never lands in a
+    file outside the run (a hard link) or blocks on a FIFO or a device."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise RunDirError(f"{path} is not a regular file; remove it (the lock is a plain file)")
+    if st.st_nlink != 1:
+        raise RunDirError(
+            f"{path} has {st.st_nlink} hard links: a run folder's lock is never written through "
+            "a link to another file; remove it"
+        )
+
+
 def in_training(run_dir: Path) -> str | None:
     """Who trains in ``run_dir`` now (the lock's ``pid ... on host``), or None.
 
@@ -81,11 +106,18 @@ def in_training(run_dir: Path) -> str | None:
     """
     import fcntl
 
-    try:
-        fd = os.open(RunFolder(run_dir).lock, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+    path = RunFolder(run_dir).lock
+    try:  # O_NONBLOCK: a FIFO at .lock never hangs the look
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
+            raise RunDirError(_refusal(path, e)) from None
+        return None  # unreadable: nobody this process can see trains in it
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RunDirError(f"{path} is not a regular file; remove it (the lock is a plain file)")
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"

@@ -18,7 +18,6 @@ record of a newer version, or one that is not a record, is refused in one line
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from score_exp.runs.files import (
     UnsafeRunFile,
     atomic_write_json,
     atomic_write_text,
+    loads_json,
     read_text,
     refuse_links,
 )
@@ -203,7 +203,7 @@ class RunRecord:
         except OSError as e:
             raise RecordError(path, f"{type(e).__name__}: {e.strerror or e}") from None
         try:
-            data = json.loads(text)
+            data = loads_json(text)  # depth-limited, numbers within float range
         except ValueError as e:
             reason = str(e).splitlines()[0] if str(e) else ""
             raise RecordError(path, f"{type(e).__name__}: {reason}") from None

@@ -9,6 +9,7 @@ logging with one warning, and the run goes on; ``wandb sync`` uploads it later.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -20,10 +21,14 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from score_exp.errors import ScoreExpError
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
 INIT_TIMEOUT = 10.0  # seconds an online start may take before falling back to offline
+#: Seconds an MLflow tracking server has to answer before a run that logs to it fails (one line).
+TRACKING_TIMEOUT_S = 10.0
 
 
 def has_wandb_key() -> bool:
@@ -132,6 +137,7 @@ def mlflow_logger(
     run_dir: str | None = None,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
+    connect_timeout: float = TRACKING_TIMEOUT_S,
     **kwargs,
 ) -> MLFlowLogger:
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger`, for any tracking URI.
@@ -142,7 +148,17 @@ def mlflow_logger(
     (:class:`_SharedMLFlowLogger`). MLflow 3 refuses a ``file:`` tracking URI unless
     ``MLFLOW_ALLOW_FILE_STORE`` is set (the file store is in maintenance mode, not removed); a
     run that asked for it gets it.
+
+    A tracking server (``http(s)://``) must answer within ``connect_timeout`` seconds before the
+    run starts, else the run fails in one line (:class:`TrackingServerUnavailable`, exit 1):
+    the policy is to fail early rather than train for hours unlogged. MLflow's own requests
+    are bounded too (``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, unless
+    set), so a server that stops answering mid-run costs seconds, not MLflow's 7 retries.
     """
+    if tracking_uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(connect_timeout, 1))))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        _probe(tracking_uri, connect_timeout)
     if tracking_uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if run_name is None and run_dir:
@@ -154,6 +170,30 @@ def mlflow_logger(
         tags={k: str(v) for k, v in (tags or {}).items()},
         **kwargs,
     )
+
+
+class TrackingServerUnavailable(ScoreExpError):
+    """The MLflow tracking server did not answer in time (exit 1: a failure, not bad input)."""
+
+    exit_code = 1
+
+
+def _probe(uri: str, timeout: float) -> None:
+    """Any HTTP answer (even an error status) within ``timeout`` seconds, else one line."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (OSError, ValueError) as e:
+        why = getattr(e, "reason", None) or e
+        raise TrackingServerUnavailable(
+            f"the MLflow tracking server {uri} did not answer within {timeout:g} s ({why}); "
+            "start it, fix logger.mlflow.tracking_uri, or drop the logger (logger=csv)"
+        ) from None
 
 
 class _SharedMLFlowLogger(MLFlowLogger):
@@ -291,6 +331,53 @@ class AppendingCSVLogger(CSVLogger):
 
 
 class _AppendingWriter(ExperimentWriter):
+    """Lightning's writer, but ``metrics.csv`` and ``hparams.yaml`` are replaced atomically.
+
+    Lightning appends to ``metrics.csv`` and rewrites ``hparams.yaml`` in place: a hard link
+    planted at either would have a file outside the run written, and a full disk leaves
+    ``hparams.yaml`` empty. Here each save writes the whole file anew (a new inode, renamed
+    over the old one: :func:`score_exp.runs.files.atomic_write_bytes`); a failed write keeps the old
+    file and raises :class:`~score_exp.errors.WriteError` (one line).
+    """
+
+    def log_hparams(self, params: dict) -> None:
+        from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+        from score_exp.errors import WriteError
+        from score_exp.runs.files import mkstemp_shared
+
+        self.hparams.update(params)
+        path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        try:
+            fd, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+        except OSError as e:
+            raise WriteError(path, e) from None
+        try:
+            save_hparams_to_yaml(tmp, self.hparams)
+            os.replace(tmp, path)  # a new inode: never written in place
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise WriteError(path, e) from None
+
+    def save(self) -> None:
+        from score_exp.runs.files import atomic_write_text, read_text
+
+        if not self.metrics:
+            return
+        new_keys = self._record_new_keys()
+        path = Path(self.metrics_file_path)
+        old = read_text(path) if path.is_file() else ""
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=self.metrics_keys)
+        if not old or new_keys:  # a new header: the old rows under it
+            writer.writeheader()
+            writer.writerows(csv.DictReader(io.StringIO(old, newline="")) if old else [])
+            old = ""
+        writer.writerows(self.metrics)
+        atomic_write_text(path, old + buf.getvalue())
+        self.metrics = []
+
     def _check_log_dir_exists(self) -> None:
         # Keep the file and its header; later saves append (and widen the header if needed).
         if self._fs.isfile(self.metrics_file_path):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from score_exp.core.spec import MAX_SEQ_LEN
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import TOKENIZERS, TokenFiles, Tokenizer, prepare_tokens
 from score_exp.errors import (
@@ -141,6 +142,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             ("eval_iters", eval_iters),
         ):
             check_int(f"task.data.{name}", value, 1)
+        check_int("task.data.block_size", block_size, 1, MAX_SEQ_LEN)  # a sane context
         check_choice("task.data.tokenizer", tokenizer, TOKENIZERS)
         if not (isinstance(train_fraction, (int, float)) and 0 < train_fraction < 1):
             raise ConfigError(f"task.data.train_fraction must be in (0, 1), got {train_fraction!r}")

@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from score_exp.errors import CheckpointWriteError
+from score_exp.errors import CheckpointWriteError, ConfigError
 from score_exp.runs.record import LAST_CHECKPOINT
 
 
@@ -34,8 +34,15 @@ class LastCheckpoint(Checkpoint):
     FILENAME = LAST_CHECKPOINT
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"every_n_train_steps must be >= 1 or null, got {every_n_train_steps}")
+        if every_n_train_steps is not None and (
+            isinstance(every_n_train_steps, bool)
+            or not isinstance(every_n_train_steps, int)
+            or every_n_train_steps < 1
+        ):  # a ConfigError: one line naming the key, not Hydra's instantiate traceback
+            raise ConfigError(
+                "callbacks.last_checkpoint.every_n_train_steps must be an integer >= 1 or null, "
+                f"got {every_n_train_steps!r}"
+            )
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self._saved_step: int | None = None
