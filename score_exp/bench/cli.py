@@ -43,8 +43,8 @@ from pathlib import Path
 from score_exp import config, run
 from score_exp.bench.measure import MARK, compose, summary
 from score_exp.bench.report import checkpoint_growth, ratios, report
-from score_exp.cli.common import check_output_dir
 from score_exp.errors import ConfigError, ScoreExpError
+from score_exp.runs.files import check_output_dir
 
 # ----------------------------------------------------------------------------- configs
 

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from score_exp.errors import ConfigError, check_int, check_seed, user_error
-from score_exp.runs.files import UnsafeRunFile
+from score_exp.runs.files import UnsafeRunFile, check_output_dir
 from score_exp.runs.record import RunFolder
 
 log = logging.getLogger(__name__)
@@ -83,26 +83,6 @@ def check_argv(prog: str, argv: list[str]) -> None:
                 file=sys.stderr,
             )
             sys.exit(2)
-
-
-def check_output_dir(path: str | os.PathLike, key: str) -> Path:
-    """``path`` is a folder this process can write, or one it can create.
-
-    Raises:
-        ConfigError: a file stands where the folder (or one of its parents) should be, or the
-            nearest existing parent is not writable; the message names ``key`` and the value.
-    """
-    path = Path(path).expanduser().absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:  # False under a file, too
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "it is a file" if existing == path else f"{existing} is a file"
-        raise ConfigError(f"{key}={path} cannot be a folder: {where}; choose another {key}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "it is" if existing == path else f"{existing} is"
-        raise ConfigError(f"{key}={path} is not writable: {what} read-only; choose another {key}")
-    return path
 
 
 #: Run folders that this process's Hydra run creates (they did not exist before it started).

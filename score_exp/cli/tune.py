@@ -170,7 +170,7 @@ def _study_main(args: argparse.Namespace) -> int:
         return _error("--jobs must be >= 1")
     try:
         plan = plan_study(args.overrides, args.dir, args.seed, args.trials, args.jobs)
-        from score_exp.cli.common import check_output_dir
+        from score_exp.runs.files import check_output_dir
 
         check_output_dir(plan.folder, "--dir")
         out = run_study(plan)

@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from score_exp.cli.common import check_output_dir
     from score_exp.report.build import build_report, log_to_wandb
+    from score_exp.runs.files import check_output_dir
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

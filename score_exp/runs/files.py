@@ -337,3 +337,23 @@ def check_move_aside(run_dir: str | os.PathLike, aside: str) -> None:
                 f"{path} is a symbolic link: overwrite=true moves a run folder only within its "
                 "parent; remove the link or use another folder"
             )
+
+
+def check_output_dir(path: str | os.PathLike, key: str) -> Path:
+    """``path`` is a folder this process can write, or one it can create.
+
+    Raises:
+        ConfigError: a file stands where the folder (or one of its parents) should be, or the
+            nearest existing parent is not writable; the message names ``key`` and the value.
+    """
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:  # False under a file, too
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is a file" if existing == path else f"{existing} is a file"
+        raise ConfigError(f"{key}={path} cannot be a folder: {where}; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "it is" if existing == path else f"{existing} is"
+        raise ConfigError(f"{key}={path} is not writable: {what} read-only; choose another {key}")
+    return path
