@@ -391,3 +391,14 @@ def test_a_study_already_running_in_another_process_is_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert out.stderr.startswith("score-tune: error:") and str(os.getpid()) in out.stderr
     assert not (folder / STUDY_FILE).exists()
+
+
+def test_the_peer_is_tuned_with_the_budget_of_the_depth_variants(tmp_path):
+    """tune_esol_attentivefp(_cpu): a study of its own, as many trials and epochs as score025's."""
+    for peer, gnn in (("tune_esol_attentivefp", "tune_esol_gnn"),
+                      ("tune_esol_attentivefp_cpu", "tune_esol_gnn_cpu")):  # fmt: skip
+        plan = plan_study([f"experiment={peer}"], tmp_path / peer)
+        ours = plan_study([f"experiment={gnn}", "depth=score025"])
+        assert (plan.n_trials, plan.n_startup_trials) == (ours.n_trials, ours.n_startup_trials)
+        assert {p.key for p in plan.space} == {p.key for p in ours.space}
+        assert plan.folder == tmp_path / peer and plan.direction == "minimize"
