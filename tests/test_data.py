@@ -8,13 +8,13 @@ import pytest
 from score_exp.data.molecules import (
     ESOL_SMILES_COLUMN,
     ESOL_TARGET_COLUMN,
-    FeatureScaler,
     compute_descriptors,
     random_split,
     read_molecule_csv,
     scaffold_split,
 )
 from score_exp.data.registry import REGISTRY, fetch, sha256sum
+from score_exp.data.scaler import FeatureScaler
 from score_exp.errors import DataError
 
 

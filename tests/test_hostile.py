@@ -210,7 +210,8 @@ def test_sizes_have_sane_maxima_before_any_model_is_built(finished, tmp_path):
     """depth.steps: 100000000 in a run folder (score-eval ran on past 150 s and ignored
     SIGTERM): refused in one line; widths and contexts likewise."""
     from score_exp.config import depth_spec
-    from score_exp.core.spec import MAX_STEPS, MAX_WIDTH
+    from score_exp.core.spec import MAX_STEPS
+    from score_exp.models.limits import MAX_WIDTH
     from score_exp.models.mlp import RecurrentMLP as MLP
     from score_exp.run import run_config
 

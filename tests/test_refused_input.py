@@ -82,7 +82,7 @@ def test_a_checkpoint_that_does_not_fit_the_model(finished, kind, says, prog, mo
     [
         (["checkpoint=../outside.ckpt"], "checkpoint=../outside.ckpt leaves the run folder"),
         (["checkpoint=ABS"], "checkpoint=ABS leaves the run folder"),
-        (["depth.steps=2.5"], "steps must be an integer >= 1, got 2.5"),
+        (["depth.steps=2.5"], "depth.steps must be an integer >= 1, got 2.5"),
         (
             ["depth.halt=kl", "depth.adaptive_eps=0.01"],
             "depth.halt=kl compares next-token distributions, which only a language model "

@@ -114,7 +114,9 @@ def test_a_start_refused_for_bad_input_leaves_the_folder_to_the_corrected_comman
     run_dir = tmp_path / "run"
     out = train_cli(run_dir, *TINY, "task.module.lr=-1")
     assert out.returncode == 2 and "task.module.lr" in errors(out.stderr)[0]
-    assert (run_dir / FINGERPRINT).is_file() and not (run_dir / "results.json").exists()
+    # Refused before any work: nothing is left behind (no fingerprint to bind the folder, no
+    # record), so the corrected command starts afresh in it.
+    assert not (run_dir / FINGERPRINT).exists() and not (run_dir / "results.json").exists()
     out = train_cli(run_dir, "trainer.max_epochs=1", "task.model.hidden=32")
     assert out.returncode == 0, out.stderr[-2000:]
     assert load_results(run_dir)["status"] == "ok"

@@ -41,13 +41,9 @@ HALTS: tuple[str, ...] = get_args(Halt)
 # a sigma beyond 10 gives exp(tau) outside float range.
 MAX_TRAIN_STEPS = 1_000_000
 MAX_SIGMA = 10.0
-# Sane maxima of the sizes a config may ask for, checked before any model is built: a run
-# folder's config.yaml is data, and `steps: 100000000` or `hidden: 10**9` would otherwise
-# compute for hours or allocate until the process is killed. The paper's depths are <= 64
-# steps; the widest model trained here has 384 features, GPT-3's 12,288.
-MAX_STEPS = 100_000  # depth.steps (score-eval's re-discretised steps too)
-MAX_WIDTH = 65_536  # task.model.hidden, task.model.n_embd
-MAX_SEQ_LEN = 65_536  # task.data.block_size (a GPT's context: positions and attention)
+# A sane maximum of depth.steps (score-eval's re-discretised steps too), checked before any model
+# is built: a run folder's config.yaml is data. The paper's depths are <= 64 steps.
+MAX_STEPS = 100_000
 
 
 @dataclass
@@ -307,9 +303,7 @@ class DepthSpec:
         except ValueError:
             values = ()
         if len(values) != 2 or not all(math.isfinite(v) for v in values):
-            raise ValueError(
-                f"train_steps {name} takes two numbers, finite, got {self.train_steps!r}"
-            )
+            raise ValueError(f"train_steps {name} takes two numbers, finite, got {self.train_steps!r}")  # fmt: skip
         a, b = values
         if name == "uniform" and not (
             a.is_integer() and b.is_integer() and 1 <= a <= b <= MAX_TRAIN_STEPS
@@ -347,9 +341,7 @@ class DepthSpec:
         if min(counts) < 1:
             raise ValueError(f"growth steps must be >= 1, got {counts}")
         if any(b < a for a, b in zip(counts, counts[1:], strict=False)):
-            raise ValueError(
-                f"growth only grows the depth: its step counts must not decrease, got {counts}"
-            )
+            raise ValueError(f"growth only grows the depth: its step counts must not decrease, got {counts}")  # fmt: skip
         if counts[-1] != self.steps:
             raise ValueError(f"growth must end at steps={self.steps}, got {counts[-1]}")
         if not self.share and any(b != 2 * a for a, b in zip(counts, counts[1:], strict=False)):
@@ -362,14 +354,13 @@ class DepthSpec:
                 "growth changes the number of steps: it cannot be combined with "
                 "connect='ancre' or learn_dt (their parameters are per step)"
             )
-        if self.update == "contractive" and self.keep_horizon:
-            worst = self.steps * configured_dt(self) / counts[0]
-            if worst > 1:
-                warnings.warn(
-                    f"growth keeps the horizon {self.steps * configured_dt(self):g}: the first "
-                    f"stage ({counts[0]} steps) runs the contractive update with dt={worst:g} > 1",
-                    stacklevel=3,
-                )
+        if self.update == "contractive" and self.keep_horizon and self.horizon / counts[0] > 1:
+            worst = self.horizon / counts[0]
+            warnings.warn(
+                f"growth keeps the horizon {self.horizon:g}: the first "
+                f"stage ({counts[0]} steps) runs the contractive update with dt={worst:g} > 1",
+                stacklevel=3,
+            )
         self.growth = pairs
 
     def steps_at(self, at: int) -> int:

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from score_exp.core import DepthSpec, RecurrentDepth
-from score_exp.core.spec import MAX_SEQ_LEN, MAX_WIDTH
 from score_exp.errors import check_int
+from score_exp.models.limits import MAX_SEQ_LEN, MAX_WIDTH
 
 
 class CausalSelfAttention(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from score_exp.core import DepthSpec, RecurrentDepth
-from score_exp.core.spec import MAX_WIDTH
 from score_exp.errors import ConfigError, check_choice, check_int
+from score_exp.models.limits import MAX_WIDTH
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": lambda _: nn.Identity()}

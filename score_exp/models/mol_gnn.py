@@ -21,8 +21,8 @@ from torch_geometric.nn import (
 from torch_geometric.utils import scatter
 
 from score_exp.core import DepthSpec, RecurrentDepth
-from score_exp.core.spec import MAX_WIDTH
 from score_exp.errors import ConfigError, check_choice, check_int
+from score_exp.models.limits import MAX_WIDTH
 from score_exp.models.mlp import check_halt
 
 CONVS = ("mpnn", "dmpnn", "gine", "gat", "gcn")

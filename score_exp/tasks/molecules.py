@@ -14,7 +14,6 @@ from score_exp.data.molecules import (
     ESOL_SMILES_COLUMN,
     ESOL_TARGET_COLUMN,
     SPLIT_KINDS,
-    FeatureScaler,
     MoleculeTable,
     check_fractions,
     compute_descriptors,
@@ -22,6 +21,7 @@ from score_exp.data.molecules import (
     read_molecule_csv,
 )
 from score_exp.data.registry import cache_dir, fetch
+from score_exp.data.scaler import FeatureScaler
 from score_exp.errors import DataError, check_choice, check_int, check_number, check_seed
 from score_exp.tasks.distributed import (
     GlobalBatchSampler,
@@ -182,7 +182,7 @@ class DescriptorDataModule(MoleculeDataModule):
     """Molecules as RDKit 2-D descriptor vectors (computed once, cached on disk).
 
     Descriptor columns are filtered, imputed and standardised on the training split only
-    (:class:`~score_exp.data.molecules.FeatureScaler`).
+    (:class:`~score_exp.data.scaler.FeatureScaler`).
     """
 
     def __init__(self, *args, clip: float = 10.0, **kwargs):

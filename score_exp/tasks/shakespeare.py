@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from score_exp.core.spec import MAX_SEQ_LEN
 from score_exp.data.registry import fetch
 from score_exp.data.shakespeare import TOKENIZERS, TokenFiles, Tokenizer, prepare_tokens
 from score_exp.errors import (
@@ -26,6 +25,7 @@ from score_exp.errors import (
     check_int,
     check_seed,
 )
+from score_exp.models.limits import MAX_SEQ_LEN
 from score_exp.tasks.distributed import (
     check_num_workers,
     eval_sampler,
