@@ -244,3 +244,19 @@ def load_run(
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     log.info("loaded %s (step %s) with depth %s", ckpt_path, ckpt.get("global_step"), task.spec)
     return LoadedRun(cfg, task, ckpt_path, meta)
+
+
+def check_constructors(cfg: DictConfig) -> None:
+    """The values the data module and the LightningModule check in their constructors, before
+    Hydra makes the run folder (cheap: nothing is read or built; only the builder instantiates a
+    task's objects, so this check lives here)."""
+    import torch
+    from hydra.utils import instantiate
+
+    for node, kwargs in (("data", {}), ("module", {"model": torch.nn.Identity()})):
+        try:
+            instantiate(cfg.task[node], **kwargs)
+        except Exception as e:
+            if (error := user_error(e)) is not None:
+                raise error from None
+            # Anything else (an argument only the data provides): the run reports it itself.

@@ -29,6 +29,7 @@ from score_exp.errors import (
     WriteError,
     user_error,
 )
+from score_exp.run import check_constructors
 from score_exp.runs import cluster, launch, stop, sweeps
 from score_exp.runs.claim import claim_for_ranks
 from score_exp.runs.launch import objective
@@ -217,22 +218,7 @@ def check_command_line(argv: list[str]) -> None:
     check_run_config(cfg)
     depth_spec(cfg)
     objective(cfg, {})
-    _check_constructors(cfg)
-
-
-def _check_constructors(cfg: DictConfig) -> None:
-    """The values the data module and the LightningModule check in their constructors (cheap:
-    nothing is read or built), before Hydra makes the run folder."""
-    import torch
-    from hydra.utils import instantiate
-
-    for node, kwargs in (("data", {}), ("module", {"model": torch.nn.Identity()})):
-        try:
-            instantiate(cfg.task[node], **kwargs)
-        except Exception as e:
-            if (error := user_error(e)) is not None:
-                raise error from None
-            # Anything else (an argument only the data provides): the run reports it itself.
+    check_constructors(cfg)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from score_exp.report.tables import (
     variant_table,
 )
 from score_exp.report.variants import by_task, variants
+from score_exp.report.verdicts import cap_table
 from score_exp.runs.files import atomic_write_text
 
 log = logging.getLogger("score_exp.report")
@@ -57,6 +58,7 @@ class Report:
     claims: list = field(default_factory=list)  # claims.md rows (report.claims.Claim)
     sections: list[Section] = field(default_factory=list)  # per task (the results page's order)
     claim_tables: list[Table] = field(default_factory=list)  # claims, across datasets, studies
+    cap: Table | None = None  # the runs that hit their epoch cap (claims.md shows it too)
 
 
 def _slug(text: str) -> str:
@@ -135,6 +137,7 @@ def build_report(paths: list[Path], out: Path, target: float | None = None,
 
     report.claims = claims(runs)
     claims_md = claims_markdown(report.claims, runs)
+    report.cap = cap_table(runs) if report.claims else None
     if report.claims:
         report.claim_tables.append(claims_table(report.claims))
         if summary := across_datasets(report.claims):

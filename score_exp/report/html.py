@@ -190,7 +190,8 @@ def _part_html(part: Part, prefix: str) -> tuple[str, list[tuple[str, str]]]:
     if part.headline.strip():
         section("Headline", markdown(part.headline))
     if r.claim_tables:
-        section("Claims of the paper", "\n".join(_table(t) for t in r.claim_tables))
+        caps = [r.cap] if r.cap is not None else []
+        section("Claims of the paper", "\n".join(_table(t) for t in [*r.claim_tables, *caps]))
     for s in r.sections:
         body = [f'<p class="direction">Test metric: {_better(s.higher_is_better)}.</p>']
         body += [_table(t) for t in s.tables]

@@ -159,17 +159,32 @@ def at_cap(runs: list[Run]) -> list[dict]:
     return out
 
 
-def cap_markdown(runs: list[Run]) -> str:
+def cap_table(runs: list[Run]) -> Table | None:
+    """The share of ok runs that trained to ``trainer.max_epochs`` instead of stopping early."""
     rows = at_cap(runs)
     if not rows:
-        return ""
+        return None
     total, hit = sum(r["runs"] for r in rows), sum(r["at_cap"] for r in rows)
-    lines = ["## Runs that hit their epoch cap", "",
-             f"{hit} of {total} ok runs ({hit / total:.0%}) trained to `trainer.max_epochs` instead "
-             "of ending by early stopping: they may be short of their best.", "",
-             "| experiment / task | runs | at the cap | of them the peer |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['experiment']} / {r['task']} | {r['runs']} | {r['at_cap']} | "
-              f"{r['reference_at_cap']} |" for r in rows]  # fmt: skip
+    note = (f"{hit} of {total} ok runs ({hit / total:.0%}) trained to `trainer.max_epochs` instead "
+            "of ending by early stopping: they may be short of their best.")  # fmt: skip
+    cells = [[f"{r['experiment']} / {r['task']}", str(r["runs"]), str(r["at_cap"]),
+              str(r["reference_at_cap"])] for r in rows]  # fmt: skip
+    header = ["experiment / task", "runs", "at the cap", "of them the peer"]
+    return Table("Runs that hit their epoch cap", header, cells, note, rows)
+
+
+def cap_markdown(runs: list[Run]) -> str:
+    if (t := cap_table(runs)) is None:
+        return ""
+    lines = [
+        f"## {t.title}",
+        "",
+        t.note,
+        "",
+        "| " + " | ".join(t.header) + " |",
+        "|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in t.rows]
     return "\n".join(lines) + "\n"
 
 
