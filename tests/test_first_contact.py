@@ -20,7 +20,7 @@ import pytest
 from conftest import QUIET, cli_env, load_results, run_cli, train_cli
 from test_bad_input import one_error_line
 
-TINY = ["trainer.max_epochs=1", "task.model.hidden=16"]
+ONE_EPOCH_NARROW = ["trainer.max_epochs=1", "task.model.hidden=16"]
 
 
 def _refused(tmp_path, *args, multirun: bool = False) -> str:
@@ -108,7 +108,7 @@ def test_the_default_run_folder_is_checked_for_a_single_run(tmp_path):
     """The default folder (outputs/<experiment>/<time>_<depth>_s<seed>) reads Hydra's choices:
     checked all the same; a file named ``outputs`` is one line, not a NotADirectoryError."""
     (tmp_path / "outputs").write_text("a file")
-    out = run_cli(*QUIET, *TINY, cwd=tmp_path)
+    out = run_cli(*QUIET, *ONE_EPOCH_NARROW, cwd=tmp_path)
     line = one_error_line(out)
     assert "HydraConfig was not set" not in out.stderr
     assert line.startswith(f"score-train: error: hydra.run.dir={tmp_path}/outputs/esol_mlp/")
@@ -124,7 +124,7 @@ def test_the_default_run_folder_is_checked_for_a_single_run(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("first_contact") / "run"
-    out = train_cli(run_dir, *TINY)
+    out = train_cli(run_dir, *ONE_EPOCH_NARROW)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HydraConfig was not set" not in out.stderr  # the output check ran, quietly
     return run_dir
@@ -148,7 +148,7 @@ def test_a_wandb_run_logged_offline_says_how_to_upload_it(tmp_path):
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         env.pop(key, None)
     run_dir = tmp_path / "wb"
-    out = train_cli(run_dir, "logger=wandb", *TINY, env=env, timeout=300)
+    out = train_cli(run_dir, "logger=wandb", *ONE_EPOCH_NARROW, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     assert f"upload it with `wandb sync {offline}`" in out.stderr
@@ -157,7 +157,9 @@ def test_a_wandb_run_logged_offline_says_how_to_upload_it(tmp_path):
 @pytest.mark.slow
 def test_a_fixed_point_run_records_the_evaluations_it_spends(tmp_path):
     run_dir = tmp_path / "fp"
-    out = train_cli(run_dir, *TINY, "depth.solver=fixed_point", "depth.inject=add", timeout=300)
+    out = train_cli(
+        run_dir, *ONE_EPOCH_NARROW, "depth.solver=fixed_point", "depth.inject=add", timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = load_results(run_dir)
     spent = r["solver"]["test"]["nfe"]

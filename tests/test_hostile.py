@@ -26,11 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUIET, REPO, cli_env, run_cli, train_cli
+from conftest import QUIET, REPO, TINY, cli_env, run_cli, train_cli
 
 from score_exp.errors import ConfigError, DataError
-
-TINY = ["trainer.max_epochs=2", "task.model.hidden=32"]
 
 
 def one_line(out, prog: str, code: int = 2) -> str:
@@ -42,13 +40,10 @@ def one_line(out, prog: str, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny esol_mlp run (2 epochs)."""
-    run_dir = tmp_path_factory.mktemp("runs") / "run"
-    out = train_cli(run_dir, *TINY)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+@pytest.fixture
+def finished(tiny_run):
+    """The session's finished TINY esol_mlp run (conftest.tiny_run): read it, edit a copy."""
+    return tiny_run[0]
 
 
 def copy_run(finished: Path, tmp_path: Path, name: str = "copy") -> Path:

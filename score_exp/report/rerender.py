@@ -27,7 +27,7 @@ from score_exp.report.snapshot import (
     _dirty,
     _git,
     headline,
-    splice_readme,
+    splice_headlines,
     write_page,
 )
 from score_exp.runs.files import atomic_write_text
@@ -81,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         rerender(args.out)
-        if args.readme:
-            splice_readme(args.readme, args.out, short=True)
-        if args.page:
-            splice_readme(args.page, args.out)
+        splice_headlines(args.out, args.readme, args.page)
     except ScoreExpError as e:
         print(f"rerender: error: {e}", file=sys.stderr)
         return 2

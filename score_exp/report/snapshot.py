@@ -278,6 +278,14 @@ def splice_readme(readme: Path, snap: Path, short: bool = False) -> None:
     atomic_write_text(readme, text[:a] + readme_block(snap, short) + text[b:])
 
 
+def splice_headlines(snap: Path, readme: Path | None, page: Path | None) -> None:
+    """The README's short headline block and the results page's full one, from ``snap``."""
+    if readme:
+        splice_readme(readme, snap, short=True)
+    if page:
+        splice_readme(page, snap)
+
+
 def check(snap: Path) -> list[str]:
     """Re-render every report of a snapshot from its ``runs.json``: the files that differ."""
     problems = []
@@ -359,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tune_wall,
             args.allow_unpublishable,
         )
-        if args.readme:
-            splice_readme(args.readme, args.out, short=True)
-        if args.page:
-            splice_readme(args.page, args.out)
+        splice_headlines(args.out, args.readme, args.page)
     except ScoreExpError as e:
         print(f"snapshot: error: {e}", file=sys.stderr)
         return 2
