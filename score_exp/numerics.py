@@ -27,7 +27,9 @@ the kernels in use are the mode's (a run that cannot get them is refused, never 
 sets the threads and flags, and returns what ``results.json`` records (``numerics``).
 
 ``numerics=default`` (the default) changes nothing: the machine's fastest kernels, numbers that
-are bit-identical on one machine only. Its config keys stay out of a run's fingerprint, so run
+are bit-identical on one machine only. It does pin each run to the thread count (and oneDNN
+switch) its process started with, so a run's bits never depend on what ran before it in the same
+process (a Hydra multirun's earlier job, a test calling ``train`` twice). Its config keys stay out of a run's fingerprint, so run
 folders made before numerics modes existed keep their identity; a portable run's identity holds
 ``numerics.*``.
 """
@@ -195,6 +197,7 @@ def apply(numerics: Any) -> dict[str, Any]:
     mode = str((numerics or {}).get("mode", "default"))
     if mode not in MODES:
         raise NumericsError(f"numerics.mode={mode!r} is not one of {', '.join(MODES)}")
+    threads, mkldnn = _process_defaults()  # read before any run of this process changes them
     if mode == "portable":
         if bad := mismatches():
             raise NumericsError(
@@ -204,11 +207,30 @@ def apply(numerics: Any) -> dict[str, Any]:
                 + " ".join(f"{k}={v}" for k, v in PORTABLE_ENV.items())
                 + " before Python starts"
             )
-        threads = int(numerics.get("threads", 1))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(int(numerics.get("threads", 1)))
         torch.backends.mkldnn.enabled = False
         torch.use_deterministic_algorithms(True)
+    else:
+        # The machine's kernels, at this process's own thread count and oneDNN setting: never
+        # what an earlier run in this process left (a portable run's one thread, Lightning's DDP
+        # launcher's cpus/processes), as the bits of a reduction depend on the thread count.
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = mkldnn
     return record(mode)
+
+
+_DEFAULTS: tuple[int, bool] | None = None
+
+
+def _process_defaults() -> tuple[int, bool]:
+    """This process's intra-op thread count and oneDNN switch as its first run found them (torch's
+    default: ``OMP_NUM_THREADS``, else the machine's cores; or what the caller set before)."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        import torch
+
+        _DEFAULTS = (torch.get_num_threads(), bool(torch.backends.mkldnn.enabled))
+    return _DEFAULTS
 
 
 def record(mode: str) -> dict[str, Any]:

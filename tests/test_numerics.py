@@ -92,6 +92,29 @@ def test_a_process_already_on_other_kernels_is_refused_in_one_line(monkeypatch):
         numerics.apply({"mode": "fast"})
 
 
+def test_a_default_mode_run_takes_its_process_threads_not_what_an_earlier_run_left(monkeypatch):
+    """A portable run (or Lightning's DDP launcher) leaves one thread and oneDNN off in its
+    process; the next default-mode run there is set back to the process's own defaults."""
+    import torch
+
+    monkeypatch.setattr(numerics, "mismatches", lambda: [])  # portable kernels, as if re-executed
+    saved = (torch.get_num_threads(), torch.backends.mkldnn.enabled,
+             torch.are_deterministic_algorithms_enabled())  # fmt: skip
+    try:
+        first = numerics.apply({"mode": "default"})
+        numerics.apply({"mode": "portable", "threads": 1})
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (1, False)
+        torch.set_num_threads(3)
+        again = numerics.apply({"mode": "default"})
+        assert (again["threads"], again["mkldnn"]) == (first["threads"], first["mkldnn"])
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (
+            first["threads"], first["mkldnn"])  # fmt: skip
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.mkldnn.enabled = saved[1]
+        torch.use_deterministic_algorithms(saved[2])
+
+
 def test_the_fingerprint_holds_a_portable_mode_and_not_the_default(tmp_path):
     base = {"seed": 0, "task": {"name": "esol_mlp"}}
     old = run_identity(base, tmp_path)  # a folder made before numerics modes
