@@ -35,14 +35,16 @@ venv: $(STAMP)  ## create .venv and install the project (pip, torch pinned to 2.
 run: $(STAMP)  ## train the default experiment (MLP on ESOL, depth=score) on CPU
 	$(BIN)/score-train $(ARGS)
 
-# Tests run in TEST_JOBS processes (pytest-xdist; `TEST_JOBS=0` runs them in this one).
+# Tests run in TEST_JOBS processes (pytest-xdist; `TEST_JOBS=0` runs them in this one), each
+# taking whole files, the heaviest first (tests/conftest.py: HEAVIEST_FIRST).
 TEST_JOBS ?= auto
+TEST_DIST := --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)  ## run the whole test suite (but the Slurm tests: make test-cluster)
-	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slurm" $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) $(TEST_DIST) -m "not slurm" $(ARGS)
 
 test-fast: $(STAMP)  ## tests without the slow (training) ones
-	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow and not slurm" $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) $(TEST_DIST) -m "not slow and not slurm" $(ARGS)
 
 # A real single-node Slurm (scripts/slurm_local.sh: installs slurm-wlm + munge when missing, needs
 # root), the Slurm tests against it (one process: the jobs share the node), then Slurm stopped,
