@@ -174,3 +174,56 @@ def test_decoder_options_are_checked_before_any_work(kwargs, message):
         Decoder(tiny(SPECS["score"]), **kwargs)
     with pytest.raises(ValueError, match="share=true"):
         Decoder(tiny(SPECS["stacked"]), kv_slots=2)
+
+
+# ----------------------------------------------------------------------------- score-sample
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """A tiny shared (depth=score) Shakespeare run, trained once for this file."""
+    from conftest import train_cli
+
+    run_dir = tmp_path_factory.mktemp("generation") / "run"
+    proc = train_cli(
+        run_dir, "task=shakespeare_char_cpu", "depth=score", "task.max_steps=40",
+        "task.val_check_interval=40", "task.data.eval_iters=1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def sample(run_dir, *args):
+    from conftest import run_cli
+
+    return run_cli(
+        f"run_dir={run_dir}", "max_new_tokens=40", "prompt=ROMEO:", "top_k=1", *args,
+        module="score_exp.cli.sample",
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_score_sample_greedy_text_is_the_same_with_and_without_the_cache(shared_run):
+    cached, plain, spec = (
+        sample(shared_run, *a) for a in ([], ["kv_cache=false"], ["speculative_steps=2"])
+    )
+    for proc in (cached, plain, spec):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "tokens/s:" in proc.stderr and "tokens/s" not in proc.stdout
+        assert "steps per token: mean 4.000; distribution {4: 40}" in proc.stderr
+    assert cached.stdout == plain.stdout == spec.stdout
+    assert cached.stdout.startswith("ROMEO:") and len(cached.stdout.split("\n---")[0]) == 46
+    assert "acceptance rate:" in spec.stderr and "acceptance rate" not in cached.stderr
+
+
+@pytest.mark.slow
+def test_score_sample_per_token_exit_and_bounded_cache_report_their_steps(shared_run):
+    proc = sample(shared_run, "depth.halt=kl", "depth.adaptive_eps=1e-3", "kv_slots=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("steps per token"))
+    dist = line.split("distribution ")[1]
+    assert sum(int(v.split(": ")[1]) for v in dist.strip("{}").split(", ")) == 40
+    proc = sample(shared_run, "warm_start=true")
+    assert proc.returncode == 2 and "inject=add|concat" in proc.stderr and proc.stdout == ""
+    proc = sample(shared_run, "kv_cache=false", "kv_slots=2")
+    assert proc.returncode == 2 and "drop kv_cache=false" in proc.stderr

@@ -152,6 +152,8 @@ class Decoder:
         """``idx`` ``(B, T)`` -> ``(B, T + max_new_tokens)``, as ``GPT.generate`` with a cache."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if self.speculative_steps is not None and idx.shape[0] != 1:
+            raise ValueError("speculative decoding verifies one sequence at a time (batch 1)")
         stats = Stats() if stats is None else stats
         t0 = time.perf_counter()
         window = self.model.block_size
@@ -269,3 +271,24 @@ def teacher_forced_loss(decoder: Decoder, batches, stats: Stats | None = None) -
         stats.cache_bytes = max(stats.cache_bytes, cache.nbytes)
     stats.seconds += time.perf_counter() - t0
     return total / count
+
+
+@torch.no_grad()
+def plain_generate(model, idx, max_new_tokens, temperature, top_k, generator, stats=None):
+    """nanoGPT's ``generate`` (the whole context each token), with ``stats`` kept: steps per
+    token are the depth's per forward (a halting depth stops the whole context at once)."""
+    stats = Stats() if stats is None else stats
+
+    def count(mod, args, output):
+        used = mod.last_steps_used
+        stats.count_steps(mod.discretisation.steps if used is None else used, args[0].shape[0])
+
+    handle = model.depth.register_forward_hook(count)
+    t0 = time.perf_counter()
+    try:
+        out = model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
+    finally:
+        handle.remove()
+    stats.seconds += time.perf_counter() - t0
+    stats.tokens += max_new_tokens * idx.shape[0]
+    return out
