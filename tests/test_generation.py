@@ -227,3 +227,28 @@ def test_score_sample_per_token_exit_and_bounded_cache_report_their_steps(shared
     assert proc.returncode == 2 and "inject=add|concat" in proc.stderr and proc.stdout == ""
     proc = sample(shared_run, "kv_cache=false", "kv_slots=2")
     assert proc.returncode == 2 and "drop kv_cache=false" in proc.stderr
+
+
+@pytest.mark.slow
+def test_score_eval_per_token_gives_the_loss_at_the_compute_of_the_rule(shared_run, tmp_path):
+    import csv
+    import shutil
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(shared_run, run)
+    for args in ([], ["per_token=true"], ["per_token=true", "depth.adaptive_eps=1e-3",
+                                          "depth.halt=kl", "kv_slots=2"]):  # fmt: skip
+        proc = run_cli(f"run_dir={run}", *args, module="score_exp.cli.eval")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run / "eval.csv") as f:
+        plain, cached, exit_ = list(csv.DictReader(f))
+    # Decoded one token at a time with the cache: the loss of the plain forward.
+    assert float(cached["test/loss"]) == pytest.approx(float(plain["test/loss"]), rel=1e-5)
+    assert cached["steps_dist"] == "4:768" and cached["per_token"] == "True"
+    assert 1 <= float(exit_["steps_used"]) <= 4 and exit_["kv_slots"] == "2"
+    counts = [int(x.split(":")[1]) for x in exit_["steps_dist"].split()]
+    assert sum(counts) == 768  # 1 batch of 12 x 64 tokens
+    proc = run_cli(f"run_dir={run}", "kv_slots=2", module="score_exp.cli.eval")
+    assert proc.returncode == 2 and "add per_token=true" in proc.stderr

@@ -260,7 +260,9 @@ def teacher_forced_loss(decoder: Decoder, batches, stats: Stats | None = None) -
     total, count = 0.0, 0
     stats = Stats() if stats is None else stats
     t0 = time.perf_counter()
+    device = next(decoder.model.parameters()).device
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         cache = decoder.new_cache(x.shape[0])
         for t in range(x.shape[1]):
             logits = decoder.feed(cache, x[:, t : t + 1], stats)  # (B, 1, V)
