@@ -81,7 +81,7 @@ def test_speculative_greedy_output_is_plain_full_depth_decoding():
             prompt, 100, top_k=1, stats=stats
         )
         assert torch.equal(spec, plain), s
-        assert 0 < stats.drafted and 0 <= stats.accepted <= stats.drafted
+        assert stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
         assert stats.tokens == 100
 
 

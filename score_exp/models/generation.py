@@ -230,12 +230,16 @@ def check_options(model, kv_slots, warm_start, speculative_steps, draft_tokens) 
     """What the depth can decode with, before any work (``ValueError`` with the rule)."""
     spec, d = model.depth.spec, model.depth.discretisation
     if spec.solver != "unroll":
-        raise ValueError("the KV cache keys K/V by step: it needs solver=unroll (use kv_cache=false)")
+        raise ValueError(
+            "the KV cache keys K/V by step: it needs solver=unroll (use kv_cache=false)"
+        )
     if kv_slots is not None:
         if isinstance(kv_slots, bool) or not isinstance(kv_slots, int) or kv_slots < 1:
             raise ValueError(f"kv_slots must be an integer >= 1 or null, got {kv_slots!r}")
         if not spec.share:
-            raise ValueError("kv_slots shares K/V between the steps of one block: it needs share=true")
+            raise ValueError(
+                "kv_slots shares K/V between the steps of one block: it needs share=true"
+            )
     if warm_start and spec.inject == "none":
         raise ValueError(
             "warm_start replaces a token's initial state (its embedding) by the previous token's "
@@ -244,9 +248,13 @@ def check_options(model, kv_slots, warm_start, speculative_steps, draft_tokens) 
     if speculative_steps is not None:
         s = speculative_steps
         if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < d.steps:
-            raise ValueError(f"speculative_steps must be an integer in [1, {d.steps - 1}], got {s!r}")
+            raise ValueError(
+                f"speculative_steps must be an integer in [1, {d.steps - 1}], got {s!r}"
+            )
         if not spec.share or spec.connect != "chain":
-            raise ValueError("speculative_steps drafts with fewer steps: it needs share=true, connect=chain")
+            raise ValueError(
+                "speculative_steps drafts with fewer steps: it needs share=true, connect=chain"
+            )
         if d.adaptive_eps is not None or warm_start:
             raise ValueError("speculative_steps runs fixed depths: no adaptive_eps, no warm_start")
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:

@@ -37,7 +37,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, step: StepContext | None = None, kv: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, step: StepContext | None = None, kv: KVCache | None = None
+    ) -> Tensor:
         B, T, C = x.shape  # batch, sequence length, embedding width (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
@@ -81,7 +83,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, h: Tensor, step: StepContext | None = None, kv: KVCache | None = None) -> Tensor:
+    def forward(
+        self, h: Tensor, step: StepContext | None = None, kv: KVCache | None = None
+    ) -> Tensor:
         # step: where the depth calls it (step, integrator stage, running rows); with a KV cache
         # (``kv``, generation only) the attention keeps its K/V per (step, stage).
         h = h + self.attn(self.ln_1(h), step, kv)  # (B, T, C)

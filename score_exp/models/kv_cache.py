@@ -61,7 +61,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        if slots is not None and (
+            isinstance(slots, bool) or not isinstance(slots, int) or slots < 1
+        ):
             raise ValueError(f"kv_slots must be an integer >= 1 or null, got {slots!r}")
         self.steps, self.stages, self.max_len = steps, stages, max_len
         self.slots = steps if slots is None else min(slots, steps)
