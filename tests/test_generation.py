@@ -114,6 +114,10 @@ def test_per_token_exit_stops_each_token_on_its_own_and_fills_its_kv():
                 loss = teacher_forced_loss(Decoder(model), [(x, x)], stats)
             assert sum(stats.steps.values()) == 120 and 1 <= stats.mean_steps < 6, stats.steps
             assert len(stats.steps) > 1 and loss > 0
+            # The alternative fill of the skipped steps: the final state's K/V.
+            with model.depth.discretised(adaptive_eps=eps, halt=halt):
+                final = teacher_forced_loss(Decoder(model, exit_kv="final"), [(x, x)])
+            assert final != loss and final > 0
 
 
 def test_a_row_that_stopped_early_gives_later_steps_the_kv_of_its_last_step():

@@ -39,6 +39,7 @@ MODES: dict[str, tuple[dict, tuple[str, float] | None, bool]] = {
     "exit kl < 0.03": ({}, ("kl", 0.03), True),
     "exit kl < 0.1": ({}, ("kl", 0.1), True),
     "exit kl < 0.3": ({}, ("kl", 0.3), True),
+    "exit kl < 0.3, skipped steps: final state's K/V": ({"exit_kv": "final"}, ("kl", 0.3), True),
     "exit state < 0.5": ({}, ("state", 0.5), True),
     "kv_slots=2": ({"kv_slots": 2}, None, True),
     "kv_slots=1": ({"kv_slots": 1}, None, True),

@@ -101,6 +101,8 @@ class Decoder:
         warm_start: start each token's state from the previous token's final state.
         speculative_steps: the draft's step count (None: no speculation); draft_tokens: the
             tokens drafted per verification.
+        exit_kv: per-token exit, what a token that stopped early gives the steps it skipped:
+            ``last`` (its last computed step's K/V) or ``final`` (its final state's).
     """
 
     def __init__(
@@ -110,18 +112,22 @@ class Decoder:
         warm_start: bool = False,
         speculative_steps: int | None = None,
         draft_tokens: int = 4,
+        exit_kv: str = "last",
     ):
         self.model, self.depth = model, model.depth
         self.kv_slots, self.warm_start = kv_slots, warm_start
         self.speculative_steps, self.draft_tokens = speculative_steps, draft_tokens
+        self.exit_kv = exit_kv
         check_options(model, kv_slots, warm_start, speculative_steps, draft_tokens)
+        if exit_kv == "final" and (not model.depth.spec.share or model.depth.spec.inject != "none"):
+            raise ValueError("exit_kv=final projects the final state: share=true, inject=none")
 
     def new_cache(self, rows: int) -> KVCache:
         m, d = self.model, self.depth.discretisation
         p = next(m.parameters())
         return KVCache(
             rows, m.n_head, m.n_embd // m.n_head, m.block_size, d.steps, d.evals_per_step,
-            self.kv_slots, self.warm_start, p.dtype, p.device,
+            self.kv_slots, self.warm_start, self.exit_kv, p.dtype, p.device,
         )  # fmt: skip
 
     def feed(self, cache: KVCache, idx: Tensor, stats: Stats | None = None) -> Tensor:

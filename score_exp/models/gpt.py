@@ -240,7 +240,14 @@ class GPT(nn.Module):
             kv=cache,
         )
         used = self.depth.last_steps_used  # per row when halting; else every step ran
-        cache.advance(e.shape[1], self.depth.discretisation.steps if used is None else used)
+        fill = None
+        if cache.exit_kv == "final" and used is not None:  # the alternative fill (kv_cache.py)
+            block = self.depth.blocks[0]
+            _, k, v = block.attn.c_attn(block.ln_1(h)).split(self.n_embd, dim=2)  # (B, T, C)
+            B, T, C = h.shape
+            k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))
+            fill = (k, v)  # (B, nh, T, hs): the K/V the next step would have used
+        cache.advance(e.shape[1], self.depth.discretisation.steps if used is None else used, fill)
         cache.last_h = h[:, -1:]  # (B, 1, C)
         return h
 

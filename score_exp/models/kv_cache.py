@@ -17,6 +17,8 @@ Options beyond the exact cache:
 * Per-token exit: a token whose iteration stopped after ``m`` steps (``used``) wrote no K/V for
   the steps after; each slot it did not write gets the K/V of its last computed step (slot
   ``(m - 1) mod k``, same stage), so later tokens attending there see its latest state.
+  The alternative (``exit_kv="final"``, shared blocks without injection): the K/V of its final
+  state, those its next step would have used (one more projection).
 * ``last_h``: the final state of each row's last token (before ``ln_f``), for warm start.
 """
 
@@ -41,6 +43,8 @@ class KVCache:
             block per step (the integrator's ``evals_per_step``).
         slots: bounded cache, step ``n`` uses slot ``n mod slots``; None: one slot per step.
         warm_start: a single-token forward starts its state from :attr:`last_h`.
+        exit_kv: what a row that stopped early gives the steps it skipped: ``last`` (its last
+            computed step's K/V) or ``final`` (the K/V of its final state).
         dtype, device: of the K/V tensors.
 
     Attributes:
@@ -58,6 +62,7 @@ class KVCache:
         stages: int = 1,
         slots: int | None = None,
         warm_start: bool = False,
+        exit_kv: str = "last",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
@@ -74,6 +79,9 @@ class KVCache:
         self.written = torch.zeros(self.slots, stages, rows, dtype=torch.bool, device=device)
         self.pos = 0
         self.warm_start = warm_start
+        if exit_kv not in ("last", "final"):
+            raise ValueError(f"exit_kv must be last or final, got {exit_kv!r}")
+        self.exit_kv = exit_kv
         self.last_h: Tensor | None = None
 
     @property
@@ -109,10 +117,13 @@ class KVCache:
         mask = torch.ones(T, p + T, dtype=torch.bool, device=q.device).tril(p)  # (T, p + T)
         return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
 
-    def advance(self, T: int, used: Tensor | int | None = None) -> None:
+    def advance(
+        self, T: int, used: Tensor | int | None = None, fill: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         """End a forward of ``T`` tokens: fill what a row that stopped early did not write, move
         :attr:`pos` on. ``used``: the steps each row computed, ``(rows,)``, or one count for
-        every row (None: :attr:`steps`)."""
+        every row (None: :attr:`steps`); ``fill``: ``(k, v)``, ``(rows, nh, T, hs)``, what
+        the skipped slots get instead of the last computed step's (``exit_kv="final"``)."""
         if not bool(self.written.all()):
             p = self.pos
             for r in (~self.written.all(1).all(0)).nonzero().flatten().tolist():
@@ -120,6 +131,12 @@ class KVCache:
                 last = (max(m, 1) - 1) % self.slots  # the slot of the row's last computed step
                 miss = ~self.written[:, :, r]  # (slots, stages)
                 for j, s in miss.nonzero().tolist():
+                    if fill is not None:
+                        self.k[j, s, r, :, p : p + T], self.v[j, s, r, :, p : p + T] = (
+                            fill[0][r],
+                            fill[1][r],
+                        )
+                        continue
                     self.k[j, s, r, :, p : p + T] = self.k[last, s, r, :, p : p + T]
                     self.v[j, s, r, :, p : p + T] = self.v[last, s, r, :, p : p + T]
         self.written.zero_()
