@@ -86,14 +86,22 @@ def test_the_literature_table_puts_the_snapshots_gnn_runs_beside_the_papers():
     from types import SimpleNamespace as NS
 
     def run(task, rmse, reference=None, preset=None, ok=True, experiment="claims_gnn"):
-        rec = NS(test={"rmse": rmse}, reference=reference, depth_preset=preset, experiment=experiment)
+        rec = NS(
+            test={"rmse": rmse}, reference=reference, depth_preset=preset, experiment=experiment
+        )
         return NS(record=rec, task=task, ok=ok)
 
     runs = [run("esol_gnn", 0.5, reference="attentivefp"), run("esol_gnn", 0.7, reference="attentivefp"),
             run("lipo_gnn", 0.6, preset="score025"), run("lipo_gnn", 9.9, preset="score025", ok=False),
             run("esol_mlp", 0.4, preset="score")]  # fmt: skip
     text = literature.markdown(runs)
-    assert "| this project: AttentiveFP (PyG) | `claims_gnn` | random | 0.600 ± 0.141 (n=2) |  |  |" in text
-    assert "| this project: MolGNN, depth=score025 | `claims_gnn` | random |  |  | 0.600 ± 0.000 (n=1) |" in text
+    assert (
+        "| this project: AttentiveFP (PyG) | `claims_gnn` | random | 0.600 ± 0.141 (n=2) |  |  |"
+        in text
+    )
+    assert (
+        "| this project: MolGNN, depth=score025 | `claims_gnn` | random |  |  | 0.600 ± 0.000 (n=1) |"
+        in text
+    )
     assert "esol_mlp" not in text and "9.9" not in text
     assert "not checked" in text  # AttentiveFP's Lipophilicity: no source read

@@ -332,8 +332,9 @@ JS = """
 """
 
 
-def folder_parts(snap: Path, reports: dict, provenance: str, headline: str,
-                 literature: str = "") -> list[Part]:
+def folder_parts(
+    snap: Path, reports: dict, provenance: str, headline: str, literature: str = ""
+) -> list[Part]:
     """The parts of a published snapshot's page: ``reports`` by folder (``""``: ``snap`` itself,
     ``tune_<task>``: a tuned one), each with its own provenance and headline files; the main part
     also with ``literature`` (Markdown: the papers' numbers beside the snapshot's)."""
