@@ -71,20 +71,23 @@ def cost(args: argparse.Namespace) -> None:
         for _ in range(args.repeats):  # interleaved: every length and mode in each round
             for n in lengths:
                 t0 = time.perf_counter()
-                dec.feed(caches[n], x[:, n : n + 1])  # the token after n held ones
-                times[n, "kv"].append(time.perf_counter() - t0)
-                caches[n].truncate(n)
+                for _ in range(args.inner):
+                    dec.feed(caches[n], x[:, n : n + 1])  # the token after n held ones
+                    caches[n].truncate(n)
+                times[n, "kv"].append((time.perf_counter() - t0) / args.inner)
                 t0 = time.perf_counter()
-                model(x[:, : n + 1])  # the whole context again
-                times[n, "no"].append(time.perf_counter() - t0)
+                for _ in range(args.inner):
+                    model(x[:, : n + 1])  # the whole context again
+                times[n, "no"].append((time.perf_counter() - t0) / args.inner)
     print(f"# one new token after n tokens: {spec.steps} steps ({args.integrator}), "
-          f"n_embd {args.n_embd}, {torch.get_num_threads()} thread(s); median of {args.repeats} "
-          "interleaved runs")  # fmt: skip
-    print("| context n | ms/token, KV cache | ms/token, no cache | no cache / cache |")
+          f"n_embd {args.n_embd}, {torch.get_num_threads()} thread(s); median (min) of "
+          f"{args.repeats} interleaved runs of {args.inner} tokens")  # fmt: skip
+    print("| context n | ms/token, KV cache | ms/token, no cache | no cache / cache (medians) |")
     print("|---:|---:|---:|---:|")
     for n in lengths:
         kv, no = (statistics.median(times[n, m]) * 1e3 for m in ("kv", "no"))
-        print(f"| {n} | {kv:.3f} | {no:.3f} | {no / kv:.1f}x |")
+        kv_min, no_min = (min(times[n, m]) * 1e3 for m in ("kv", "no"))
+        print(f"| {n} | {kv:.2f} ({kv_min:.2f}) | {no:.2f} ({no_min:.2f}) | {no / kv:.1f}x |")
 
 
 def measure(run_dir: Path, modes: dict, args: argparse.Namespace) -> dict[str, dict]:
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--block_size", type=int, default=512)
     c.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128, 256, 511])
     c.add_argument("--repeats", type=int, default=15)
+    c.add_argument("--inner", type=int, default=10, help="tokens timed together per run")
     t = sub.add_parser("table", help="loss, steps per token and tokens/s of each decoding mode")
     t.add_argument("runs", nargs="+", help="run folders of a trained GPT (one per seed)")
     t.add_argument("--warm", nargs="*", default=[], help="runs trained with depth.inject=add")
