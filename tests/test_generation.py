@@ -69,6 +69,10 @@ def test_past_block_size_the_cache_refills_from_the_last_half_window():
     assert out.shape == (1, 43)
     # The first tokens, while the context fits, are the plain ones.
     torch.testing.assert_close(out[:, :16], model.generate(torch.tensor([[1, 2, 3]]), 13, top_k=1))
+    # Speculative decoding refills at the same tokens: the same text past block_size too.
+    for s in (1, 2):
+        spec = Decoder(model, speculative_steps=s).generate(torch.tensor([[1, 2, 3]]), 40, top_k=1)
+        assert torch.equal(spec, out), s
 
 
 def test_speculative_greedy_output_is_plain_full_depth_decoding():

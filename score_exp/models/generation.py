@@ -166,7 +166,7 @@ class Decoder:
         cache = self.start(idx[:, -window:])
         new = 0
         while new < max_new_tokens:
-            if cache.pos + 1 > window - 1 and (self.speculative_steps or cache.pos + 1 > window):
+            if cache.pos + 1 > window:
                 # Full: refill from the last half window (learned positions shift otherwise).
                 cache = self.start(idx[:, -(window // 2) :])
             if self.speculative_steps is not None:
@@ -200,6 +200,7 @@ class Decoder:
                     drafts.append(tok)
                     qs.append(q)
             cache.truncate(pos)
+            stats.drafted += n
         fed = torch.cat([idx[:, -1:], *drafts], dim=1)  # (1, n + 1)
         logits = self.feed(cache, fed)  # the full depth over all drafts at once
         stats.count_steps(self.depth.discretisation.steps, 1)  # per token kept, below
@@ -212,7 +213,6 @@ class Decoder:
                 break
             d = drafts[i]
             _, p = next_token(p_logits.clone(), vocab, temperature, top_k, generator)
-            stats.drafted += 1
             if top_k == 1:  # greedy: keep the draft iff it is the verifier's argmax
                 keep = bool(p[0, d[0, 0]] > 0)
             else:  # speculative sampling: keep with probability min(1, p / q)
