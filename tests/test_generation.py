@@ -222,6 +222,12 @@ def test_score_sample_greedy_text_is_the_same_with_and_without_the_cache(shared_
     assert cached.stdout == plain.stdout == spec.stdout
     assert cached.stdout.startswith("ROMEO:") and len(cached.stdout.split("\n---")[0]) == 46
     assert "acceptance rate:" in spec.stderr and "acceptance rate" not in cached.stderr
+    # Past block_size (64) the cache refills from the last half window; speculative decoding
+    # refills at the same tokens: the same text.
+    long = [sample(shared_run, "max_new_tokens=150", *a) for a in ([], ["speculative_steps=1"],
+                                                                    ["speculative_steps=3"])]  # fmt: skip
+    assert all(p.returncode == 0 for p in long)
+    assert long[0].stdout == long[1].stdout == long[2].stdout
 
 
 @pytest.mark.slow
