@@ -31,7 +31,7 @@ for part in "$@"; do
       runs=() warm=()
       for s in $SEEDS; do train score "$s"; runs+=("$OUT/score_s$s"); done
       for s in $WARM_SEEDS; do train inject "$s" depth.inject=add; warm+=("$OUT/inject_s$s"); done
-      $BIN/python -m score_exp.bench.generation table "${runs[@]}" --warm "${warm[@]}" \
+      $BIN/python -m score_exp.bench.generation table "${runs[@]}" --warm "${warm[@]}" --keep "$OUT/measured" \
         | tee "$OUT/table.md"
       ;;
     cost) $BIN/python -m score_exp.bench.generation cost | tee "$OUT/cost.md" ;;

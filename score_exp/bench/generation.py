@@ -22,6 +22,7 @@ warm-start rows beside their own fixed-depth row.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -137,12 +138,27 @@ def _cell(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def measured(run_dir: Path, modes: dict, args: argparse.Namespace) -> dict[str, dict]:
+    """:func:`measure`, kept in ``--keep`` (one JSON per run and mode set) and read back on a
+    re-run, so runs that finish later add their rows without re-measuring the others."""
+    if args.keep is None:
+        return measure(run_dir, modes, args)
+    name = f"{run_dir.resolve()}".strip("/").replace("/", "_") + f"_{len(modes)}.json"
+    path = Path(args.keep) / name
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = measure(run_dir, modes, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def table(args: argparse.Namespace) -> None:
     rows: list[tuple[str, list[dict]]] = []
-    results = [measure(Path(r), MODES, args) for r in args.runs]
+    results = [measured(Path(r), MODES, args) for r in args.runs]
     rows += [(name, [r[name] for r in results]) for name in MODES]
     if args.warm:
-        warm = [measure(Path(r), WARM_MODES, args) for r in args.warm]
+        warm = [measured(Path(r), WARM_MODES, args) for r in args.warm]
         rows += [(f"inject=add: {name}", [r[name] for r in warm]) for name in WARM_MODES]
     print(f"# {len(args.runs)} run(s){f' + {len(args.warm)} inject=add' if args.warm else ''}; "
           f"loss: {args.batches} validation batches decoded token by token; tokens/s: "
@@ -180,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--top_k", type=int, default=200)
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median)")
+    t.add_argument("--keep", help="a folder that keeps each run's figures (re-runs read them)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one token at a time: one thread is the fastest on a shared CPU
     cost(args) if args.cmd == "cost" else table(args)
