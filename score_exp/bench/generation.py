@@ -156,21 +156,32 @@ def measured(run_dir: Path, modes: dict, args: argparse.Namespace) -> dict[str, 
 def table(args: argparse.Namespace) -> None:
     rows: list[tuple[str, list[dict]]] = []
     results = [measured(Path(r), MODES, args) for r in args.runs]
+    base = "fixed depth, KV cache"  # speed ratios within a run: its modes were interleaved
+    for r in results:
+        for name in MODES:
+            r[name]["speed"] = r[name]["tok_s"] / r[base]["tok_s"]
     rows += [(name, [r[name] for r in results]) for name in MODES]
     if args.warm:
         warm = [measured(Path(r), WARM_MODES, args) for r in args.warm]
+        for r in warm:
+            for name in WARM_MODES:
+                r[name]["speed"] = r[name]["tok_s"] / r[base]["tok_s"]
         rows += [(f"inject=add: {name}", [r[name] for r in warm]) for name in WARM_MODES]
     print(f"# {len(args.runs)} run(s){f' + {len(args.warm)} inject=add' if args.warm else ''}; "
           f"loss: {args.batches} validation batches decoded token by token; tokens/s: "
           f"{args.tokens} tokens, batch 1, top_k={args.top_k}, {torch.get_num_threads()} "
-          f"thread(s), median of {args.repeats} interleaved rounds; mean ± sd over runs")  # fmt: skip
-    print("| mode | val loss | steps per token | tokens/s | acceptance | KV cache MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"thread(s), median of {args.repeats} interleaved rounds; mean ± sd over runs; speed: "
+          "tokens/s over the same run's fixed depth with the KV cache")  # fmt: skip
+    print(
+        "| mode | val loss | steps per token | tokens/s | speed vs KV cache | acceptance | KV cache MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rs in rows:
         acc = [r["accept"] for r in rs if r["accept"] is not None]
         print(
             f"| {name} | {_cell([r['loss'] for r in rs], 4)} | {_cell([r['steps'] for r in rs], 2)}"
-            f" | {_cell([r['tok_s'] for r in rs], 0)} | {_cell(acc, 2) if acc else ''}"
+            f" | {_cell([r['tok_s'] for r in rs], 0)} | {_cell([r['speed'] for r in rs], 2)}x"
+            f" | {_cell(acc, 2) if acc else ''}"
             f" | {rs[0]['cache_mib']:.3f} |"
         )
 
