@@ -117,9 +117,10 @@ def _train(
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
         stop.disarm()  # the grace has done its work: the record below is written whole
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit)) or stop.received() is not None
-        record.update(
-            status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
-        )
+        # A collective that failed because a peer rank died (its node went, it crashed) is that
+        # rank's news: said as such, never as this rank's own error.
+        error = cluster.peer_lost_message(e) if cluster.peer_lost(e) else f"{type(e).__name__}: {e}"
+        record.update(status="interrupted" if stopped else "failed", error=error)
         if cluster.is_rank_zero():
             clock()
             try:
