@@ -154,11 +154,23 @@ start_node() {  # $1 = node: boot it (new namespaces) or, if only its slurmd die
 
 node_up() { [[ "$(node_state "$1")" =~ ^(idle|mixed|allocated|completing)$ ]]; }
 
-up() {
-  for b in slurmctld slurmd munged sbatch nsenter unshare ip; do
-    command -v "$b" >/dev/null || die "$b is missing (apt-get install -y slurm-wlm munge iproute2 util-linux)"
+install_if_missing() {  # Debian's packages of the commands this script runs
+  local missing=() b
+  for b in slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-wlm munged:munge ip:iproute2 \
+    nsenter:util-linux unshare:util-linux pgrep:procps; do
+    command -v "${b%%:*}" >/dev/null || missing+=("${b##*:}")
   done
+  [ "${#missing[@]}" = 0 ] && return
+  command -v apt-get >/dev/null || die "missing packages and no apt-get: ${missing[*]}"
+  say "installing ${missing[*]} (apt-get)"
+  apt-get update -qq >/dev/null
+  # shellcheck disable=SC2068
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(printf '%s\n' ${missing[@]} | sort -u) >/dev/null
+}
+
+up() {
   [ "$(id -u)" = 0 ] || die "namespaces and the daemons need root"
+  install_if_missing
   local t0 n
   t0=$(date +%s%N)
   mkdir -p "$DIR"/{munge,ctld}

@@ -75,7 +75,8 @@ class SlurmInterruptAt(L.Callback):
             if self.how == "usr2"
             else ["scontrol", "requeue", job]
         )
-        subprocess.run(cmd, check=True, timeout=60)
+        if trainer.global_rank == 0:  # one request per job, whatever its ranks
+            subprocess.run(cmd, check=True, timeout=60)
         self.asked = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
