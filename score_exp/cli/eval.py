@@ -23,15 +23,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from score_exp import numerics
 from score_exp.cli.common import bad_input_exits, check_argv, require
 from score_exp.config import CONFIG_DIR, depth_spec
 from score_exp.core.spec import HALTS, MAX_STEPS
 from score_exp.errors import ConfigError, WriteError, check_int
 from score_exp.run import find_checkpoint, load_run, run_config
 from score_exp.runs import stop
-from score_exp.runs.files import atomic_write_text, read_text
+from score_exp.runs.files import UnsafeRunFile, atomic_write_text, load_yaml, read_text
 from score_exp.runs.lock import in_training
-from score_exp.runs.record import RunFolder, limit
+from score_exp.runs.record import CONFIG, LIMITS, RunFolder, limit
 
 # Columns printed by the table (eval.csv keeps every metric of the split).
 SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
@@ -60,6 +61,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
     over = cfg.depth
+    # The run's own kernels (main() entered its numerics mode before torch started): a portable
+    # run is evaluated in portable numerics, so its rows are the same bits on any x86-64 CPU.
+    kernels = numerics.apply(run_numerics(run_dir))
 
     loaded = load_run(run_dir, cfg.checkpoint, "fit", spec, {"compile": False})
     datamodule, module = loaded.task.datamodule, loaded.task.module
@@ -131,6 +135,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **_solver_columns(solves),
         "seconds": round(seconds, 4),
         "checkpoint": str(ckpt_path.relative_to(run_dir)),
+        "numerics": kernels["mode"],
         **merged,
     }
     try:
@@ -249,9 +254,38 @@ def _main(cfg: DictConfig) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+def run_numerics(run_dir: Path) -> dict[str, Any]:
+    """The ``numerics`` node of a run folder's ``config.yaml`` (``mode``, ``threads``), read as
+    plain data; ``{}`` (the default mode) when it has none or it is not a known mode."""
+    try:
+        raw = load_yaml(RunFolder(run_dir).config, LIMITS[CONFIG])
+    except (OSError, UnsafeRunFile):
+        return {}  # evaluate() refuses the folder itself, in its own words
+    node = raw.get("numerics") if isinstance(raw, dict) else None
+    if not isinstance(node, dict) or node.get("mode") not in numerics.MODES:
+        return {}
+    threads = node.get("threads", 1)
+    ok = isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1
+    return {"mode": node["mode"], "threads": threads if ok else 1}
+
+
+def _numerics_argv(argv: list[str]) -> list[str]:
+    """``numerics=portable`` when a run folder named on the command line (``run_dir=A`` or a
+    sweep ``run_dir=A,B``) was trained in portable numerics: score-eval then enters that mode
+    before torch starts (:func:`score_exp.numerics.enter`)."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "run_dir" and value:
+            for d in value.split(","):
+                if run_numerics(Path(d.strip()).expanduser()).get("mode") == "portable":
+                    return ["numerics=portable"]
+    return []
+
+
 def main() -> None:
     """Console entry point of ``score-eval``."""
     check_argv("score-eval", sys.argv[1:])
+    numerics.enter(_numerics_argv(sys.argv[1:]))  # a portable run's kernels (may re-execute)
     sys.argv = _implicit_multirun(sys.argv)
     _main()
 
