@@ -8,7 +8,7 @@ import sys
 import torch
 from conftest import REPO
 
-from score_exp.runs import cluster
+from score_exp.runs import cluster, stop
 
 
 def test_only_a_job_in_the_submitters_place_watches_it(monkeypatch):
@@ -114,18 +114,18 @@ def test_a_collective_that_lost_its_peer_is_told_apart_from_a_ranks_own_error():
         "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.231.77.12]:54944: "
         "Connection reset by peer. This is typically caused by a remote worker hanging"
     )
-    assert cluster.peer_lost(gloo)
-    assert cluster.peer_lost(RuntimeError("gloo ... Connection closed by peer [node2]:1234"))
+    assert stop.peer_lost(gloo)
+    assert stop.peer_lost(RuntimeError("gloo ... Connection closed by peer [node2]:1234"))
     try:  # wrapped by whatever re-raised it
         try:
             raise gloo
         except RuntimeError as e:
             raise ValueError("metric sync failed") from e
     except ValueError as wrapped:
-        assert cluster.peer_lost(wrapped)
-    assert not cluster.peer_lost(RuntimeError("CUDA out of memory"))
-    assert not cluster.peer_lost(ValueError("peer review"))
-    message = cluster.peer_lost_message(gloo)
+        assert stop.peer_lost(wrapped)
+    assert not stop.peer_lost(RuntimeError("CUDA out of memory"))
+    assert not stop.peer_lost(ValueError("peer review"))
+    message = stop.peer_lost_message(gloo)
     assert message.startswith("a peer rank was lost (RuntimeError: ") and "train_rank" in message
 
 

@@ -29,7 +29,11 @@ def two_ranks(handler: str) -> tuple[dict[int, str], float]:
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "ddp_sigterm_probe.py"), str(r), port, handler],
-            cwd=REPO / "tests", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO / "tests",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for r in (0, 1)
     ]

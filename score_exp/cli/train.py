@@ -119,7 +119,7 @@ def _train(
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit)) or stop.received() is not None
         # A collective that failed because a peer rank died (its node went, it crashed) is that
         # rank's news: said as such, never as this rank's own error.
-        error = cluster.peer_lost_message(e) if cluster.peer_lost(e) else f"{type(e).__name__}: {e}"
+        error = stop.peer_lost_message(e) if stop.peer_lost(e) else f"{type(e).__name__}: {e}"
         record.update(status="interrupted" if stopped else "failed", error=error)
         if cluster.is_rank_zero():
             clock()

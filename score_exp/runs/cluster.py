@@ -369,34 +369,6 @@ def segments(run_dir: Path, resuming: bool) -> dict:
     return {"walls": walls, "requeues": requeues, "slurm": job}
 
 
-#: What a collective raises on a rank whose peer process is gone (gloo: the peer's socket
-#: closed; NCCL: the remote process exited). Such a rank's error is news of the peer, not its own.
-PEER_LOST = re.compile(
-    r"Connection (closed|reset) by peer|Broken pipe|remote process exited|"
-    r"NCCL communicator was aborted",
-    re.IGNORECASE,
-)
-
-
-def peer_lost(error: BaseException) -> bool:
-    """True when ``error`` (or an error it was raised from) says a peer rank is gone."""
-    seen = 0
-    while error is not None and seen < 8:
-        if PEER_LOST.search(str(error)):
-            return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return False
-
-
-def peer_lost_message(error: BaseException) -> str:
-    """A rank's one-line account of an error that :func:`peer_lost` recognises."""
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return (
-        f"a peer rank was lost ({type(error).__name__}: {first[:200]}); that rank's own log "
-        "(train_rank<N>.log, or Slurm's output) says why it ended"
-    )
-
-
 def wandb_run_id(run_dir: Path) -> str | None:
     """The id of the newest W&B run logged into ``run_dir`` (``wandb/[offline-]run-<time>-<id>``)."""
     runs = [p for p in (Path(run_dir) / "wandb").glob("*run-*-*") if p.is_dir()]

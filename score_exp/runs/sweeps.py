@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp.runs import cluster
+from score_exp.runs import cluster, stop
 from score_exp.runs.lock import RunLock
 from score_exp.runs.record import FAILURES
 
@@ -176,8 +176,8 @@ class SweepFailures(_HydraCallback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         error = job_return._return_value
         text = (
-            cluster.peer_lost_message(error)
-            if isinstance(error, BaseException) and cluster.peer_lost(error)
+            stop.peer_lost_message(error)
+            if isinstance(error, BaseException) and stop.peer_lost(error)
             else f"{type(error).__name__}: {error}"
         )
         line = json.dumps(
