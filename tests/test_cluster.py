@@ -180,18 +180,24 @@ def test_a_job_that_failed_once_and_ended_ok_after_a_requeue_is_no_failure(
     for k in ("SLURM_STEP_ID", "SLURM_PROCID", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(sweeps, "_sweep_dir", tmp_path)
-    requeued, broken = tmp_path / "requeued", tmp_path / "broken"
-    for run in (requeued, broken):
-        config, ret = _failed_job(tmp_path, run, RuntimeError("boom"))
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    requeued, broken, refused = tmp_path / "requeued", tmp_path / "broken", tmp_path / "refused"
+    for run in (requeued, broken, refused):
+        config, ret = _failed_job(tmp_path, run, RuntimeError(f"boom {run.name}"))
         sweeps.SweepFailures().on_job_end(config, ret)
-    # the requeued job's later segment ended ok; the other one's record still says failed
-    requeued.mkdir()
-    (requeued / "results.json").write_text(json.dumps({"status": "ok", "requeues": 1}))
-    broken.mkdir()
-    (broken / "results.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
-    assert sweeps.report_sweep_failures("score-train") == 1
+    # the requeued job's later segment ended ok; the other one's record still says failed; the
+    # refused job's folder holds another job's finished run (another config, refused untouched)
+    for run, record in [
+        (requeued, {"status": "ok", "requeues": 1, "slurm": {"job_id": "12", "restart_count": 1}}),
+        (broken, {"status": "failed", "error": "boom", "slurm": {"job_id": "12"}}),
+        (refused, {"status": "ok", "slurm": {"job_id": "3", "restart_count": 0}}),
+    ]:
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(record))
+    assert sweeps.report_sweep_failures("score-train") == 2
     err = capsys.readouterr().err
-    assert "1 job(s) of the sweep failed" in err and err.count("boom") == 1
+    assert "2 job(s) of the sweep failed" in err and "boom requeued" not in err
+    assert "boom broken" in err and "boom refused" in err
 
 
 def test_the_sweep_summary_says_a_requeued_job_ended_ok(tmp_path, monkeypatch, capsys):

@@ -201,10 +201,16 @@ class SweepFailures(_HydraCallback):
 
 
 def _ended_ok(row: dict) -> bool:
+    """True when the failed job's run folder now holds an ``ok`` record of the same Slurm job (a
+    later segment, after a requeue). A folder refused to this job (another config's finished
+    run) or a job outside Slurm never counts."""
     from score_exp.runs.record import RunFolder
 
-    run_dir = row.get("run_dir")
-    return bool(run_dir) and RunFolder(Path(run_dir)).finished_record() is not None
+    job = (row.get("slurm") or {}).get("job_id")
+    if not job or not row.get("run_dir"):
+        return False
+    record = RunFolder(Path(row["run_dir"])).finished_record()
+    return record is not None and (record.slurm or {}).get("job_id") == job
 
 
 def report_sweep_failures(prog: str) -> int:
