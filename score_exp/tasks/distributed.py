@@ -129,8 +129,10 @@ def stop_ranks_together(trainer) -> None:
     checkpoint. A signal during validation or testing waits for the next batch or
     :data:`score_exp.runs.stop.TRAIN_GRACE_S`, whichever comes first. One process: unchanged.
     """
-    if trainer.world_size <= 1:
-        return
+    if trainer.world_size <= 1 or not hasattr(
+        trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor"
+    ):
+        return  # one process, or a Lightning without the per-batch sync (nor the broadcast)
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
