@@ -44,13 +44,16 @@ test: $(STAMP)  ## run the whole test suite (but the Slurm tests: make test-clus
 test-fast: $(STAMP)  ## tests without the slow (training) ones
 	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow and not slurm" $(ARGS)
 
-# A real single-node Slurm (scripts/slurm_local.sh: installs slurm-wlm + munge when missing, needs
-# root), the Slurm tests against it (one process: the jobs share the node), then Slurm stopped,
-# whatever the tests did.
-test-cluster: $(STAMP)  ## start a local Slurm, run the cluster tests (pytest -m slurm), stop it
-	@trap 'scripts/slurm_local.sh down' EXIT; \
+# Real Slurm clusters on this machine (need root; slurm-wlm + munge installed when missing): one
+# node (scripts/slurm_local.sh) and two nodes in namespaces on a bridge (scripts/slurm_two_nodes.sh),
+# the Slurm tests against them (one process: the jobs share the machine; tests/test_slurm.py, then
+# tests/test_slurm_two_nodes.py), then both clusters stopped, whatever the tests did.
+test-cluster: $(STAMP)  ## start local 1- and 2-node Slurm clusters, run the cluster tests (pytest -m slurm), stop them
+	@trap 'scripts/slurm_local.sh down; scripts/slurm_two_nodes.sh down' EXIT; \
 	scripts/slurm_local.sh up || echo "make test-cluster: Slurm did not start (the tests say so)"; \
-	SLURM_CONF=$$(scripts/slurm_local.sh conf) $(BIN)/python -m pytest -n 0 -m slurm $(ARGS)
+	scripts/slurm_two_nodes.sh up || echo "make test-cluster: the two-node Slurm did not start (the tests say so)"; \
+	SLURM_CONF=$$(scripts/slurm_local.sh conf) SLURM_TWO_NODES_CONF=$$(scripts/slurm_two_nodes.sh conf) \
+	  $(BIN)/python -m pytest -n 0 -m slurm $(ARGS)
 
 gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
 	$(BIN)/python -m score_exp.bench.gpu_check $(ARGS)
