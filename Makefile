@@ -46,13 +46,16 @@ test: $(STAMP)  ## run the whole test suite (but the Slurm tests: make test-clus
 test-fast: $(STAMP)  ## tests without the slow (training) ones
 	$(BIN)/python -m pytest -n $(TEST_JOBS) $(TEST_DIST) -m "not slow and not slurm" $(ARGS)
 
-# A real single-node Slurm (scripts/slurm_local.sh: installs slurm-wlm + munge when missing, needs
-# root), the Slurm tests against it (one process: the jobs share the node), then Slurm stopped,
-# whatever the tests did.
-test-cluster: $(STAMP)  ## start a local Slurm, run the cluster tests (pytest -m slurm), stop it
-	@trap 'scripts/slurm_local.sh down' EXIT; \
+# Real Slurm clusters on this machine (need root; slurm-wlm + munge installed when missing): one
+# node (scripts/slurm_local.sh) and two nodes in namespaces on a bridge (scripts/slurm_two_nodes.sh),
+# the Slurm tests against them (one process: the jobs share the machine; tests/test_slurm.py, then
+# tests/test_slurm_two_nodes.py), then both clusters stopped, whatever the tests did.
+test-cluster: $(STAMP)  ## start local 1- and 2-node Slurm clusters, run the cluster tests (pytest -m slurm), stop them
+	@trap 'scripts/slurm_local.sh down; scripts/slurm_two_nodes.sh down' EXIT; \
 	scripts/slurm_local.sh up || echo "make test-cluster: Slurm did not start (the tests say so)"; \
-	SLURM_CONF=$$(scripts/slurm_local.sh conf) $(BIN)/python -m pytest -n 0 -m slurm $(ARGS)
+	scripts/slurm_two_nodes.sh up || echo "make test-cluster: the two-node Slurm did not start (the tests say so)"; \
+	SLURM_CONF=$$(scripts/slurm_local.sh conf) SLURM_TWO_NODES_CONF=$$(scripts/slurm_two_nodes.sh conf) \
+	  $(BIN)/python -m pytest -n 0 -m slurm $(ARGS)
 
 gpu-check: $(STAMP)  ## on a GPU machine: CUDA tests, nanoGPT GPU preset, score-bench, DDP -> outputs/gpu_check/
 	$(BIN)/python -m score_exp.bench.gpu_check $(ARGS)
@@ -119,6 +122,9 @@ reproduce: $(STAMP)  ## the full paper sweeps + report (GPU-sized; add ARGS='hyd
 # (tune-cpu) or the GNN (tune-gnn-cpu: TUNE_TASK=esol_gnn, SCORE = score025 and stacked).
 TUNE_VARIANTS ?= score stacked stacked_plain skip05
 TUNE_TASK ?= esol_mlp
+# Peers tuned beside the variants with the same budget (experiment tune_<dataset>_<peer>_cpu),
+# re-trained and reported in the same experiment: tune-gnn-cpu tunes AttentiveFP.
+TUNE_PEERS ?=
 STUDY_SEEDS ?= 0 1 2
 SEEDS ?= 5
 TUNE_DIR ?= multirun/tune_cpu/$(TUNE_TASK)
@@ -131,15 +137,21 @@ tune-cpu: $(STAMP)  ## tune each depth variant (Optuna, CPU budget) x 3 study se
 	  OMP_NUM_THREADS=1 $(BIN)/score-tune study experiment=tune_$(TUNE_TASK)_cpu depth=$$v \
 	    --seed $$k --jobs $(JOBS) --dir $(TUNE_DIR)/study$$k/$$v $(ARGS) || exit $$?; \
 	done; \
+	for p in $(TUNE_PEERS); do \
+	  echo "== study $(TUNE_TASK) / study seed $$k / peer $$p"; \
+	  OMP_NUM_THREADS=1 $(BIN)/score-tune study experiment=tune_$(subst _gnn,,$(TUNE_TASK))_$${p}_cpu \
+	    --seed $$k --jobs $(JOBS) --dir $(TUNE_DIR)/study$$k/$$p $(ARGS) || exit $$?; \
+	done; \
 	OMP_NUM_THREADS=1 $(BIN)/score-tune retrain --out $(TUNE_DIR)/retrain/study$$k \
-	  --study-seed $$k --seeds $(SEEDS) --jobs $(JOBS) $(TUNE_DIR)/study$$k \
+	  --study-seed $$k --seeds $(SEEDS) --jobs $(JOBS) --name tuned_$(TUNE_TASK)_cpu $(TUNE_DIR)/study$$k \
 	  $(if $(RETRAIN_ARGS),-- $(RETRAIN_ARGS)) || exit $$?; \
 	done; \
 	$(BIN)/score-report $(TUNE_DIR)/retrain || exit $$?; \
 	echo "$@ ($(TUNE_TASK)): $$(( ($$(date +%s) - start) / 60 )) min"
 
-tune-gnn-cpu: $(STAMP)  ## the same for the ESOL GNN (score025, stacked; tune_esol_gnn_cpu's budget)
-	$(MAKE) tune-cpu TUNE_TASK=esol_gnn TUNE_VARIANTS="$(if $(filter command line,$(origin TUNE_VARIANTS)),$(TUNE_VARIANTS),score025 stacked)"
+tune-gnn-cpu: $(STAMP)  ## the same for the ESOL GNN (score025, stacked and the peer AttentiveFP; tune_esol_gnn_cpu's budget)
+	$(MAKE) tune-cpu TUNE_TASK=esol_gnn TUNE_VARIANTS="$(if $(filter command line,$(origin TUNE_VARIANTS)),$(TUNE_VARIANTS),score025 stacked)" \
+	  TUNE_PEERS="$(if $(filter command line,$(origin TUNE_PEERS)),$(TUNE_PEERS),attentivefp)"
 
 # Published results: the report of claims-datasets-cpu's runs (and of the tune-cpu studies when
 # present, in docs/results/tune_<task>/) as a committed snapshot with its provenance; the headline
@@ -175,14 +187,18 @@ results-page: $(STAMP)  ## re-render docs/results/ (tables, plots, index.html) f
 	  --readme $(RESULTS_README) --page $(RESULTS_PAGE)
 	$(BIN)/python -m score_exp.report.snapshot --check --out $(RESULTS_DIR)
 
-tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN, 40 trials each) + re-training + report
+tune: $(STAMP)  ## the GPU-sized studies (MLP and GNN + the peer AttentiveFP, 40 trials each) + re-training + report
 	@for t in esol_mlp esol_gnn; do \
 	  vs="$(TUNE_VARIANTS)"; [ $$t = esol_gnn ] && vs=$${vs/score /score025 }; \
 	  for v in $$vs; do \
 	    $(BIN)/score-tune study experiment=tune_$$t depth=$$v --jobs $(TUNE_JOBS) \
 	      --dir multirun/tune/$$t/$$v $(ARGS) || exit $$?; \
 	  done; \
-	  $(BIN)/score-tune retrain multirun/tune/$$t --seeds $(SEEDS) || exit $$?; \
+	  if [ $$t = esol_gnn ]; then \
+	    $(BIN)/score-tune study experiment=tune_esol_attentivefp --jobs $(TUNE_JOBS) \
+	      --dir multirun/tune/$$t/attentivefp $(ARGS) || exit $$?; \
+	  fi; \
+	  $(BIN)/score-tune retrain multirun/tune/$$t --seeds $(SEEDS) --name tuned_$$t || exit $$?; \
 	  $(BIN)/score-report multirun/tune/$$t/retrain || exit $$?; \
 	done
 

@@ -342,6 +342,26 @@ def _check_key(cfg: DictConfig, o: Any) -> None:
             )
 
 
+def check_arguments(cfg: DictConfig) -> None:
+    """Every key of the composed ``task.model``, ``task.data`` and ``task.module`` nodes is an
+    argument of its class: a key another group left behind (an experiment's ``task.model.hidden``
+    after ``task/model=attentivefp``) is one line before the run folder exists, not a TypeError
+    after it."""
+    for where in _CONSTRUCTED:
+        node = OmegaConf.select(cfg, where, throw_on_missing=False)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        params = _arguments(str(node._target_))
+        extra = [k for k in node if not str(k).startswith("_") and k not in (params or [k])]
+        if extra:
+            taken = [p for p in params if p not in ("self", "depth", "model")]
+            raise ConfigError(
+                f"{node._target_.rsplit('.', 1)[-1]} ({where}) takes no argument "
+                f"{extra[0]!r}{_near(extra[0], taken)}: another config group set it (drop it with "
+                f"~{where}.{extra[0]}); it takes {', '.join(taken)}"
+            )
+
+
 def _value_text(o: Any) -> str:
     return o.input_line.split("=", 1)[1] if o.input_line and "=" in o.input_line else "..."
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from omegaconf import DictConfig
 
-from score_exp.config import depth_spec
+from score_exp.config import check_arguments, depth_spec
 from score_exp.core import DepthSpec
 from score_exp.errors import ConfigError, DataError, user_error
 from score_exp.runs.checkpoints import find_checkpoint, load_checkpoint
@@ -253,6 +253,7 @@ def check_constructors(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import instantiate
 
+    check_arguments(cfg)  # the model's too: by signature, as it needs the data's sizes
     for node, kwargs in (("data", {}), ("module", {"model": torch.nn.Identity()})):
         try:
             instantiate(cfg.task[node], **kwargs)

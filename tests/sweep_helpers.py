@@ -75,7 +75,8 @@ class SlurmInterruptAt(L.Callback):
             if self.how == "usr2"
             else ["scontrol", "requeue", job]
         )
-        subprocess.run(cmd, check=True, timeout=60)
+        if trainer.global_rank == 0:  # one request per job, whatever its ranks
+            subprocess.run(cmd, check=True, timeout=60)
         self.asked = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -87,12 +88,15 @@ class SlurmInterruptAt(L.Callback):
 
 class SlowBatches(L.Callback):
     """Sleeps ``seconds`` before every training batch: a job that is still training when a test
-    acts on it (the numbers do not change)."""
+    acts on it (the numbers do not change). ``first_segment``: only in a Slurm job's first
+    segment (a requeued one runs at full speed)."""
 
-    def __init__(self, seconds: float = 0.2) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float = 0.2, first_segment: bool = False) -> None:
+        self.seconds, self.first_segment = seconds, first_segment
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import time
 
+        if self.first_segment and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            return
         time.sleep(self.seconds)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from conftest import QUIET, cli_env, load_results, run_cli, train_cli
@@ -95,6 +96,29 @@ def _refused(tmp_path, *args, multirun: bool = False) -> str:
 )
 def test_a_mistake_is_one_line_with_a_did_you_mean_and_leaves_no_folder(tmp_path, args, message):
     assert _refused(tmp_path, *args).startswith(message)
+
+
+def test_a_key_another_group_left_on_a_model_is_one_line_and_leaves_no_folder(tmp_path):
+    """An experiment sets task.model.hidden (MolGNN's); task/model=attentivefp then keeps it, and
+    AttentiveFP takes no such argument: one line before the folder, not a TypeError after it."""
+    line = _refused(tmp_path, "experiment=claims_moleculenet_gnn_cpu", "task/model=attentivefp")
+    assert line.startswith("AttentiveFPReference (task.model) takes no argument 'hidden'")
+    assert "~task.model.hidden" in line and "hidden_channels" in line
+
+
+@pytest.mark.parametrize("kind", ["experiment", "task"])
+def test_every_shipped_config_gives_its_constructors_only_their_arguments(kind):
+    """The check above never refuses a config the project ships: every experiment, every task
+    (GNN tasks with either model)."""
+    from score_exp.config import CONFIG_DIR, check_arguments, compose
+
+    names = sorted(p.stem for p in (Path(CONFIG_DIR) / kind).glob("*.yaml") if p.stem[0] != "_")
+    assert names
+    for name in names:
+        models = ["mol_gnn", "attentivefp"] if kind == "task" and "gnn" in name else [None]
+        for model in models:
+            extra = [f"task/model={model}"] if model else []
+            check_arguments(compose(f"{kind}={name}", *extra))
 
 
 def test_every_value_of_a_sweep_is_checked_before_the_sweep_starts(tmp_path):

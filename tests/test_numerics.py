@@ -5,6 +5,7 @@ the portable kernels is refused."""
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 
@@ -135,3 +136,13 @@ def test_a_portable_run_records_its_kernels(tmp_path):
     assert rec["mode"] == "portable" and rec["cpu_capability"] == "DEFAULT"
     assert rec["mkl_branch"] in ("COMPATIBLE", None) and rec["threads"] == 1
     assert rec["env"]["MKL_CBWR"] == "COMPATIBLE" and rec["cpu"]
+    # score-eval of that run, in the same hostile environment: it enters the run's portable mode,
+    # so its row is the run's own test numbers, bit for bit, and says so.
+    from conftest import run_cli
+
+    out = run_cli(f"run_dir={tmp_path / 'run'}", module="score_exp.cli.eval", env=cli_env(**env))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = list(csv.DictReader((tmp_path / "run" / "eval.csv").open()))
+    assert row["numerics"] == "portable"
+    test = load_results(tmp_path / "run")["test"]
+    assert float(row["test/rmse"]) == test["rmse"] and float(row["test/mae"]) == test["mae"]

@@ -104,7 +104,7 @@ def _key(t: dict) -> tuple:
 
 def assert_page_shows(seen: dict, folders: list[Path], with_headline: bool) -> None:
     """The page holds exactly the tables (header, row count, first cells) and plots of the
-    report.md (and HEADLINE.md) of each folder, every image decoded, no error, no fetch."""
+    report.md (and HEADLINE.md, LITERATURE.md) of each folder, every image decoded, no error, no fetch."""
     assert seen["errors"] == [], seen["errors"]
     assert seen["requests"] == [], f"the page fetched {seen['requests']}"
     expected, plots = [], 0
@@ -114,6 +114,8 @@ def assert_page_shows(seen: dict, folders: list[Path], with_headline: bool) -> N
         plots += len(re.findall(r"!\[[^\]]*\]\([^)]+\.png\)", md))
         if with_headline:
             expected += markdown_tables((d / "HEADLINE.md").read_text())
+        if (d / "LITERATURE.md").is_file():  # a published snapshot's: the papers beside ours
+            expected += markdown_tables((d / "LITERATURE.md").read_text())
     assert plots > 0 and len(seen["images"]) == plots, (len(seen["images"]), plots)
     broken = [i["alt"] for i in seen["images"] if not i["ok"]]
     assert broken == [], f"images that did not load: {broken}"

@@ -50,8 +50,9 @@ def test_provenance_names_training_commands_numerics_and_cpu(tmp_path):
     assert "  - `claims_esol`: 6 runs, e.g. `score-train task=esol_mlp seed=0`" in prov
     assert "- numerics: portable (DEFAULT ATen, MKL COMPATIBLE, 1 thread(s)): 12 runs" in prov
     assert "CPU of the runs: Some CPU" in prov and "2 h" in prov
-    assert (out / LITERATURE).read_text() == literature.markdown()
+    assert (out / LITERATURE).read_text() == literature.markdown()  # MLP runs: no project row
     assert "Xiong et al. 2020" in literature.markdown() and "random" in literature.markdown()
+    assert "<h2>Literature</h2>" in (out / "index.html").read_text()  # on the page too
     assert check(out) == []
     (out / LITERATURE).write_text("edited")
     assert check(out) == [f"{out / LITERATURE}: differs from score_exp.report.literature"]
@@ -77,3 +78,30 @@ def test_the_readme_prose_agrees_with_the_committed_snapshot():
         assert "Not yet generated" in (REPO / "README.md").read_text()
         return
     assert check_prose((REPO / "README.md").read_text(), snap) == []
+
+
+def test_the_literature_table_puts_the_snapshots_gnn_runs_beside_the_papers():
+    """The project's rows: test RMSE mean ± std (n) per experiment and model, GNN tasks only,
+    ok runs only; a cell no source gives is 'not checked', never a number."""
+    from types import SimpleNamespace as NS
+
+    def run(task, rmse, reference=None, preset=None, ok=True, experiment="claims_gnn"):
+        rec = NS(
+            test={"rmse": rmse}, reference=reference, depth_preset=preset, experiment=experiment
+        )
+        return NS(record=rec, task=task, ok=ok)
+
+    runs = [run("esol_gnn", 0.5, reference="attentivefp"), run("esol_gnn", 0.7, reference="attentivefp"),
+            run("lipo_gnn", 0.6, preset="score025"), run("lipo_gnn", 9.9, preset="score025", ok=False),
+            run("esol_mlp", 0.4, preset="score")]  # fmt: skip
+    text = literature.markdown(runs)
+    assert (
+        "| this project: AttentiveFP (PyG) | `claims_gnn` | random | 0.600 ± 0.141 (n=2) |  |  |"
+        in text
+    )
+    assert (
+        "| this project: MolGNN, depth=score025 | `claims_gnn` | random |  |  | 0.600 ± 0.000 (n=1) |"
+        in text
+    )
+    assert "esol_mlp" not in text and "9.9" not in text
+    assert "not checked" in text  # AttentiveFP's Lipophilicity: no source read

@@ -61,6 +61,18 @@ def test_retrain_names_the_runs_after_their_study_seed(tmp_path):
     assert "experiment_name=tuned_esol_mlp_cpu" in cmd
 
 
+def test_retrain_puts_the_peers_study_in_the_variants_experiment_when_named(tmp_path):
+    """The peer (its own tune_* experiment) is compared with the depth variants only when its
+    runs share their experiment name: --name gives every study's runs that one name."""
+    peer = {"db": str(tmp_path / "study0" / "attentivefp" / "optuna.db"),
+            "overrides": ["experiment=tune_esol_attentivefp_cpu", "task.module.lr=0.003"]}  # fmt: skip
+    (cmd,) = retrain_commands(peer, [0], tmp_path, [], study_seed=0)
+    assert "experiment_name=tuned_esol_attentivefp_cpu_study0" in cmd  # apart, by default
+    (cmd,) = retrain_commands(peer, [0], tmp_path, [], study_seed=0, name="tuned_esol_gnn_cpu")
+    assert "experiment_name=tuned_esol_gnn_cpu_study0" in cmd
+    assert "experiment=tune_esol_attentivefp_cpu" in cmd  # still the peer's own configuration
+
+
 def _studies(root: Path, diffs: dict[int, list[float]]) -> None:
     """Per study seed k: score and stacked runs over seeds 0..n-1, score - stacked = diffs[k]."""
     for k, ds in diffs.items():
@@ -127,3 +139,10 @@ def test_tune_targets_repeat_every_study_for_three_study_seeds(target, task):
     assert f"--dir multirun/tune_cpu/{task}/study$k/$v" in text and "--jobs 2" in text
     assert f"--out multirun/tune_cpu/{task}/retrain/study$k" in text and "--study-seed $k" in text
     assert f"score-report multirun/tune_cpu/{task}/retrain " in text
+    assert f"--name tuned_{task}_cpu" in text  # the peer, if any, compared in the same experiment
+    if task == "esol_gnn":  # the peer, tuned with the same budget in every study seed
+        assert "for p in attentivefp; do" in text
+        assert "score-tune study experiment=tune_esol_${p}_cpu" in text
+        assert f"--dir multirun/tune_cpu/{task}/study$k/$p" in text
+    else:
+        assert "for p in ; do" in text

@@ -23,19 +23,21 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from score_exp import numerics
 from score_exp.cli.common import bad_input_exits, check_argv, require
 from score_exp.config import CONFIG_DIR, depth_spec
 from score_exp.core.spec import HALTS, MAX_STEPS
 from score_exp.errors import ConfigError, WriteError, check_int
 from score_exp.run import find_checkpoint, load_run, run_config
 from score_exp.runs import stop
-from score_exp.runs.files import atomic_write_text, read_text
+from score_exp.runs.files import UnsafeRunFile, atomic_write_text, load_yaml, read_text
 from score_exp.runs.lock import in_training
-from score_exp.runs.record import RunFolder, limit
+from score_exp.runs.record import CONFIG, LIMITS, RunFolder, limit
 
 # Columns printed by the table (eval.csv keeps every metric of the split).
-SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "steps_used", "nfe", "nfe_spent",
-         "solver_converged", "solver_max_residual", "seconds")  # fmt: skip
+SHOWN = ("steps", "integrator", "dt", "adaptive_eps", "halt", "per_token", "kv_slots",
+         "warm_start", "steps_used", "steps_dist", "nfe", "nfe_spent", "solver_converged",
+         "solver_max_residual", "tokens_per_s", "seconds")  # fmt: skip
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -60,6 +62,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = run_config(run_dir)
     spec = depth_spec(run_cfg)
     over = cfg.depth
+    # The run's own kernels (main() entered its numerics mode before torch started): a portable
+    # run is evaluated in portable numerics, so its rows are the same bits on any x86-64 CPU.
+    kernels = numerics.apply(run_numerics(run_dir))
 
     loaded = load_run(run_dir, cfg.checkpoint, "fit", spec, {"compile": False})
     datamodule, module = loaded.task.datamodule, loaded.task.module
@@ -96,6 +101,41 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.get("per_token"):
+        with discretised as d:
+            row = _per_token(cfg, loaded, d)
+    else:
+        row, d = _teacher_forced(cfg, L, module, datamodule, depth, discretised, count)
+    row = {
+        "steps": d.steps,
+        "integrator": d.integrator,
+        "dt": round(float(sum(float(v) for v in d.dts) / len(d.dts)), 8),
+        "keep_horizon": bool(over.keep_horizon),
+        "adaptive_eps": d.adaptive_eps if d.adaptive_eps is not None else "",
+        "halt": d.halt if d.adaptive_eps is not None else "",
+        "steps_used": round(float(torch.cat(used).mean()), 4) if used else d.steps,
+        "nfe": d.nfe,
+        # Evaluations of F actually spent per sample (halting stops samples early; the
+        # fixed-point solver's iterations + 1): the mean over the split's samples.
+        "nfe_spent": round(sum(v * n for v, n in spent) / sum(n for _, n in spent), 4)
+        if spent
+        else d.nfe,
+        **_solver_columns(solves),
+        "seconds": row.pop("seconds"),
+        "checkpoint": str(ckpt_path.relative_to(run_dir)),
+        "numerics": kernels["mode"],
+        **row,
+    }
+    try:
+        append_row(RunFolder(run_dir).eval_csv, row)
+    except WriteError as e:  # a full disk, a read-only folder: the row is not lost
+        raise RowNotWritten(e, row) from None
+    return row
+
+
+def _teacher_forced(cfg, L, module, datamodule, depth, discretised, count):
+    """The split evaluated by the task's own test/validate loop: its metrics and seconds, and
+    the discretisation it ran."""
     trainer = L.Trainer(
         accelerator=cfg.device if cfg.device != "cuda" else "gpu",
         devices=1,
@@ -114,30 +154,40 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         handle.remove()
     seconds = time.perf_counter() - t0
     merged = {k: float(v) for m in metrics for k, v in m.items() if k.startswith(cfg.split + "/")}
-    row: dict[str, Any] = {
-        "steps": d.steps,
-        "integrator": d.integrator,
-        "dt": round(float(sum(float(v) for v in d.dts) / len(d.dts)), 8),
-        "keep_horizon": bool(over.keep_horizon),
-        "adaptive_eps": d.adaptive_eps if d.adaptive_eps is not None else "",
-        "halt": d.halt if d.adaptive_eps is not None else "",
-        "steps_used": round(float(torch.cat(used).mean()), 4) if used else d.steps,
-        "nfe": d.nfe,
-        # Evaluations of F actually spent per sample (halting stops samples early; the
-        # fixed-point solver's iterations + 1): the mean over the split's samples.
-        "nfe_spent": round(sum(v * n for v, n in spent) / sum(n for _, n in spent), 4)
-        if spent
-        else d.nfe,
-        **_solver_columns(solves),
-        "seconds": round(seconds, 4),
-        "checkpoint": str(ckpt_path.relative_to(run_dir)),
-        **merged,
-    }
+    return {"seconds": round(seconds, 4), **merged}, d
+
+
+def _per_token(cfg: DictConfig, loaded, d) -> dict[str, Any]:
+    """``per_token=true`` (a language model): the split decoded one token at a time with the
+    KV cache, each token halting on its own, its loss at the compute that rule spends."""
+    import math
+
+    from score_exp.models.generation import Decoder, Stats, teacher_forced_loss
+
+    model, datamodule = loaded.task.model.eval().to(cfg.device), loaded.task.datamodule
+    if not hasattr(model, "block_size") or not hasattr(datamodule, "tokenizer"):
+        raise ConfigError("per_token=true decodes a language model: this run is not one")
     try:
-        append_row(RunFolder(run_dir).eval_csv, row)
-    except WriteError as e:  # a full disk, a read-only folder: the row is not lost
-        raise RowNotWritten(e, row) from None
-    return row
+        decoder = Decoder(model, cfg.get("kv_slots"), bool(cfg.get("warm_start")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    datamodule.setup("test")
+    loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+    stats = Stats()
+    loss = teacher_forced_loss(decoder, loader, stats)
+    dist = " ".join(f"{k}:{v}" for k, v in sorted(stats.steps.items()))
+    return {
+        "per_token": True,
+        "kv_slots": cfg.get("kv_slots") if cfg.get("kv_slots") is not None else "",
+        "warm_start": bool(cfg.get("warm_start")),
+        "steps_used": round(stats.mean_steps, 4),
+        "steps_dist": dist,
+        "nfe_spent": round(stats.mean_steps * d.evals_per_step, 4),
+        "tokens_per_s": round(stats.tokens / stats.seconds, 1),
+        "seconds": round(stats.seconds, 4),
+        f"{cfg.split}/loss": loss,
+        f"{cfg.split}/bpc": loss / math.log(2),
+    }
 
 
 class RowNotWritten(WriteError):
@@ -158,6 +208,14 @@ def _check_request(cfg: DictConfig, run_dir: Path) -> None:
     steps = cfg.depth.get("steps")
     if steps is not None:  # before the run is loaded: the key as the user wrote it
         check_int("depth.steps", steps, 1, MAX_STEPS)
+    if not isinstance(cfg.get("per_token", False), bool) or not isinstance(
+        cfg.get("warm_start", False), bool
+    ):
+        raise ConfigError("per_token and warm_start must be true or false")
+    if cfg.get("kv_slots") is not None:
+        check_int("kv_slots", cfg.kv_slots, 1)
+    if (cfg.get("kv_slots") is not None or cfg.get("warm_start")) and not cfg.get("per_token"):
+        raise ConfigError("kv_slots and warm_start decode one token at a time: add per_token=true")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
     holder = in_training(run_dir)
@@ -249,9 +307,38 @@ def _main(cfg: DictConfig) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+def run_numerics(run_dir: Path) -> dict[str, Any]:
+    """The ``numerics`` node of a run folder's ``config.yaml`` (``mode``, ``threads``), read as
+    plain data; ``{}`` (the default mode) when it has none or it is not a known mode."""
+    try:
+        raw = load_yaml(RunFolder(run_dir).config, LIMITS[CONFIG])
+    except (OSError, UnsafeRunFile):
+        return {}  # evaluate() refuses the folder itself, in its own words
+    node = raw.get("numerics") if isinstance(raw, dict) else None
+    if not isinstance(node, dict) or node.get("mode") not in numerics.MODES:
+        return {}
+    threads = node.get("threads", 1)
+    ok = isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1
+    return {"mode": node["mode"], "threads": threads if ok else 1}
+
+
+def _numerics_argv(argv: list[str]) -> list[str]:
+    """``numerics=portable`` when a run folder named on the command line (``run_dir=A`` or a
+    sweep ``run_dir=A,B``) was trained in portable numerics: score-eval then enters that mode
+    before torch starts (:func:`score_exp.numerics.enter`)."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "run_dir" and value:
+            for d in value.split(","):
+                if run_numerics(Path(d.strip()).expanduser()).get("mode") == "portable":
+                    return ["numerics=portable"]
+    return []
+
+
 def main() -> None:
     """Console entry point of ``score-eval``."""
     check_argv("score-eval", sys.argv[1:])
+    numerics.enter(_numerics_argv(sys.argv[1:]))  # a portable run's kernels (may re-execute)
     sys.argv = _implicit_multirun(sys.argv)
     _main()
 

@@ -21,7 +21,7 @@ from score_exp.runs.claim import keep_finished
 from score_exp.runs.files import check_output_dir
 from score_exp.runs.fingerprint import flatten
 from score_exp.runs.record import CONFIG, SPLITS, RunFolder, RunRecord
-from score_exp.tasks.distributed import per_device_batch
+from score_exp.tasks.distributed import per_device_batch, stop_ranks_together
 
 log = logging.getLogger("score_exp.cli.train")
 
@@ -147,6 +147,7 @@ def _trainer(cfg: DictConfig, callbacks: list, loggers: list):
         plugins=[AtomicCheckpointIO()],  # atomic checkpoint writes, weights_only reads
     )
     per_device_batch(cfg.task.data.batch_size, trainer.world_size)
+    stop_ranks_together(trainer)  # SIGTERM: no collective inside a signal handler (a deadlock)
     return trainer
 
 

@@ -2,11 +2,18 @@
 
 The run folder's ``config.yaml`` (written by ``score-train``) rebuilds the data module, hence the
 tokeniser, and the model; the weights come from the run's best checkpoint. Samples go to stdout
-and logs to stderr, so ``score-sample run_dir=... > samples.txt`` keeps only the text.
+and logs and statistics (tokens/s, steps per token, acceptance rate) to stderr, so
+``score-sample run_dir=... > samples.txt`` keeps only the text.
+
+Decoding keeps a KV cache per (step, stage) by default (``kv_cache=true``); per-token exit
+(``depth.halt``, ``depth.adaptive_eps``), the bounded cache (``kv_slots``), ``warm_start`` and
+self-speculative decoding (``speculative_steps``) are options (``models/generation.py``,
+docs/generation.md).
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -40,9 +47,18 @@ def generate_samples(
     temperature: float = 0.8,
     top_k: int | None = 200,
     seed: int = 1337,
+    decoder=None,
+    stats=None,
 ) -> list[str]:
-    """``num_samples`` texts, each ``prompt`` followed by ``max_new_tokens`` sampled tokens."""
+    """``num_samples`` texts, each ``prompt`` followed by ``max_new_tokens`` sampled tokens.
+
+    ``decoder``: a :class:`~score_exp.models.generation.Decoder` (the KV cache and its options);
+    None: nanoGPT's ``generate`` (the whole context each token). ``stats``: a
+    :class:`~score_exp.models.generation.Stats` that adds up what the sampling spent.
+    """
     import torch
+
+    from score_exp.models.generation import plain_generate
 
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
@@ -55,9 +71,45 @@ def generate_samples(
     out = []
     with torch.no_grad(), amp:
         for _ in range(num_samples):
-            y = model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
+            if decoder is None:
+                y = plain_generate(model, idx, max_new_tokens, temperature, top_k, generator, stats)
+            else:
+                y = decoder.generate(idx, max_new_tokens, temperature, top_k, generator, stats)
             out.append(tokenizer.decode(y[0].tolist()))
     return out
+
+
+def make_decoder(model, cfg: DictConfig):
+    """The decoding ``cfg`` asks for: a Decoder, or None for ``kv_cache=false``."""
+    from score_exp.models.generation import Decoder
+
+    if not cfg.kv_cache:
+        asked = [k for k in ("kv_slots", "speculative_steps") if cfg[k] is not None]
+        asked += ["warm_start"] if cfg.warm_start else []
+        if asked:
+            raise ConfigError(f"{', '.join(asked)} decode with the KV cache: drop kv_cache=false")
+        return None
+    try:
+        return Decoder(model, cfg.kv_slots, cfg.warm_start, cfg.speculative_steps, cfg.draft_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def per_token_exit(model, cfg: DictConfig):
+    """``depth.halt`` / ``depth.adaptive_eps``: the depth's discretisation while sampling."""
+    over = cfg.get("depth") or {}
+    halt, eps = over.get("halt"), over.get("adaptive_eps")
+    if halt is None and eps is None:
+        return nullcontext()
+    if halt is not None:
+        from score_exp.core.spec import HALTS
+        from score_exp.models.mlp import check_halt
+
+        check_halt(halt, getattr(model, "halts", HALTS))
+    try:
+        return model.depth.discretised(adaptive_eps=eps, halt=halt)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check(cfg: DictConfig) -> None:
@@ -69,6 +121,15 @@ def _check(cfg: DictConfig) -> None:
     if cfg.top_k is not None:
         check_int("top_k", cfg.top_k, 1)
     check_seed(cfg.seed)
+    if not isinstance(cfg.kv_cache, bool) or not isinstance(cfg.warm_start, bool):
+        raise ConfigError("kv_cache and warm_start must be true or false")
+    for key in ("kv_slots", "speculative_steps"):
+        if cfg[key] is not None:
+            check_int(key, cfg[key], 1)
+    check_int("draft_tokens", cfg.draft_tokens, 1)
+    eps = (cfg.get("depth") or {}).get("adaptive_eps")
+    if eps is not None:
+        check_number("depth.adaptive_eps", eps)
     if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ConfigError(f"device must be cpu or cuda, got {cfg.device!r}")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
@@ -83,19 +144,29 @@ def main(cfg: DictConfig) -> None:
         _check(cfg)
         run_dir = require(cfg, "run_dir", "score-sample run_dir=outputs/shakespeare_char_cpu/<run>")
         model, tokenizer = load_model(Path(run_dir).expanduser(), cfg.checkpoint, cfg.device)
-        samples = generate_samples(
-            model,
-            tokenizer,
-            str(cfg.prompt),
-            cfg.num_samples,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_k,
-            cfg.seed,
-        )
+        from score_exp.models.generation import Stats
+
+        stats = Stats()
+        with per_token_exit(model, cfg):
+            decoder = make_decoder(model, cfg)  # its options checked against the model
+            samples = generate_samples(
+                model,
+                tokenizer,
+                str(cfg.prompt),
+                cfg.num_samples,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.top_k,
+                cfg.seed,
+                decoder,
+                stats,
+            )
     for text in samples:
         print(text)
         print(cfg.separator)
+    sys.stdout.flush()
+    if stats.tokens:
+        print(stats.summary(), file=sys.stderr)
 
 
 if __name__ == "__main__":

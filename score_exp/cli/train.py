@@ -117,9 +117,12 @@ def _train(
         # (SIGTERM, Ctrl-C) resumes from checkpoints/last.ckpt when run again into this folder.
         stop.disarm()  # the grace has done its work: the record below is written whole
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit)) or stop.received() is not None
-        record.update(
-            status="interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}"
-        )
+        # A collective that failed because a peer rank died (its node went, it crashed, it was
+        # stopped first) is that rank's news: said as such, never as this rank's own error.
+        error = stop.peer_lost_message(e) if stop.peer_lost(e) else f"{type(e).__name__}: {e}"
+        if stopped and stop.peer_lost(e):  # the ranks were stopped: the stop is the news
+            error = f"stopped by {stop.name(stop.received() or signal.SIGTERM)}; then {error}"
+        record.update(status="interrupted" if stopped else "failed", error=error)
         if cluster.is_rank_zero():
             clock()
             try:

@@ -29,11 +29,13 @@ log = logging.getLogger("score_exp.cli.tune")
 
 
 def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
-                     study_seed: int | None = None) -> list[list[str]]:  # fmt: skip
+                     study_seed: int | None = None, name: str | None = None) -> list[list[str]]:  # fmt: skip
     """One ``score-train`` command per seed for a study's best configuration.
 
-    With ``study_seed`` (the sampler seed of the study) the runs' experiment name is
-    ``tuned_<task>_study<k>``, so the report makes each study's comparisons apart and pools them
+    The runs' experiment name is ``name`` (studies of different ``tune_*`` experiments compared
+    as one: the depth variants and the peer), else the study's experiment with ``tune_`` made
+    ``tuned_``. With ``study_seed`` (the sampler seed of the study) it ends in ``_study<k>``, so
+    the report makes each study's comparisons apart and pools them
     (:mod:`score_exp.report.studies`).
     """
     own = ("seed=", "experiment_name=", "hydra.run.dir=", "trainer.enable_progress_bar=")
@@ -41,7 +43,7 @@ def retrain_commands(best: dict, seeds: list[int], out: Path, extra: list[str],
     # The study's folder (the depth preset), made unique over the studies retrained together.
     variant = best.get("variant") or Path(best["db"]).parent.name
     task = next((o.split("=", 1)[1] for o in over if o.startswith("experiment=")), "tuned")
-    name = study_experiment(task.replace("tune_", "tuned_", 1), study_seed)
+    name = study_experiment(name or task.replace("tune_", "tuned_", 1), study_seed)
     return [
         [
             sys.executable,
@@ -72,7 +74,8 @@ def study_folders(dbs: list[Path]) -> list[str]:
 
 
 def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
-            extra: list[str] | None = None, study_seed: int | None = None) -> int:  # fmt: skip
+            extra: list[str] | None = None, study_seed: int | None = None,
+            name: str | None = None) -> int:  # fmt: skip
     """Stage 2: re-train every study's best configuration over ``seeds`` seeds into ``out``.
 
     Returns the number of runs that failed (their folders record why).
@@ -91,7 +94,7 @@ def retrain(paths: list[Path], out: Path, seeds: int = 5, jobs: int = 1,
     cmds = [
         c
         for b in bests
-        for c in retrain_commands(b, list(range(seeds)), out, extra or [], study_seed)
+        for c in retrain_commands(b, list(range(seeds)), out, extra or [], study_seed, name)
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
@@ -150,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     r.add_argument("--study-seed", type=int, default=None,
                    help="the studies' sampler seed: names the runs' experiment tuned_<task>_study<K>, "
                    "so score-report pools the verdicts over study seeds")  # fmt: skip
+    r.add_argument("--name", default=None,
+                   help="the runs' experiment name (default: each study's tune_<task> as "
+                   "tuned_<task>); one name compares studies of different experiments, e.g. the "
+                   "depth variants' and the peer's: --name tuned_esol_gnn_cpu")  # fmt: skip
     r.add_argument("overrides", nargs="*", default=[], metavar="-- KEY=VALUE",
                    help="extra score-train overrides after `--` (e.g. trainer=gpu)")  # fmt: skip
     return p.parse_known_args(argv)
@@ -212,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.paths[0] / "retrain"
     try:
         failed = retrain(
-            args.paths, args.out, args.seeds, args.jobs, args.overrides, args.study_seed
+            args.paths,
+            args.out,
+            args.seeds,
+            args.jobs,
+            args.overrides,
+            args.study_seed,
+            args.name,
         )
     except ScoreExpError as e:
         return _error(str(e))

@@ -127,6 +127,7 @@ class RecurrentDepth(nn.Module):
         group: Tensor | None = None,
         select: Select | None = None,
         readout: Callable[[Tensor], Tensor] | None = None,
+        h0: Tensor | None = None,
         **ctx: Any,
     ) -> Tensor:
         """Run the depth on ``h``.
@@ -140,6 +141,9 @@ class RecurrentDepth(nn.Module):
             select: for halting with a block context: ``select(rows_kept, ctx) -> ctx`` cuts
                 the context down to the rows still running (e.g. a subgraph).
             readout: for ``halt="kl"``: maps a state to logits (e.g. next-token logits).
+            h0: the state the iteration starts from, instead of ``init_state``'s (e.g. a
+                language model's warm start from the previous token's final state); the
+                input ``h`` is still what ``inject`` shows every step.
             **ctx: passed to every block call, e.g. ``edge_index`` for a graph convolution.
         """
         d = self.discretisation
@@ -151,7 +155,8 @@ class RecurrentDepth(nn.Module):
         )  # fmt: skip
         if d.replay is not None:  # no step runs: nothing to prepare
             return runner(None, h, request).h
-        h0 = self.injection.initial_state(h)  # the input h is e, which inject= shows each step
+        if h0 is None:
+            h0 = self.injection.initial_state(h)  # the input h is e, which inject= shows each step
         out = runner(self._loop(d, h0, h, ctx), h0, request)
         self._record = out.record
         self.last_nfe, self.last_steps_used = out.nfe, out.steps_used

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from score_exp.core import DepthSpec, RecurrentDepth
+from score_exp.core import DepthSpec, RecurrentDepth, StepContext
 from score_exp.errors import check_int
+from score_exp.models.kv_cache import KVCache
 from score_exp.models.limits import MAX_SEQ_LEN, MAX_WIDTH
 
 
@@ -36,16 +37,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, step: StepContext | None = None, kv: KVCache | None = None
+    ) -> Tensor:
         B, T, C = x.shape  # batch, sequence length, embedding width (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )  # (B, nh, T, hs)
+        else:  # incremental decoding: the earlier tokens' K/V of this (step, stage), kept
+            y = kv.attend(step, q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -77,9 +83,18 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, h: Tensor) -> Tensor:
-        h = h + self.attn(self.ln_1(h))  # (B, T, C)
+    def forward(
+        self, h: Tensor, step: StepContext | None = None, kv: KVCache | None = None
+    ) -> Tensor:
+        # step: where the depth calls it (step, integrator stage, running rows); with a KV cache
+        # (``kv``, generation only) the attention keeps its K/V per (step, stage).
+        h = h + self.attn(self.ln_1(h), step, kv)  # (B, T, C)
         return h + self.mlp(self.ln_2(h))  # (B, T, C)
+
+
+def _all_rows(rows: Tensor, ctx: dict) -> dict:
+    """Halting's ``select``: the KV cache reads the running rows from the step context."""
+    return ctx
 
 
 class GPT(nn.Module):
@@ -171,33 +186,70 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits and (with ``targets``) the mean cross-entropy, as nanoGPT.
 
         Args:
             idx: token ids, ``(B, T)`` with ``T <= block_size``.
             targets: next-token ids ``(B, T)``; ``-1`` is ignored.
+            cache: incremental decoding (``generation.py``): ``idx`` are the tokens after the
+                ``cache.pos`` tokens the cache holds, and it keeps their K/V.
 
         Returns:
-            ``(logits, loss)``: logits ``(B, T, V)`` with targets; without them only the last
-            position's ``(B, 1, V)`` (all that generation needs) and loss None.
+            ``(logits, loss)``: logits ``(B, T, V)`` with targets or a cache; otherwise only the
+            last position's ``(B, 1, V)`` (all that generation needs) and loss None.
         """
         B, T = idx.shape
-        if self.block_size < T:
+        start = 0 if cache is None else cache.pos
+        if self.block_size < start + T:
             raise ValueError(
-                f"cannot forward a sequence of length {T}, block_size is {self.block_size}"
+                f"cannot forward a sequence of length {start + T}, block_size is {self.block_size}"
             )
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         h = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        h = self.depth(h, readout=self._next_token_logits)  # (B, T, C); readout: halt=kl
+        if cache is None:
+            h = self.depth(h, readout=self._next_token_logits)  # (B, T, C); readout: halt=kl
+        else:
+            h = self._cached_depth(h, cache)  # (B, T, C)
         h = self.ln_f(h)  # (B, T, C)
-        if targets is None:
+        if targets is None and cache is None:
             return self.lm_head(h[:, [-1], :]), None  # (B, 1, V)
         logits = self.lm_head(h)  # (B, T, V)
+        if targets is None:
+            return logits, None
         loss = F.cross_entropy(
             logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
         )
         return logits, loss
+
+    def _cached_depth(self, e: Tensor, cache: KVCache) -> Tensor:
+        """The depth over ``T`` new tokens with the cache, which then holds them.
+
+        Halting (``adaptive_eps``) stops each row on its own: a row is one sequence's ``T``
+        new tokens, one token when decoding, so the exit is per token. Warm start: a single
+        new token starts from the previous token's final state instead of its embedding.
+        """
+        warm = cache.warm_start and cache.last_h is not None and e.shape[1] == 1
+        h = self.depth(
+            e,
+            readout=self._next_token_logits,
+            select=_all_rows,  # the cache is cut by the step context's rows, not here
+            h0=cache.last_h if warm else None,
+            kv=cache,
+        )
+        used = self.depth.last_steps_used  # per row when halting; else every step ran
+        fill = None
+        if cache.exit_kv == "final" and used is not None:  # the alternative fill (kv_cache.py)
+            block = self.depth.blocks[0]
+            _, k, v = block.attn.c_attn(block.ln_1(h)).split(self.n_embd, dim=2)  # (B, T, C)
+            B, T, C = h.shape
+            k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))
+            fill = (k, v)  # (B, nh, T, hs): the K/V the next step would have used
+        cache.advance(e.shape[1], self.depth.discretisation.steps if used is None else used, fill)
+        cache.last_h = h[:, -1:]  # (B, 1, C)
+        return h
 
     def _next_token_logits(self, h: Tensor) -> Tensor:
         """The logits a state would give: ``lm_head(ln_f(h))``, ``(B, T, V)``."""

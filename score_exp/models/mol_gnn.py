@@ -54,14 +54,24 @@ class EdgeNetworkConv(MessagePassing):
         self.root.reset_parameters()
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
+        kinds, order, counts = self._kinds(edge_attr)
+        A = self.edge_net(kinds).view(-1, self.hidden, self.hidden)  # (K, hidden, hidden)
+        return self.root(x) + self.propagate(edge_index, x=x, A=A, order=order, counts=counts)
+
+    def _kinds(self, edge_attr: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """The distinct bond feature vectors ``(K, D)``, the edges grouped by them ``(E,)`` and
+        the group sizes. A shared block sees the same ``edge_attr`` at every step of a forward:
+        the grouping is made once per tensor, not once per step (same values: it is a pure
+        function of ``edge_attr``)."""
+        memo = self.__dict__.get("_memo")
+        if memo is not None and memo[0] is edge_attr:
+            return memo[1]
         kinds, kind, counts = torch.unique(
             edge_attr, dim=0, return_inverse=True, return_counts=True
         )  # (K, D), (E,), (K,)
-        A = self.edge_net(kinds).view(-1, self.hidden, self.hidden)  # (K, hidden, hidden)
-        order = torch.argsort(kind)  # edges grouped by kind, computed once for all messages
-        return self.root(x) + self.propagate(
-            edge_index, x=x, A=A, order=order, counts=counts.tolist()
-        )
+        out = (kinds, torch.argsort(kind), counts.tolist())  # edges grouped by kind
+        self.__dict__["_memo"] = (edge_attr, out)  # a plain attribute: no buffer, no state
+        return out
 
     def message(self, x_j: Tensor, A: Tensor, order: Tensor, counts: list[int]) -> Tensor:
         if not counts:  # no edge (single-atom molecules, e.g. the last ones left by halting)

@@ -37,6 +37,7 @@ class Part:
     report: object  # score_exp.report.build.Report
     provenance: str  # Markdown (PROVENANCE.md, or score-report's own: report.cli.provenance)
     headline: str = ""  # Markdown (HEADLINE.md), shown first
+    literature: str = ""  # Markdown (LITERATURE.md): the papers' RMSEs beside the project's
 
 
 # --------------------------------------------------------------------------- small renderers
@@ -199,6 +200,9 @@ def _part_html(part: Part, prefix: str) -> tuple[str, list[tuple[str, str]]]:
         if pngs:
             body.append('<div class="figures">' + "\n".join(_figure(p) for p in pngs) + "</div>")
         section(s.task, "\n".join(body))
+    if part.literature.strip():
+        # LITERATURE.md's own title is the section's
+        section("Literature", markdown(part.literature.split("\n", 1)[1]))
     if r.not_ok:
         rows = [[p, status, detail] for p, status, detail in r.not_ok]
         body = table_html(["run", "status", "detail"], rows)
@@ -328,14 +332,18 @@ JS = """
 """
 
 
-def folder_parts(snap: Path, reports: dict, provenance: str, headline: str) -> list[Part]:
+def folder_parts(
+    snap: Path, reports: dict, provenance: str, headline: str, literature: str = ""
+) -> list[Part]:
     """The parts of a published snapshot's page: ``reports`` by folder (``""``: ``snap`` itself,
-    ``tune_<task>``: a tuned one), each with its own provenance and headline files."""
+    ``tune_<task>``: a tuned one), each with its own provenance and headline files; the main part
+    also with ``literature`` (Markdown: the papers' numbers beside the snapshot's)."""
 
     def text(path: Path) -> str:
         return path.read_text() if path.is_file() else ""
 
-    return [Part(name, report, text(snap / name / provenance), text(snap / name / headline))
+    return [Part(name, report, text(snap / name / provenance), text(snap / name / headline),
+                 "" if name else literature)
             for name, report in reports.items()]  # fmt: skip
 
 

@@ -243,14 +243,16 @@ def snapshot(out: Path, runs: list[Path], tune: list[Path], command: str, wall: 
                 provenance(rec_t, command, tune_wall, dirty, tune_train),
             )
     atomic_write_text(out / PROVENANCE, provenance(rec, command, wall, dirty, train))
-    atomic_write_text(out / LITERATURE, literature.markdown())
+    atomic_write_text(out / LITERATURE, literature.markdown(report.runs))
     write_page(out, reports)
 
 
 def write_page(snap: Path, reports: dict) -> Path:
     """The snapshot's ``index.html`` from its reports (``""``: the main one, ``tune_<task>``: the
     tuned ones) and their HEADLINE.md and PROVENANCE.md."""
-    return html.write_page(snap, html.folder_parts(snap, reports, PROVENANCE, HEADLINE), PAGE_TITLE)
+    lit = literature.markdown(reports[""].runs) if "" in reports else ""
+    parts = html.folder_parts(snap, reports, PROVENANCE, HEADLINE, lit)
+    return html.write_page(snap, parts, PAGE_TITLE)
 
 
 def readme_block(snap: Path, short: bool = False) -> str:
@@ -292,9 +294,6 @@ def check(snap: Path) -> list[str]:
     folders = [d for d in [snap, *sorted(snap.glob("tune_*"))] if d.is_dir()]
     if not (snap / RECORD).is_file():
         return [f"{snap}: no {RECORD}"]
-    lit = snap / LITERATURE
-    if lit.is_file() and lit.read_text() != literature.markdown():
-        problems.append(f"{lit}: differs from score_exp.report.literature")
     reports = {}
     # One temporary folder for all: the page is rendered last, from every report's plots.
     with tempfile.TemporaryDirectory() as top:
@@ -314,7 +313,11 @@ def check(snap: Path) -> list[str]:
             for p in d.iterdir():
                 if p.is_file() and p.suffix not in ALLOWED:
                     problems.append(f"{p}: not text or an image")
-        made = html.page(html.folder_parts(snap, reports, PROVENANCE, HEADLINE), PAGE_TITLE)
+        lit, lit_text = snap / LITERATURE, literature.markdown(reports[""].runs)
+        if lit.is_file() and lit.read_text() != lit_text:
+            problems.append(f"{lit}: differs from score_exp.report.literature")
+        parts = html.folder_parts(snap, reports, PROVENANCE, HEADLINE, lit_text)
+        made = html.page(parts, PAGE_TITLE)
         problems += html.check_page(snap / html.PAGE, made, RECORD)
     return problems
 

@@ -49,7 +49,7 @@ def install() -> None:
 
 def _wrap(launcher, hydra_context, config) -> None:
     global _counts
-    _counts = {"launched": 0, "skipped": 0}
+    _counts = {"launched": 0, "skipped": 0, "requeued_ok": 0, "requeues": 0}
     launch = launcher.launch
 
     def launch_unfinished(job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
@@ -68,10 +68,25 @@ def _wrap(launcher, hydra_context, config) -> None:
                 file=sys.stderr,
             )
         ran = launch([job_overrides[i] for i in todo], initial_job_idx) if todo else []
+        for ret in ran:  # jobs that Slurm requeued (pre-emption, a node that died) and ended ok
+            requeues = _requeues_of_ok_run(ret)
+            _counts["requeued_ok"] += requeues > 0
+            _counts["requeues"] += requeues
         out = dict(zip(todo, ran, strict=True)) | done
         return [out[i] for i in range(len(job_overrides))]
 
     launcher.launch = launch_unfinished
+
+
+def _requeues_of_ok_run(ret) -> int:
+    """How often a launched job was requeued, when its run folder says it ended ``ok`` (else 0)."""
+    from score_exp.runs.record import RunFolder
+
+    try:
+        record = RunFolder(Path(str(ret.hydra_cfg.hydra.runtime.output_dir))).finished_record()
+    except Exception:  # no folder (a job refused before it made one), no hydra config
+        return 0
+    return int(record.requeues or 0) if record is not None else 0
 
 
 def _finished(overrides: list[str], hydra_context, config):
@@ -137,8 +152,13 @@ def report(prog: str) -> None:
     """The sweep's summary line (nothing when this process ran no sweep)."""
     if _counts is not None:
         c = _counts
+        requeued = (
+            f"; {c['requeued_ok']} requeued, ended ok ({c['requeues']} requeue(s) in all)"
+            if c["requeued_ok"]
+            else ""
+        )
         print(
             f"{prog}: sweep summary: {c['launched'] + c['skipped']} job(s), {c['launched']} "
-            f"launched, {c['skipped']} skipped (already finished)",
+            f"launched, {c['skipped']} skipped (already finished){requeued}",
             file=sys.stderr,
         )

@@ -10,10 +10,15 @@ Python operations of whatever loop is running. A training run then still records
 checkpoint when re-run; a reader (``score-eval``, ``score-sample``) simply stops.
 
 A second signal while the grace runs stops at once.
+
+A rank of a data-parallel run can also end because a *peer* ended (its node died, it crashed, it
+was stopped): :func:`peer_lost` tells that error apart, so that the rank records it as the
+peer's news, never as its own failure.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 
@@ -90,3 +95,30 @@ def exit_stopped(prog: str, what: str = "") -> None:
     signum = received() or signal.SIGTERM
     print(f"{prog}: stopped by {name(signum)}{'; ' + what if what else ''}", file=sys.stderr)
     raise SystemExit(128 + signum)
+
+
+# ----------------------------------------------------------------------------- a lost peer
+
+#: What a collective raises on a rank whose peer process is gone (gloo, NCCL).
+PEER_LOST = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|remote process exited|NCCL communicator was "
+    r"aborted",
+    re.IGNORECASE,
+)
+
+
+def peer_lost(error: BaseException | None) -> bool:
+    """True when ``error`` (or one it was raised from) says a peer rank is gone: that rank's
+    news, not this one's own error."""
+    for _ in range(8):
+        if error is None or PEER_LOST.search(str(error)):
+            return error is not None
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def peer_lost_message(error: BaseException) -> str:
+    """A rank's one-line account of an error that :func:`peer_lost` recognises."""
+    first = (str(error).splitlines() or [""])[0][:200]
+    return (f"a peer rank was lost ({type(error).__name__}: {first}); that rank's own log "
+            "(train_rank<N>.log, or Slurm's output) says why it ended")  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from score_exp.runs import cluster
+from score_exp.runs import cluster, stop
 from score_exp.runs.lock import RunLock
 from score_exp.runs.record import FAILURES
 
@@ -171,13 +171,22 @@ class SweepFailures(_HydraCallback):
 
         if job_return.status != JobStatus.FAILED or config.hydra.mode != RunMode.MULTIRUN:
             return  # a single run's failure is its own (results.json, stderr), not a sweep's
+        if cluster.external_rank_world()[0] != 0:
+            return  # a data-parallel job's outcome is its rank 0's (the others' are in their logs)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         error = job_return._return_value
+        text = (
+            stop.peer_lost_message(error)
+            if isinstance(error, BaseException) and stop.peer_lost(error)
+            else f"{type(error).__name__}: {error}"
+        )
         line = json.dumps(
             {
                 "sweep": os.environ.get(SWEEP_ENV),
                 "overrides": list(job_return.overrides or []),
-                "error": f"{type(error).__name__}: {error}".splitlines()[0][:500],
+                "error": text.splitlines()[0][:500],
+                "run_dir": str(config.hydra.runtime.output_dir),
+                "slurm": cluster.slurm_job(),
             }
         )
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +198,19 @@ class SweepFailures(_HydraCallback):
             os.write(fd, (line + "\n").encode())
         finally:
             os.close(fd)
+
+
+def _ended_ok(row: dict) -> bool:
+    """True when the failed job's run folder now holds an ``ok`` record of the same Slurm job (a
+    later segment, after a requeue). A folder refused to this job (another config's finished
+    run) or a job outside Slurm never counts."""
+    from score_exp.runs.record import RunFolder
+
+    job = (row.get("slurm") or {}).get("job_id")
+    if not job or not row.get("run_dir"):
+        return False
+    record = RunFolder(Path(row["run_dir"])).finished_record()
+    return record is not None and (record.slurm or {}).get("job_id") == job
 
 
 def report_sweep_failures(prog: str) -> int:
@@ -205,6 +227,9 @@ def report_sweep_failures(prog: str) -> int:
             continue
         if isinstance(row, dict) and row.get("sweep") == os.environ.get(SWEEP_ENV):
             rows.append(row)
+    # A job that failed in one segment and ended ok after Slurm requeued it did not fail: its
+    # outcome is its run folder's record now (launch.report counts it as requeued, ended ok).
+    rows = [r for r in rows if not _ended_ok(r)]
     if rows:
         print(f"{prog}: {len(rows)} job(s) of the sweep failed:", file=sys.stderr)
         for r in rows:

@@ -108,3 +108,48 @@ class GlobalBatchSampler(Sampler):
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.global_batch)
         return full + (rest >= self.world)
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+def stop_ranks_together(trainer) -> None:
+    """A SIGTERM under data parallelism: noted by the rank that receives it, acted on by all
+    ranks together at the next training batch. No collective ever runs inside a signal handler.
+
+    Lightning (2.6) broadcasts from rank 0 *inside* its SIGTERM handler. A handler runs wherever
+    the main thread happens to be, so a rank signalled between two collectives calls a broadcast
+    that its peers do not: measured on a 2-node Slurm job, one rank sat in that broadcast and the
+    other in the ``barrier`` of the metric sync (gloo, mismatched collectives) until Slurm's
+    SIGKILL, with no ``interrupted`` record. Here the handler only notes the signal (and forwards
+    it to the ranks Lightning's local launcher started); at the start of each training batch, a
+    point every rank reaches in the same order, the ranks ``all_reduce`` their notes (``MAX``:
+    rank 0's signal and any other rank's count alike) and all raise Lightning's
+    ``SIGTERMException`` there, so the run ends ``interrupted`` on every rank with its
+    checkpoint. A signal during validation or testing waits for the next batch or
+    :data:`score_exp.runs.stop.TRAIN_GRACE_S`, whichever comes first. One process: unchanged.
+    """
+    if trainer.world_size <= 1 or not hasattr(
+        trainer.fit_loop.epoch_loop, "_broadcast_sigterm_tensor"
+    ):
+        return  # one process, or a Lightning without the per-batch sync (nor the broadcast)
+    import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    connector, noted = trainer._signal_connector, {"signal": False}
+
+    def note_sigterm(signum, frame) -> None:  # replaces _SignalConnector._sigterm_notifier_fn
+        launcher = trainer.strategy.launcher
+        if not noted["signal"] and launcher is not None:
+            launcher.kill(signum)  # local DDP: rank 0 forwards it to the ranks it started
+        noted["signal"] = True
+
+    def stop_together() -> None:  # replaces TrainingEpochLoop._broadcast_sigterm_tensor
+        flag = torch.tensor([int(noted["signal"])], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            connector.received_sigterm = True
+            raise SIGTERMException()
+
+    connector._sigterm_notifier_fn = note_sigterm
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = stop_together

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection, R2Score
 
 from score_exp.errors import check_choice, check_number
 from score_exp.tasks.depth_loss import with_depth_loss
@@ -60,6 +60,11 @@ class RegressionModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {stage: metrics.clone(prefix=f"{stage}/") for stage in ("val", "test")}
         )
+        # The evaluation loss as a metric (sum and count summed over ranks): under data
+        # parallelism Lightning's own epoch mean of `self.log(..., sync_dist=True)` averages the
+        # ranks' sample counts in an integer tensor on gloo, so an odd total (113 = 57 + 56 test
+        # molecules) is truncated (56 instead of 56.5) and the loss came out 1/112 too high.
+        self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
     def forward(self, batch) -> tuple[Tensor, Tensor]:
         """Predictions and targets (both standardised, shape (B,)) of a batch."""
@@ -97,16 +102,19 @@ class RegressionModule(L.LightningModule):
 
     def _eval_step(self, batch, stage: str) -> None:
         pred, y = self(batch)
-        loss = nn.functional.mse_loss(pred, y)
-        self.log(f"{stage}/loss", loss, batch_size=y.numel(), sync_dist=True)
+        self.losses[stage].update(nn.functional.mse_loss(pred, y), weight=y.numel())
         std, mean = self.hparams.target_std, self.hparams.target_mean
         self.metrics[stage].update(pred * std + mean, y * std + mean)  # original units
 
     def _eval_epoch_end(self, stage: str) -> None:
         # compute() already gathers every rank's state; sync_dist averages identical values
         # (a no-op on the numbers) and keeps Lightning from warning about unsynced metrics.
-        self.log_dict(self.metrics[stage].compute(), sync_dist=True)
+        self.log_dict(
+            {f"{stage}/loss": self.losses[stage].compute(), **self.metrics[stage].compute()},
+            sync_dist=True,
+        )
         self.metrics[stage].reset()
+        self.losses[stage].reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
