@@ -101,6 +101,8 @@ HEAVIEST_FIRST = (
     "test_bad_input.py",
     "test_gpt.py",
     "test_depth_dial.py",
+    "test_ddp_sigterm.py",
+    "test_generation.py",
     "test_run_folder_data.py",
     "test_first_contact.py",
     "test_concurrency.py",
