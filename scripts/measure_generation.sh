@@ -3,18 +3,18 @@
 # decoding mode (KV cache, per-token exit, bounded cache, speculative decoding; warm start on
 # inject=add runs) against the fixed depth, on the Shakespeare CPU preset. Parts:
 #   table  3 seeds of depth=score (paper_shakespeare_cpu: 4 steps, 128 wide, 500 iterations)
-#          and 1 seed of depth=score depth.inject=add (warm start needs injection), then
+#          and 3 seeds of depth=score depth.inject=add (warm start needs injection), then
 #          python -m score_exp.bench.generation table -> outputs/generation/table.md
 #   cost   per-token cost against context length, cache vs none -> outputs/generation/cost.md
 # Runs go to outputs/generation/<name>_s<seed>/ (a finished run is skipped on a re-run).
 #
-#   scripts/measure_generation.sh table cost      # SEEDS="0 1 2" WARM_SEEDS="0" by default
+#   scripts/measure_generation.sh table cost      # SEEDS="0 1 2" WARM_SEEDS="0 1 2" by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=outputs/generation
 SEEDS=${SEEDS:-0 1 2}
-WARM_SEEDS=${WARM_SEEDS:-0}
+WARM_SEEDS=${WARM_SEEDS:-0 1 2}
 mkdir -p "$OUT"
 
 train() {  # train NAME SEED OVERRIDES...
