@@ -18,8 +18,9 @@ SLURMD_PORT="${SLURM_LOCAL_SLURMD_PORT:-6818}"
 WAIT_S="${SLURM_LOCAL_WAIT_S:-60}"
 CONF="$DIR/slurm.conf"
 
-say() { echo "slurm_local: $*" >&2; }
-die() { say "error: $*"; exit 1; }
+SAY=slurm_local
+# shellcheck source=scripts/slurm_common.sh
+. "$(dirname "$0")/slurm_common.sh"
 
 install_if_missing() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
@@ -31,25 +32,6 @@ install_if_missing() {
   say "installing slurm-wlm and munge (apt-get)"
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
-}
-
-# pid of a daemon from its PID file, only while that process still runs the expected binary
-live_pid() {  # $1 = pid file, $2 = binary name
-  local pid
-  [ -f "$1" ] || return 1
-  pid=$(tr -dc 0-9 <"$1")
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && grep -qx "$2" "/proc/$pid/comm" || return 1
-  echo "$pid"
-}
-
-wait_for() {  # $1 = seconds, $2 = what, rest = command that succeeds when ready
-  local limit=$1 what=$2 t=0
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    t=$((t + 1))
-    [ "$t" -le "$((limit * 2))" ] || return 1
-    sleep 0.5
-  done
 }
 
 write_conf() {
@@ -123,32 +105,20 @@ up() {
       --seed-file="$DIR/munge/munged.seed" ||
       die "munged did not start (see $DIR/munge/munged.log)"
   fi
-  wait_for "$WAIT_S" munge munge --socket="$DIR/munge/munge.socket" -n ||
+  wait_for "$WAIT_S" munge --socket="$DIR/munge/munge.socket" -n ||
     die "munged did not answer within ${WAIT_S}s (see $DIR/munge/munged.log)"
   live_pid "$DIR/slurmctld.pid" slurmctld >/dev/null ||
     slurmctld -c -i -f "$CONF" || die "slurmctld did not start (see $DIR/slurmctld.log)"
-  wait_for "$WAIT_S" slurmctld scontrol ping ||
+  wait_for "$WAIT_S" scontrol ping ||
     die "slurmctld did not answer within ${WAIT_S}s (see $DIR/slurmctld.log)"
   live_pid "$DIR/slurmd.pid" slurmd >/dev/null ||
     slurmd -f "$CONF" || die "slurmd did not start (see $DIR/slurmd.log)"
   # The node is usable once sinfo shows it idle (or mixed/allocated with jobs left from before).
   node_ready() { sinfo -h -N -o %T | grep -Eq '^(idle|mixed|allocated)'; }
-  wait_for "$WAIT_S" slurmd node_ready ||
+  wait_for "$WAIT_S" node_ready ||
     die "the node did not become idle within ${WAIT_S}s: $(sinfo -h -N -o '%N %T %E' 2>&1) (see $DIR/slurmd.log)"
   say "up in $((SECONDS - t0))s: $(sinfo -h -N -o '%N %c CPUs %m MB %T')"
   say "export SLURM_CONF=$CONF"
-}
-
-stop_pid() {  # $1 = pid file, $2 = binary name
-  local pid t=0
-  pid=$(live_pid "$1" "$2") || { rm -f "$1"; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
-  while [ -d "/proc/$pid" ] && [ "$t" -lt 40 ]; do sleep 0.25; t=$((t + 1)); done
-  if [ -d "/proc/$pid" ]; then
-    say "$2 ($pid) did not stop within 10s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$1"
 }
 
 down() {

@@ -32,31 +32,14 @@ BRIDGE=scbr2n
 NODES=(node1 node2)
 CONF="$DIR/slurm.conf"
 
-say() { echo "slurm_two_nodes: $*" >&2; }
-die() { say "error: $*"; exit 1; }
+SAY=slurm_two_nodes
+# shellcheck source=scripts/slurm_common.sh
+. "$(dirname "$0")/slurm_common.sh"
 
 elapsed() { local d=$((($(date +%s%N) - $1) / 100000000)); echo "$((d / 10)).$((d % 10))"; }
 addr() { echo "$NET.1$((${1#node}))"; }  # node1 -> 10.231.77.11
 netns() { echo "score2n_$1"; }
 veth() { echo "sc2n_$1"; }
-
-live_pid() {  # $1 = pid file, $2 = binary name (comm); the pid while that binary still runs it
-  local pid
-  [ -f "$1" ] || return 1
-  pid=$(tr -dc 0-9 <"$1")
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && grep -qx "$2" "/proc/$pid/comm" || return 1
-  echo "$pid"
-}
-
-wait_for() {  # $1 = seconds, rest = command that succeeds when ready
-  local limit=$1 t=0
-  shift
-  until "$@" >/dev/null 2>&1; do
-    t=$((t + 1))
-    [ "$t" -le "$((limit * 4))" ] || return 1
-    sleep 0.25
-  done
-}
 
 write_conf() {
   local cpus mem
@@ -200,18 +183,6 @@ up() {
   done
   say "up in $(elapsed "$t0")s: $(sinfo -h -N -o '%N(%T)' | tr '\n' ' ')"
   say "export SLURM_CONF=$CONF"
-}
-
-stop_pid() {  # $1 = pid file, $2 = binary name
-  local pid t=0
-  pid=$(live_pid "$1" "$2") || { rm -f "$1"; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
-  while [ -d "/proc/$pid" ] && [ "$t" -lt 40 ]; do sleep 0.25; t=$((t + 1)); done
-  if [ -d "/proc/$pid" ]; then
-    say "$2 ($pid) did not stop within 10s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$1"
 }
 
 ns_init() {  # $1 = node: host pid of its PID namespace's init (the child of unshare)

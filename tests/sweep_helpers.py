@@ -100,3 +100,37 @@ class SlowBatches(L.Callback):
         if self.first_segment and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
             return
         time.sleep(self.seconds)
+
+
+class BumpRequeued:
+    """Starts requeued jobs now: Slurm holds a requeued job for 2 minutes (BeginTime). ``env``:
+    the cluster's environment (its ``SLURM_CONF``); None = this process's."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        import threading
+
+        self.env = env
+        self.bumped: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _slurm(self, *cmd: str) -> str:
+        import subprocess
+
+        return subprocess.run(cmd, capture_output=True, text=True, env=self.env).stdout
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for line in self._slurm("squeue", "-h", "-t", "PD", "-o", "%i %r").splitlines():
+                job, _, reason = line.partition(" ")
+                if reason.strip() == "BeginTime":
+                    self._slurm("scontrol", "update", f"JobId={job}", "StartTime=now")
+                    self.bumped.append(job)
+
+    def __enter__(self) -> BumpRequeued:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)

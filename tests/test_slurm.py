@@ -13,12 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import QUIET, REPO, TINY, cli_env, load_results, run_cli, train_cli
+from sweep_helpers import BumpRequeued
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -129,34 +129,6 @@ def slurm_sweep(sweep_dir: Path, *overrides: str, env=None, **kw):
         timeout=JOB_TIMEOUT,
         **kw,
     )
-
-
-class BumpRequeued:
-    """Starts requeued jobs now: Slurm holds a requeued job for 2 minutes (BeginTime)."""
-
-    def __init__(self) -> None:
-        self.bumped: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            out = subprocess.run(
-                ["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True
-            ).stdout
-            for line in out.splitlines():
-                job, _, reason = line.partition(" ")
-                if reason.strip() == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
-                    self.bumped.append(job)
-
-    def __enter__(self) -> BumpRequeued:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import QUIET, REPO, TINY, cli_env, load_results, run_cli, train_cli
+from sweep_helpers import BumpRequeued
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -106,32 +106,6 @@ def two_node_sweep(sweep_dir: Path, *overrides: str, **kw):
 def the_run(sweep_dir: Path) -> Path:
     (run_dir,) = [p for p in sweep_dir.iterdir() if (p / "config.yaml").is_file()]
     return run_dir
-
-
-class BumpRequeued:
-    """Starts requeued jobs now: Slurm holds a requeued job for 2 minutes (BeginTime)."""
-
-    def __init__(self) -> None:
-        self.bumped: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            out = sh("squeue", "-h", "-t", "PD", "-o", "%i %r", check=False)
-            for line in out.splitlines():
-                job, _, reason = line.partition(" ")
-                if reason.strip() == "BeginTime":
-                    sh("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-                    self.bumped.append(job)
-
-    def __enter__(self) -> BumpRequeued:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 # ----------------------------------------------------------------------------- DDP across nodes
@@ -281,7 +255,7 @@ def test_requeue_of_a_two_node_job_under_sigterm_records_interrupted_and_resumes
     interrupt = ["+callbacks.interrupt._target_=sweep_helpers.SlurmInterruptAt",
                  "+callbacks.interrupt.epoch=2", "+callbacks.interrupt.how=requeue"]  # fmt: skip
     t0 = time.monotonic()
-    with BumpRequeued() as bump:
+    with BumpRequeued(slurm_env()) as bump:
         out = two_node_sweep(tmp_path / "sweep", *LONG, *interrupt)
     elapsed = time.monotonic() - t0
     assert out.returncode == 0, out.stderr[-3000:]
