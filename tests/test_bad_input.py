@@ -23,9 +23,12 @@ from score_exp.data.molecules import ESOL_SMILES_COLUMN, ESOL_TARGET_COLUMN
 ONE_EPOCH = ["trainer.max_epochs=1", "task.model.hidden=16"]
 
 
-def one_error_line(out: subprocess.CompletedProcess, prog: str = "score-train") -> str:
-    """The process failed with exit 2 and exactly one ``<prog>: error: ...`` line, no traceback."""
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+def one_error_line(
+    out: subprocess.CompletedProcess, prog: str = "score-train", code: int = 2
+) -> str:
+    """The process failed with exit ``code`` and exactly one ``<prog>: error: ...`` line, no
+    traceback."""
+    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
     assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith(f"{prog}: error: ")]
     assert len(lines) == 1, out.stderr

@@ -27,17 +27,9 @@ import pytest
 import torch
 import yaml
 from conftest import QUIET, REPO, TINY, cli_env, run_cli, train_cli
+from test_bad_input import one_error_line as one_line
 
 from score_exp.errors import ConfigError, DataError
-
-
-def one_line(out, prog: str, code: int = 2) -> str:
-    """Exit ``code`` with exactly one ``<prog>: error:`` line and no traceback; returns it."""
-    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    lines = [ln for ln in out.stderr.splitlines() if ln.startswith(f"{prog}: error: ")]
-    assert len(lines) == 1, out.stderr[-3000:]
-    return lines[0]
 
 
 @pytest.fixture

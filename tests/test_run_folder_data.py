@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, TINY, cli_env, load_results, run_cli, train_cli
+from test_bad_input import one_error_line as one_line
 
 from score_exp.errors import ConfigError
 from score_exp.runs import safe_load
@@ -36,15 +37,6 @@ class Payload:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
-
-
-def one_line(out, prog: str = "score-train") -> str:
-    """Exit 2 with exactly one ``<prog>: error:`` line and no traceback; returns the line."""
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    lines = [ln for ln in out.stderr.splitlines() if ln.startswith(f"{prog}: error: ")]
-    assert len(lines) == 1, out.stderr[-3000:]
-    return lines[0]
 
 
 @pytest.fixture
